@@ -1,0 +1,232 @@
+#![doc = include_str!("../README.md")]
+
+use std::fmt;
+use std::path::PathBuf;
+
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use serde::de::DeserializeOwned;
+
+pub use secrecy::{ExposeSecret, SecretString};
+
+/// Durations in config files are human strings (`"250ms"`, `"5s"`); use with
+/// `#[serde(with = "keel_config::duration")]`.
+pub use humantime_serde as duration;
+
+/// Exit code for a configuration error: `EX_CONFIG` from BSD `sysexits.h`.
+pub const EXIT_CONFIG: i32 = 78;
+
+/// The environment prefix every Keel setting carries.
+pub const ENV_PREFIX: &str = "KEEL_";
+
+/// Names an extra config file layered over the defaults; not itself a key.
+pub const CONFIG_FILE_VAR: &str = "KEEL_CONFIG_FILE";
+
+/// A configuration problem, always tied to the key it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The value could not be parsed into the expected type, or the key is unknown.
+    #[error("config key `{key}`: {reason}{source_hint}")]
+    Parse {
+        key: String,
+        reason: String,
+        /// Where the bad value came from (e.g. ` (from KEEL_HTTP__PORT)`), empty when unknown.
+        source_hint: String,
+    },
+    /// The value parsed but breaks a rule (range, scheme, relation to another key).
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+    /// A `*_FILE` variable points at a file that cannot be read.
+    #[error("config key `{key}`: cannot read secret file named by {var}: {reason}")]
+    SecretFile {
+        key: String,
+        var: String,
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// A rule violation for `key`.
+    pub fn invalid(key: impl Into<String>, reason: impl fmt::Display) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// Checks that parsing alone cannot express. Implement it for every config struct and call
+/// the nested structs' `validate` with their key prefix.
+pub trait Validate {
+    /// Returns the first broken rule, naming its full key (e.g. `http.port`).
+    fn validate(&self) -> Result<(), ConfigError>;
+}
+
+/// Fails with the key's name unless `min <= value <= max`.
+pub fn ensure_range<T>(key: &str, value: T, min: T, max: T) -> Result<(), ConfigError>
+where
+    T: PartialOrd + fmt::Display + Copy,
+{
+    if value < min || value > max {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{value} is out of range {min}..={max}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Fails unless the secret parses as a URL with one of `schemes`. The value itself is never
+/// put in the error: URLs carry passwords.
+pub fn ensure_url(key: &str, value: &SecretString, schemes: &[&str]) -> Result<(), ConfigError> {
+    match url::Url::parse(value.expose_secret()) {
+        Ok(u) if schemes.contains(&u.scheme()) => Ok(()),
+        Ok(u) => Err(ConfigError::invalid(
+            key,
+            format!("scheme `{}` is not one of {schemes:?}", u.scheme()),
+        )),
+        Err(e) => Err(ConfigError::invalid(key, format!("not a valid URL ({e})"))),
+    }
+}
+
+/// Loads `T` from the embedded defaults and the process environment.
+pub fn load<T>(defaults_toml: &str) -> Result<T, ConfigError>
+where
+    T: DeserializeOwned + Validate,
+{
+    load_from(defaults_toml, std::env::vars())
+}
+
+/// Like [`load`], with the environment given explicitly (what tests use).
+pub fn load_from<T, I>(defaults_toml: &str, env: I) -> Result<T, ConfigError>
+where
+    T: DeserializeOwned + Validate,
+    I: IntoIterator<Item = (String, String)>,
+{
+    let env: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+
+    let mut figment = Figment::new().merge(Toml::string(defaults_toml));
+    if let Some((_, path)) = env.iter().find(|(k, _)| k == CONFIG_FILE_VAR) {
+        figment = figment.merge(Toml::file_exact(PathBuf::from(path)));
+    }
+
+    // Plain KEEL_* overrides. Values are parsed the way figment's own `Env` provider does
+    // (`8080` becomes an integer, `true` a boolean), so typed fields deserialize from them.
+    // `*_FILE` variables are handled below, so they are not keys themselves.
+    let mut origins: Vec<(String, String)> = Vec::new();
+    for (var, value) in env
+        .iter()
+        .filter(|(k, _)| k != CONFIG_FILE_VAR && !k.ends_with("_FILE"))
+    {
+        let key = env_var_to_key(var);
+        let parsed: figment::value::Value = match value.parse() {
+            Ok(v) => v,
+            Err(never) => match never {},
+        };
+        figment = figment.merge((key.clone(), parsed));
+        origins.push((key, var.clone()));
+    }
+
+    // Secrets from files win over everything: that is how mounted secrets rotate. They stay
+    // strings (a numeric password must not turn into an integer).
+    for (var, path) in env
+        .iter()
+        .filter(|(k, _)| k != CONFIG_FILE_VAR && k.ends_with("_FILE"))
+    {
+        let key = env_var_to_key(&var[..var.len() - "_FILE".len()]);
+        let contents = std::fs::read_to_string(path).map_err(|e| ConfigError::SecretFile {
+            key: key.clone(),
+            var: var.clone(),
+            reason: e.kind().to_string(),
+        })?;
+        let value = contents.trim_end_matches(['\n', '\r']).to_owned();
+        figment = figment.merge((key.clone(), value));
+        origins.push((key, var.clone()));
+    }
+
+    let config: T = figment
+        .extract()
+        .map_err(|e| to_config_error(&e, &origins))?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// Loads the configuration or ends the process with exit code 78 and one line naming the key.
+/// For `main` only: a library must never exit the process.
+pub fn load_or_exit<T>(service: &str, defaults_toml: &str) -> T
+where
+    T: DeserializeOwned + Validate,
+{
+    match load(defaults_toml) {
+        Ok(config) => config,
+        Err(e) => {
+            // Telemetry is not up yet (its settings are part of this config), so stderr it is.
+            eprintln!("{service}: invalid configuration: {e}");
+            std::process::exit(EXIT_CONFIG);
+        }
+    }
+}
+
+/// `KEEL_DATABASE__URL` -> `database.url`.
+fn env_var_to_key(var: &str) -> String {
+    var.trim_start_matches(ENV_PREFIX)
+        .split("__")
+        .map(str::to_ascii_lowercase)
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn to_config_error(e: &figment::Error, origins: &[(String, String)]) -> ConfigError {
+    // figment reports the path of the *containing* table for unknown fields; append the field.
+    let mut path = e.path.clone();
+    match &e.kind {
+        figment::error::Kind::UnknownField(field, _) => path.push(field.clone()),
+        figment::error::Kind::MissingField(field) => path.push(field.to_string()),
+        _ => {}
+    }
+    let key = if path.is_empty() {
+        "<root>".to_owned()
+    } else {
+        path.join(".")
+    };
+    let source_hint = origins
+        .iter()
+        .rev()
+        .find(|(k, _)| *k == key)
+        .map(|(_, var)| format!(" (from {var})"))
+        .or_else(|| {
+            e.metadata.as_ref().and_then(|m| match &m.source {
+                Some(figment::Source::File(p)) => Some(format!(" (from {})", p.display())),
+                _ => None,
+            })
+        })
+        .unwrap_or_default();
+    // Only the kind of the bad value is reported, never the value: it may be a secret.
+    let reason = match &e.kind {
+        figment::error::Kind::InvalidType(actual, expected) => {
+            format!("expected {expected}, found {}", actual_kind(actual))
+        }
+        figment::error::Kind::UnknownField(_, _) => "unknown key".to_owned(),
+        figment::error::Kind::MissingField(_) => "missing".to_owned(),
+        other => other.to_string(),
+    };
+    ConfigError::Parse {
+        key,
+        reason,
+        source_hint,
+    }
+}
+
+fn actual_kind(actual: &figment::error::Actual) -> String {
+    use figment::error::Actual;
+    match actual {
+        Actual::Str(_) => "a string".to_owned(),
+        Actual::Signed(_) | Actual::Unsigned(_) => "an integer".to_owned(),
+        Actual::Float(_) => "a float".to_owned(),
+        Actual::Bool(_) => "a boolean".to_owned(),
+        other => other.to_string(),
+    }
+}

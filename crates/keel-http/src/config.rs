@@ -1,0 +1,55 @@
+//! `[http]` section of a service's configuration: where to listen and every bound of the
+//! server stack. Each bound has a default in the service's `config/default.toml`.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use keel_config::{ConfigError, Validate, ensure_range};
+use serde::Deserialize;
+
+/// Server settings. Durations are human strings in files and env (`"5s"`, `"250ms"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address to bind; `0.0.0.0` in containers, loopback on a laptop.
+    pub host: IpAddr,
+    /// Port to bind; 0 picks a free one (tests).
+    pub port: u16,
+    /// Largest request body accepted; larger ones get 413 before the handler runs.
+    pub body_limit_bytes: usize,
+    /// Whole-request deadline; a handler still running then is dropped and the client gets 503.
+    #[serde(with = "keel_config::duration")]
+    pub request_timeout: Duration,
+    /// Deadline for each readiness check (`/readyz`).
+    #[serde(with = "keel_config::duration")]
+    pub readiness_timeout: Duration,
+    /// After SIGTERM, how long `/readyz` reports draining before the listener closes, so load
+    /// balancers and Kubernetes endpoints stop sending new traffic first.
+    #[serde(with = "keel_config::duration")]
+    pub drain_delay: Duration,
+    /// After the listener closes, how long in-flight requests may take to finish.
+    #[serde(with = "keel_config::duration")]
+    pub grace_period: Duration,
+}
+
+impl HttpConfig {
+    /// The socket address to bind.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        (self.host, self.port).into()
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Validate for HttpConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ensure_range("http.body_limit_bytes", self.body_limit_bytes, 1, 64 * 1024 * 1024)?;
+        ensure_range("http.request_timeout (ms)", ms(self.request_timeout), 1, 300_000)?;
+        ensure_range("http.readiness_timeout (ms)", ms(self.readiness_timeout), 1, 30_000)?;
+        ensure_range("http.drain_delay (ms)", ms(self.drain_delay), 0, 120_000)?;
+        ensure_range("http.grace_period (ms)", ms(self.grace_period), 0, 300_000)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,156 @@
+#![doc = include_str!("../README.md")]
+// A test harness panics on purpose: a failed set-up is a failed test, with the reason.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+mod db;
+mod process;
+mod stack;
+
+use std::future::Future;
+use std::time::Duration;
+
+pub use db::TestDb;
+pub use process::ServiceProcess;
+pub use stack::Stack;
+
+/// Polls `check` until it returns `Some`, or panics naming `what` after `deadline`.
+///
+/// The poll interval starts at 10 ms and doubles up to 200 ms: quick for conditions that are
+/// nearly true, cheap for slow ones.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= until {
+            panic!("condition not met within {deadline:?}: {what}");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Builds a service config from `defaults` (the service's `DEFAULT_CONFIG`) and `overrides`
+/// given as `KEEL_*` variables, exactly as the binary would from its environment.
+pub fn config<T>(defaults: &str, overrides: &[(&str, &str)]) -> T
+where
+    T: serde::de::DeserializeOwned + keel_config::Validate,
+{
+    let env = overrides
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+    match keel_config::load_from(defaults, env) {
+        Ok(c) => c,
+        Err(e) => panic!("test config invalid: {e}"),
+    }
+}
+
+/// A RabbitMQ vhost owned by one test, deleted on drop.
+#[derive(Debug)]
+pub struct TestVhost {
+    pub name: String,
+    stack: Stack,
+}
+
+impl TestVhost {
+    /// Creates a fresh vhost (guest gets full permissions on it).
+    pub async fn create() -> Self {
+        let stack = Stack::load();
+        let name = format!("keel-test-{}", uuid::Uuid::new_v4().simple());
+        let client = reqwest::Client::new();
+        let base = stack.amqp_mgmt_base();
+        let res = client
+            .put(format!("{base}/api/vhosts/{name}"))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .expect("RabbitMQ management API reachable (is `make test`'s stack up?)");
+        assert!(res.status().is_success(), "create vhost: {}", res.status());
+        let res = client
+            .put(format!("{base}/api/permissions/{name}/guest"))
+            .basic_auth("guest", Some("guest"))
+            .json(&serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}))
+            .send()
+            .await
+            .expect("set vhost permissions");
+        assert!(res.status().is_success(), "set permissions: {}", res.status());
+        Self { name, stack }
+    }
+
+    /// `amqp://guest:guest@host:port/<vhost>`.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/{}", self.stack.amqp_port, self.name)
+    }
+}
+
+impl Drop for TestVhost {
+    fn drop(&mut self) {
+        let url = format!("{}/api/vhosts/{}", self.stack.amqp_mgmt_base(), self.name);
+        // Drop cannot be async; a short-lived thread with its own runtime does the cleanup
+        // whether or not we are inside a tokio runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let _ = reqwest::Client::new()
+                    .delete(url)
+                    .basic_auth("guest", Some("guest"))
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await;
+            });
+            Ok::<_, std::io::Error>(())
+        })
+        .join();
+    }
+}
+
+/// A Redis key prefix owned by one test; its keys are deleted on drop.
+#[derive(Debug)]
+pub struct TestRedis {
+    /// Keys this test writes must start with this (e.g. `test:3f2a…:`).
+    pub prefix: String,
+    stack: Stack,
+}
+
+impl TestRedis {
+    /// A fresh prefix; checks that Redis answers.
+    pub async fn create() -> Self {
+        let stack = Stack::load();
+        let prefix = format!("test:{}:", uuid::Uuid::new_v4().simple());
+        let client = redis::Client::open(stack.redis_url()).expect("redis url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis reachable (is `make test`'s stack up?)");
+        let _: String = redis::cmd("PING").query_async(&mut conn).await.expect("PING");
+        Self { prefix, stack }
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        self.stack.redis_url()
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        let url = self.stack.redis_url();
+        let pattern = format!("{}*", self.prefix);
+        let _ = std::thread::spawn(move || {
+            let client = redis::Client::open(url)?;
+            let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+            let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(&mut conn)?;
+            if !keys.is_empty() {
+                let _: () = redis::cmd("DEL").arg(keys).query(&mut conn)?;
+            }
+            Ok::<_, redis::RedisError>(())
+        })
+        .join();
+    }
+}

@@ -1,0 +1,24 @@
+//! billing's entry point: load config, install telemetry, run the `App` until a shutdown
+//! signal — or, with `billing migrate`, apply migrations and exit.
+
+use billing::{App, Config};
+use keel_http::shutdown_signal;
+use keel_telemetry::Telemetry;
+
+const SERVICE: &str = "billing";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config: Config = keel_config::load_or_exit(SERVICE, billing::DEFAULT_CONFIG);
+    let telemetry = Telemetry::init(SERVICE, &config.telemetry)?;
+    match std::env::args().nth(1).as_deref() {
+        None | Some("serve") => App::build(config).await?.run(shutdown_signal()).await.map(|_| ())?,
+        Some("migrate") => billing::migrate(&config).await?,
+        Some(other) => {
+            eprintln!("{SERVICE}: unknown command `{other}`; usage: {SERVICE} [serve|migrate]");
+            std::process::exit(64); // EX_USAGE
+        }
+    }
+    telemetry.shutdown();
+    Ok(())
+}
