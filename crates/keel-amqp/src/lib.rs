@@ -27,7 +27,12 @@ impl Validate for AmqpConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         ensure_url("amqp.url", &self.url, &["amqp", "amqps"])?;
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        ensure_range("amqp.connect_timeout (ms)", ms(self.connect_timeout), 1, 60_000)?;
+        ensure_range(
+            "amqp.connect_timeout (ms)",
+            ms(self.connect_timeout),
+            1,
+            60_000,
+        )?;
         ensure_range("amqp.max_backoff (ms)", ms(self.max_backoff), 10, 300_000)
     }
 }
@@ -66,8 +71,7 @@ impl Broker {
                     () = tokio::time::sleep(watch_every) => continue,
                 }
             }
-            let props = ConnectionProperties::default()
-                .with_connection_name(service.into());
+            let props = ConnectionProperties::default().with_connection_name(service.into());
             let attempt = tokio::time::timeout(
                 config.connect_timeout,
                 Connection::connect(config.url.expose_secret(), props),
@@ -80,8 +84,13 @@ impl Broker {
                     *self.conn.write().await = Some(conn);
                     continue;
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "RabbitMQ connection failed"),
-                Err(_) => tracing::warn!(backoff_ms = backoff.as_millis() as u64, "RabbitMQ connection attempt timed out"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "RabbitMQ connection failed")
+                }
+                Err(_) => tracing::warn!(
+                    backoff_ms = backoff.as_millis() as u64,
+                    "RabbitMQ connection attempt timed out"
+                ),
             }
             tokio::select! {
                 () = self.stop.cancelled() => return,
@@ -103,10 +112,11 @@ impl Broker {
     /// Stops the supervisor and closes the connection (last step of graceful shutdown).
     pub async fn close(&self) {
         self.stop.cancel();
-        if let Some(conn) = self.conn.write().await.take() {
-            if let Err(e) = conn.close(200, "shutdown".into()).await {
-                tracing::warn!(error = %e, "closing RabbitMQ connection");
-            }
+        let conn = self.conn.write().await.take();
+        if let Some(conn) = conn
+            && let Err(e) = conn.close(200, "shutdown".into()).await
+        {
+            tracing::warn!(error = %e, "closing RabbitMQ connection");
         }
     }
 }

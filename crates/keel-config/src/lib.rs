@@ -180,12 +180,17 @@ fn env_var_to_key(var: &str) -> String {
 }
 
 fn to_config_error(e: &figment::Error, origins: &[(String, String)]) -> ConfigError {
-    // figment reports the path of the *containing* table for unknown fields; append the field.
+    // Make sure the path ends with the field an unknown/missing-field error is about.
     let mut path = e.path.clone();
-    match &e.kind {
-        figment::error::Kind::UnknownField(field, _) => path.push(field.clone()),
-        figment::error::Kind::MissingField(field) => path.push(field.to_string()),
-        _ => {}
+    let field = match &e.kind {
+        figment::error::Kind::UnknownField(field, _) => Some(field.clone()),
+        figment::error::Kind::MissingField(field) => Some(field.to_string()),
+        _ => None,
+    };
+    if let Some(field) = field
+        && path.last() != Some(&field)
+    {
+        path.push(field);
     }
     let key = if path.is_empty() {
         "<root>".to_owned()

@@ -45,9 +45,24 @@ fn ms(d: Duration) -> u64 {
 
 impl Validate for HttpConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        ensure_range("http.body_limit_bytes", self.body_limit_bytes, 1, 64 * 1024 * 1024)?;
-        ensure_range("http.request_timeout (ms)", ms(self.request_timeout), 1, 300_000)?;
-        ensure_range("http.readiness_timeout (ms)", ms(self.readiness_timeout), 1, 30_000)?;
+        ensure_range(
+            "http.body_limit_bytes",
+            self.body_limit_bytes,
+            1,
+            64 * 1024 * 1024,
+        )?;
+        ensure_range(
+            "http.request_timeout (ms)",
+            ms(self.request_timeout),
+            1,
+            300_000,
+        )?;
+        ensure_range(
+            "http.readiness_timeout (ms)",
+            ms(self.readiness_timeout),
+            1,
+            30_000,
+        )?;
         ensure_range("http.drain_delay (ms)", ms(self.drain_delay), 0, 120_000)?;
         ensure_range("http.grace_period (ms)", ms(self.grace_period), 0, 300_000)?;
         Ok(())

@@ -126,15 +126,16 @@ impl Health {
             .map(|c| c.clone())
             .unwrap_or_default();
         let timeout = self.inner.timeout;
-        let results = futures_util::future::join_all(checks.into_iter().map(|(name, f)| async move {
-            let outcome = match tokio::time::timeout(timeout, f()).await {
-                Ok(Ok(())) => "ok".to_owned(),
-                Ok(Err(reason)) => reason,
-                Err(_) => format!("no answer within {timeout:?}"),
-            };
-            (name, outcome)
-        }))
-        .await;
+        let results =
+            futures_util::future::join_all(checks.into_iter().map(|(name, f)| async move {
+                let outcome = match tokio::time::timeout(timeout, f()).await {
+                    Ok(Ok(())) => "ok".to_owned(),
+                    Ok(Err(reason)) => reason,
+                    Err(_) => format!("no answer within {timeout:?}"),
+                };
+                (name, outcome)
+            }))
+            .await;
         let draining = self.is_draining();
         let checks: BTreeMap<_, _> = results.into_iter().collect();
         let ready = !draining && checks.values().all(|v| v == "ok");
@@ -170,6 +171,9 @@ pub async fn readyz(State(health): State<Health>) -> Response {
     Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready")
         .with_detail(detail)
         .with("draining", r.draining.into())
-        .with("checks", serde_json::to_value(&r.checks).unwrap_or_default())
+        .with(
+            "checks",
+            serde_json::to_value(&r.checks).unwrap_or_default(),
+        )
         .into_response()
 }

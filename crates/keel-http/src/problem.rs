@@ -62,7 +62,9 @@ impl Problem {
             StatusCode::NOT_FOUND => ("not-found", "Not found"),
             StatusCode::METHOD_NOT_ALLOWED => ("method-not-allowed", "Method not allowed"),
             StatusCode::PAYLOAD_TOO_LARGE => ("payload-too-large", "Request body too large"),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported-media-type", "Unsupported media type"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                ("unsupported-media-type", "Unsupported media type")
+            }
             StatusCode::UNPROCESSABLE_ENTITY => ("unprocessable", "Unprocessable request"),
             StatusCode::REQUEST_TIMEOUT | StatusCode::SERVICE_UNAVAILABLE => {
                 ("unavailable", "Service unavailable")

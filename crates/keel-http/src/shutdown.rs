@@ -87,7 +87,11 @@ impl Lifecycle {
 
     /// Serves `router` on `listener` until the stop token fires, then lets in-flight
     /// requests finish (bounded by [`Lifecycle::finish`]).
-    pub fn serve_http(&self, listener: TcpListener, router: Router) -> JoinHandle<std::io::Result<()>> {
+    pub fn serve_http(
+        &self,
+        listener: TcpListener,
+        router: Router,
+    ) -> JoinHandle<std::io::Result<()>> {
         let stop = self.stop.clone();
         tokio::spawn(async move {
             axum::serve(listener, router)
@@ -105,7 +109,10 @@ impl Lifecycle {
             () = self.stop.cancelled() => {}
         }
         self.health.set_draining();
-        tracing::info!(drain_delay_ms = self.drain_delay.as_millis() as u64, "draining: readiness is now false");
+        tracing::info!(
+            drain_delay_ms = self.drain_delay.as_millis() as u64,
+            "draining: readiness is now false"
+        );
         tokio::time::sleep(self.drain_delay).await;
         tracing::info!("closing listeners; in-flight requests continue");
         self.stop.cancel();
@@ -127,7 +134,10 @@ impl Lifecycle {
                 Drained::Clean
             }
             Err(_) => {
-                tracing::warn!(grace_period_ms = self.grace_period.as_millis() as u64, "grace period expired; cutting off remaining requests");
+                tracing::warn!(
+                    grace_period_ms = self.grace_period.as_millis() as u64,
+                    "grace period expired; cutting off remaining requests"
+                );
                 Drained::GraceExpired
             }
         }

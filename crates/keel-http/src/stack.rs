@@ -166,12 +166,13 @@ async fn problem_for_bare_errors(request: Request, next: Next) -> Response {
     let mut problem = Problem::for_status(status);
     // axum's extractor rejections explain client mistakes in plain text ("missing field
     // `sku`"): worth keeping. Server errors never carry their body to the client.
-    if status.is_client_error() && text_body {
-        if let Ok(bytes) = axum::body::to_bytes(body, MAX_DETAIL_BYTES).await {
-            let detail = String::from_utf8_lossy(&bytes).trim().to_owned();
-            if !detail.is_empty() {
-                problem = problem.with_detail(detail);
-            }
+    if status.is_client_error()
+        && text_body
+        && let Ok(bytes) = axum::body::to_bytes(body, MAX_DETAIL_BYTES).await
+    {
+        let detail = String::from_utf8_lossy(&bytes).trim().to_owned();
+        if !detail.is_empty() {
+            problem = problem.with_detail(detail);
         }
     }
     let mut out = problem.into_response();

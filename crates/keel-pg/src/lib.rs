@@ -30,7 +30,11 @@ pub struct DatabaseConfig {
 impl Validate for DatabaseConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         ensure_url("database.url", &self.url, &["postgres", "postgresql"])?;
-        ensure_url("database.migrate_url", &self.migrate_url, &["postgres", "postgresql"])?;
+        ensure_url(
+            "database.migrate_url",
+            &self.migrate_url,
+            &["postgres", "postgresql"],
+        )?;
         ensure_range("database.max_connections", self.max_connections, 1, 200)?;
         let ms = u64::try_from(self.acquire_timeout.as_millis()).unwrap_or(u64::MAX);
         ensure_range("database.acquire_timeout (ms)", ms, 1, 60_000)
@@ -79,7 +83,11 @@ pub fn runtime_pool(config: &DatabaseConfig, app: &str) -> Result<PgPool, PgErro
 
 /// Runs `migrator` on a direct connection as the owner role. Migrations take locks and may
 /// use session state, so they never go through the transaction pooler.
-pub async fn migrate(config: &DatabaseConfig, app: &str, migrator: &Migrator) -> Result<(), PgError> {
+pub async fn migrate(
+    config: &DatabaseConfig,
+    app: &str,
+    migrator: &Migrator,
+) -> Result<(), PgError> {
     let options = options("database.migrate_url", &config.migrate_url, app)?;
     let mut conn = options.connect().await?;
     migrator.run(&mut conn).await?;
@@ -97,7 +105,9 @@ pub async fn ping(pool: &PgPool) -> Result<(), String> {
         .map_err(|e| match e {
             sqlx::Error::PoolTimedOut => "pool timed out".to_owned(),
             sqlx::Error::Io(_) => "unreachable".to_owned(),
-            sqlx::Error::Database(db) => format!("database error {}", db.code().unwrap_or_default()),
+            sqlx::Error::Database(db) => {
+                format!("database error {}", db.code().unwrap_or_default())
+            }
             _ => "unavailable".to_owned(),
         })
 }

@@ -94,10 +94,10 @@ impl Telemetry {
 
     /// Flushes and stops the exporter. Called last during graceful shutdown.
     pub fn shutdown(self) {
-        if let Some(p) = self.otel {
-            if let Err(e) = p.shutdown() {
-                tracing::warn!(error = %e, "OpenTelemetry shutdown");
-            }
+        if let Some(p) = self.otel
+            && let Err(e) = p.shutdown()
+        {
+            tracing::warn!(error = %e, "OpenTelemetry shutdown");
         }
     }
 }
@@ -114,7 +114,8 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .set_buckets_for_metric(
                     Matcher::Suffix("duration_seconds".to_owned()),
                     &[
-                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        10.0,
                     ],
                 )
                 .unwrap_or_else(|_| PrometheusBuilder::new());

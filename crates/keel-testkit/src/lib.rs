@@ -79,13 +79,20 @@ impl TestVhost {
             .send()
             .await
             .expect("set vhost permissions");
-        assert!(res.status().is_success(), "set permissions: {}", res.status());
+        assert!(
+            res.status().is_success(),
+            "set permissions: {}",
+            res.status()
+        );
         Self { name, stack }
     }
 
     /// `amqp://guest:guest@host:port/<vhost>`.
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/{}", self.stack.amqp_port, self.name)
+        format!(
+            "amqp://guest:guest@127.0.0.1:{}/{}",
+            self.stack.amqp_port, self.name
+        )
     }
 }
 
@@ -95,7 +102,9 @@ impl Drop for TestVhost {
         // Drop cannot be async; a short-lived thread with its own runtime does the cleanup
         // whether or not we are inside a tokio runtime.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async {
                 let _ = reqwest::Client::new()
                     .delete(url)
@@ -128,7 +137,10 @@ impl TestRedis {
             .get_multiplexed_async_connection()
             .await
             .expect("Redis reachable (is `make test`'s stack up?)");
-        let _: String = redis::cmd("PING").query_async(&mut conn).await.expect("PING");
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .expect("PING");
         Self { prefix, stack }
     }
 

@@ -43,14 +43,12 @@ impl ServiceProcess {
             let mut tx = Some(tx);
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if v["message"] == "listening" {
-                        if let Some(addr) = v["addr"].as_str().and_then(|a| a.parse().ok()) {
-                            if let Some(tx) = tx.take() {
-                                let _ = tx.send(addr);
-                            }
-                        }
-                    }
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && v["message"] == "listening"
+                    && let Some(addr) = v["addr"].as_str().and_then(|a| a.parse().ok())
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(addr);
                 }
                 out_logs.lock().expect("logs lock").push(line);
             }

@@ -51,8 +51,14 @@ pub struct Config {
 impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.http.validate()?;
-        if self.grpc.port != 0 && self.grpc.port == self.http.port && self.grpc.host == self.http.host {
-            return Err(ConfigError::invalid("grpc.port", "must differ from http.port"));
+        if self.grpc.port != 0
+            && self.grpc.port == self.http.port
+            && self.grpc.host == self.http.host
+        {
+            return Err(ConfigError::invalid(
+                "grpc.port",
+                "must differ from http.port",
+            ));
         }
         self.database.validate()?;
         self.telemetry.validate()
@@ -141,7 +147,10 @@ impl App {
         let grpc = tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(HealthServer::new(grpc_health))
-                .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), stop.cancelled_owned())
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(self.grpc),
+                    stop.cancelled_owned(),
+                )
                 .await
                 .map_err(std::io::Error::other)
         });

@@ -121,7 +121,10 @@ impl App {
 
     /// Serves until `signal`, drains, then closes the broker connection and the pool.
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<Drained, AppError> {
-        let drained = self.lifecycle.run_http(self.listener, self.router, signal).await;
+        let drained = self
+            .lifecycle
+            .run_http(self.listener, self.router, signal)
+            .await;
         self.broker.close().await;
         self.pool.close().await;
         tracing::info!(?drained, "stopped");

@@ -80,7 +80,10 @@ impl App {
 
     /// Serves until `signal`, then drains.
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<Drained, AppError> {
-        let drained = self.lifecycle.run_http(self.listener, self.router, signal).await;
+        let drained = self
+            .lifecycle
+            .run_http(self.listener, self.router, signal)
+            .await;
         tracing::info!(?drained, "stopped");
         Ok(drained)
     }

@@ -26,7 +26,10 @@ impl Currency {
     /// Parses three upper-case ASCII letters.
     pub fn parse(code: &str) -> Option<Self> {
         let bytes: [u8; 3] = code.as_bytes().try_into().ok()?;
-        bytes.iter().all(u8::is_ascii_uppercase).then_some(Self(bytes))
+        bytes
+            .iter()
+            .all(u8::is_ascii_uppercase)
+            .then_some(Self(bytes))
     }
 
     /// The code as text.
@@ -97,9 +100,13 @@ mod http_problem {
         match e {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => {
                 tracing::warn!(error = %e, "catalogue unavailable");
-                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable")
-                    .with_detail("the catalogue is temporarily unavailable; retry later")
-                    .into_response()
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "Service unavailable",
+                )
+                .with_detail("the catalogue is temporarily unavailable; retry later")
+                .into_response()
             }
             _ => {
                 tracing::error!(error = %e, "catalogue query failed");

@@ -1,0 +1,48 @@
+# Keel's front door. Two commands from a fresh machine: `make dev` runs the platform,
+# `make test` passes the tests. Every target is idempotent.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+SERVICES := checkout billing notification psp-sim
+
+.PHONY: help dev down status deps build test lint fmt bench demo up kind-up clean-test-dbs
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+deps: ## dependencies only: Postgres, pgbouncer, RabbitMQ, Redis (reused or project-local)
+	infra/dev/stack.sh up
+
+build: ## debug build of every service binary (shared with the tests' artifacts)
+	$(CARGO) build --bins
+
+dev: deps build ## the whole stack natively; returns once every service answers /readyz
+	infra/dev/services.sh start
+
+down: ## stop everything `make dev` started, and nothing else
+	infra/dev/services.sh stop
+	infra/dev/stack.sh down
+
+status: ## what runs where
+	infra/dev/stack.sh status
+	infra/dev/services.sh status
+
+lint: ## formatting, clippy (warnings are errors) and shellcheck
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	shellcheck infra/dev/*.sh .ci/run
+
+test: deps lint ## the quality gates and the whole test suite (nextest, parallel)
+	infra/dev/stack.sh clean-test-dbs
+	$(CARGO) nextest run --workspace --no-fail-fast
+
+bench: deps ## release build; prints Keel-vs-baseline ratios and writes target/bench/report.json
+	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	$(CARGO) build --release --bins --example bare_axum
+	$(CARGO) bench -p checkout --bench keel
+
+fmt: ## format the code
+	$(CARGO) fmt --all

@@ -1,0 +1,153 @@
+//! The loader's promises: defaults, `KEEL_*` overrides with `__` nesting, secrets from
+//! `*_FILE`, unknown keys rejected, validation naming the key, secrets never printed.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+
+use keel_config::{ConfigError, ExposeSecret, SecretString, Validate, ensure_range, ensure_url};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    http: Http,
+    database: Database,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Http {
+    port: u16,
+    #[serde(with = "keel_config::duration")]
+    timeout: std::time::Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Database {
+    url: SecretString,
+    max_connections: u32,
+}
+
+impl Validate for Config {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ensure_range(
+            "database.max_connections",
+            self.database.max_connections,
+            1,
+            100,
+        )?;
+        ensure_url("database.url", &self.database.url, &["postgres"])
+    }
+}
+
+const DEFAULTS: &str = r#"
+[http]
+port = 8080
+timeout = "5s"
+
+[database]
+url = "postgres://app:s3cret-default@localhost:6432/db"
+max_connections = 10
+"#;
+
+fn load(env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    keel_config::load_from(
+        DEFAULTS,
+        env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    )
+}
+
+#[test]
+fn defaults_load_without_environment() {
+    let c = load(&[]).unwrap();
+    assert_eq!(c.http.port, 8080);
+    assert_eq!(c.http.timeout, std::time::Duration::from_secs(5));
+}
+
+#[test]
+fn keel_variables_override_nested_keys() {
+    let c = load(&[
+        ("KEEL_HTTP__PORT", "9000"),
+        ("KEEL_HTTP__TIMEOUT", "250ms"),
+        ("OTHER", "x"),
+    ])
+    .unwrap();
+    assert_eq!(c.http.port, 9000);
+    assert_eq!(c.http.timeout, std::time::Duration::from_millis(250));
+}
+
+#[test]
+fn a_bad_value_names_the_key_and_the_variable() {
+    let e = load(&[("KEEL_HTTP__PORT", "abc")]).unwrap_err().to_string();
+    assert!(e.contains("`http.port`"), "{e}");
+    assert!(e.contains("KEEL_HTTP__PORT"), "{e}");
+    assert!(!e.contains('\n'), "one line: {e}");
+}
+
+#[test]
+fn an_unknown_key_is_rejected_not_ignored() {
+    let e = load(&[("KEEL_HTTP__PROT", "9000")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`http.prot`") && e.contains("unknown key"),
+        "{e}"
+    );
+}
+
+#[test]
+fn out_of_range_values_are_rejected_by_validation() {
+    let e = load(&[("KEEL_DATABASE__MAX_CONNECTIONS", "0")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`database.max_connections`") && e.contains("out of range"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_bad_url_is_reported_by_key_without_its_secret_value() {
+    let e = load(&[("KEEL_DATABASE__URL", "mysql://app:topsecret@db/x")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`database.url`"), "{e}");
+    assert!(!e.contains("topsecret"), "the password leaked: {e}");
+}
+
+#[test]
+fn secrets_are_read_from_file_variables() {
+    let mut f = tempfile();
+    writeln!(f.1, "postgres://app:from-file@db:6432/x").unwrap();
+    let c = load(&[("KEEL_DATABASE__URL_FILE", f.0.to_str().unwrap())]).unwrap();
+    assert_eq!(
+        c.database.url.expose_secret(),
+        "postgres://app:from-file@db:6432/x"
+    );
+}
+
+#[test]
+fn a_missing_secret_file_names_the_key_and_the_variable() {
+    let e = load(&[("KEEL_DATABASE__URL_FILE", "/nonexistent/secret")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`database.url`") && e.contains("KEEL_DATABASE__URL_FILE"),
+        "{e}"
+    );
+}
+
+#[test]
+fn secrets_never_appear_in_debug_output() {
+    let c = load(&[]).unwrap();
+    let printed = format!("{c:?} {c:#?}");
+    assert!(!printed.contains("s3cret-default"), "{printed}");
+    assert!(printed.contains("REDACTED"), "{printed}");
+}
+
+fn tempfile() -> (std::path::PathBuf, std::fs::File) {
+    let path = std::env::temp_dir().join(format!("keel-config-test-{}", std::process::id()));
+    let file = std::fs::File::create(&path).unwrap();
+    (path, file)
+}

@@ -1,0 +1,256 @@
+//! `make bench`: Keel's figures against baselines measured in the same run, written to
+//! `target/bench/report.json` (`{"rows": [{name, unit, keel, baseline, ratio, goal, met}]}`).
+//!
+//! Rows:
+//! - `products_rps`: `GET /v1/products` requests/s through the full keel-http stack ÷ a bare
+//!   axum handler running the same query on the same pool. Goal ≥ 0.8. Load from `wrk`
+//!   (a separate process, on loopback, bounded in time), alternating the two servers so
+//!   machine noise hits both alike.
+//! - `idle_rss_<service>`: resident memory of each release binary after start-up and one
+//!   readiness probe, against the bare axum example process. Goal ≤ 25 MB.
+#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_literal)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use keel_testkit::{ServiceProcess, Stack, TestDb};
+use serde::Serialize;
+use sqlx::PgPool;
+
+#[derive(Debug, Serialize)]
+struct Row {
+    name: String,
+    unit: String,
+    keel: f64,
+    baseline: f64,
+    ratio: f64,
+    goal: String,
+    met: bool,
+}
+
+const WRK_SECONDS: u32 = 5;
+const ROUNDS: usize = 3;
+
+fn wrk_rps(url: &str) -> f64 {
+    let out = Command::new("wrk")
+        .args([
+            "-t1",
+            "-c32",
+            &format!("-d{WRK_SECONDS}s"),
+            "--latency",
+            url,
+        ])
+        .output()
+        .expect("wrk is installed (make bench installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let non_2xx = text.lines().any(|l| l.contains("Non-2xx"));
+    assert!(!non_2xx, "errors during the run:\n{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Requests/sec in wrk output:\n{text}"))
+}
+
+fn bare_router(pool: PgPool) -> Router {
+    Router::new()
+        .route(
+            "/v1/products",
+            get(|State(pool): State<PgPool>| async move {
+                Json(serde_json::json!({ "products": checkout::catalogue::list(&pool).await.unwrap_or_default() }))
+            }),
+        )
+        .with_state(pool)
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
+fn release_bin(name: &str) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/release");
+    let p = root.join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --release --bins --examples`",
+        p.display()
+    );
+    p
+}
+
+async fn idle_rss(bin: &str, env: Vec<(String, String)>) -> f64 {
+    let path = release_bin(bin);
+    let mut p = ServiceProcess::spawn(path.to_str().unwrap(), &[], &env).await;
+    // One readiness probe (or any request), so lazily-built state is counted.
+    let _ = reqwest::get(format!("{}/readyz", p.base_url())).await;
+    let _ = reqwest::get(format!("{}/v1/products", p.base_url())).await;
+    let rss = rss_mb(p.pid());
+    p.signal("KILL");
+    let _ = p.wait(Duration::from_secs(10)).await;
+    rss
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mut rows = Vec::new();
+    let db = TestDb::create("checkout", &checkout::MIGRATOR).await;
+
+    // --- products_rps ------------------------------------------------------------------
+    let config: checkout::Config = keel_testkit::config(
+        checkout::DEFAULT_CONFIG,
+        &[
+            ("KEEL_HTTP__PORT", "0"),
+            ("KEEL_DATABASE__URL", &db.app_url()),
+            ("KEEL_TELEMETRY__LOG_LEVEL", "warn"),
+        ],
+    );
+    let app = checkout::App::build(config).await.unwrap();
+    let keel_url = format!("http://{}/v1/products", app.local_addr().unwrap());
+    let pool = app.pool();
+    let bare_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bare_url = format!("http://{}/v1/products", bare_listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(bare_listener, bare_router(pool)).await });
+    tokio::spawn(app.run(std::future::pending()));
+
+    // Warm both (pool connections, prepared statements) before measuring.
+    for url in [&keel_url, &bare_url] {
+        for _ in 0..50 {
+            assert!(
+                reqwest::get(url.as_str())
+                    .await
+                    .unwrap()
+                    .status()
+                    .is_success()
+            );
+        }
+    }
+    let (mut keel, mut bare) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let k = keel_url.clone();
+        keel.push(
+            tokio::task::spawn_blocking(move || wrk_rps(&k))
+                .await
+                .unwrap(),
+        );
+        let b = bare_url.clone();
+        bare.push(
+            tokio::task::spawn_blocking(move || wrk_rps(&b))
+                .await
+                .unwrap(),
+        );
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (k, b) = (median(&mut keel), median(&mut bare));
+    rows.push(Row {
+        name: "products_rps".into(),
+        unit: "requests/s".into(),
+        keel: k.round(),
+        baseline: b.round(),
+        ratio: (k / b * 1000.0).round() / 1000.0,
+        goal: ">= 0.8 (ratio)".into(),
+        met: k / b >= 0.8,
+    });
+
+    // --- idle_rss_* ----------------------------------------------------------------------
+    let stack = Stack::load();
+    let pg = |svc: &str| {
+        (
+            "KEEL_DATABASE__URL".to_owned(),
+            format!(
+                "postgres://{svc}_app:{svc}_app_dev@127.0.0.1:{}/keel_{svc}",
+                stack.pgbouncer_port
+            ),
+        )
+    };
+    let common = |extra: Vec<(String, String)>| {
+        let mut v = vec![
+            ("KEEL_HTTP__PORT".to_owned(), "0".to_owned()),
+            (
+                "KEEL_TELEMETRY__LOG_LEVEL".to_owned(),
+                "warn,keel_http=info,checkout=info,billing=info,notification=info,psp_sim=info"
+                    .to_owned(),
+            ),
+        ];
+        v.extend(extra);
+        v
+    };
+    let baseline = idle_rss(
+        "examples/bare_axum",
+        vec![("DATABASE_URL".to_owned(), db.app_url())],
+    )
+    .await;
+    let services: Vec<(&str, Vec<(String, String)>)> = vec![
+        (
+            "checkout",
+            common(vec![("KEEL_DATABASE__URL".to_owned(), db.app_url())]),
+        ),
+        (
+            "billing",
+            common(vec![
+                pg("billing"),
+                ("KEEL_GRPC__PORT".to_owned(), "0".to_owned()),
+            ]),
+        ),
+        (
+            "notification",
+            common(vec![
+                pg("notification"),
+                (
+                    "KEEL_AMQP__URL".to_owned(),
+                    format!("amqp://guest:guest@127.0.0.1:{}/keel", stack.amqp_port),
+                ),
+            ]),
+        ),
+        ("psp-sim", common(vec![])),
+    ];
+    for (svc, env) in services {
+        let rss = idle_rss(svc, env).await;
+        rows.push(Row {
+            name: format!("idle_rss_{svc}"),
+            unit: "MB".into(),
+            keel: (rss * 10.0).round() / 10.0,
+            baseline: (baseline * 10.0).round() / 10.0,
+            ratio: (rss / baseline * 100.0).round() / 100.0,
+            goal: "<= 25 (keel)".into(),
+            met: rss <= 25.0,
+        });
+    }
+
+    println!();
+    println!(
+        "{:<24} {:>12} {:>12} {:>8}  {:<16} {}",
+        "name", "keel", "baseline", "ratio", "goal", "met"
+    );
+    for r in &rows {
+        println!(
+            "{:<24} {:>12} {:>12} {:>8}  {:<16} {}",
+            r.name,
+            format!("{} {}", r.keel, if r.unit == "MB" { "MB" } else { "" }).trim(),
+            r.baseline,
+            r.ratio,
+            r.goal,
+            if r.met { "yes" } else { "NO" }
+        );
+    }
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let report = serde_json::json!({ "rows": rows });
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&report).unwrap(),
+    )
+    .unwrap();
+    println!("\nwritten to target/bench/report.json");
+}
