@@ -16,8 +16,8 @@ help: ## list the targets
 deps: ## dependencies only: Postgres, pgbouncer, RabbitMQ, Redis (reused or project-local)
 	infra/dev/stack.sh up
 
-build: ## debug build of every service binary (shared with the tests' artifacts)
-	$(CARGO) build --bins
+build: ## debug build of every binary and test (the same artifacts `make test` uses)
+	$(CARGO) build --workspace --all-targets
 
 dev: deps build ## the whole stack natively; returns once every service answers /readyz
 	infra/dev/services.sh start
@@ -36,7 +36,7 @@ lint: ## formatting, clippy (warnings are errors) and shellcheck
 	shellcheck infra/dev/*.sh .ci/run
 
 test: deps lint ## the quality gates and the whole test suite (nextest, parallel)
-	infra/dev/stack.sh clean-test-dbs
+	infra/dev/clean-test-dbs.sh
 	$(CARGO) nextest run --workspace --no-fail-fast
 
 bench: deps ## release build; prints Keel-vs-baseline ratios and writes target/bench/report.json

@@ -12,7 +12,7 @@ KEEL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 KEEL_RUN="$KEEL_HOME/run"
 export KEEL_ROOT KEEL_HOME KEEL_RUN
 
-# shellcheck source=infra/dev/stack.env
+# shellcheck source=stack.env
 . "$KEEL_ROOT/infra/dev/stack.env"
 # Export so child processes (psql wrappers, services) see the same values.
 export PG_PORT PG_LOCAL_PORT PGBOUNCER_PORT REDIS_PORT REDIS_LOCAL_PORT \

@@ -11,7 +11,7 @@
 # build from source.
 set -euo pipefail
 
-# shellcheck source=infra/dev/lib.sh
+# shellcheck source=lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 PGBOUNCER_MIN_VERSION=1.21

@@ -51,7 +51,9 @@ service_env() {
   esac
 }
 
-run_with_env() {
+# Replaces the calling (sub)shell with the service binary, so `$!` of a background call is
+# the service's own pid. Call it in a subshell or in the background, never directly.
+exec_with_env() {
   local svc="$1"
   shift
   local -a vars
@@ -60,7 +62,7 @@ run_with_env() {
   # the service sees exactly this configuration (unknown KEEL_* keys are rejected).
   local -a unset_args=()
   while IFS= read -r name; do unset_args+=(-u "$name"); done < <(compgen -e | grep '^KEEL_' || true)
-  env "${unset_args[@]}" "${vars[@]}" "$@"
+  exec env "${unset_args[@]}" "${vars[@]}" "$@"
 }
 
 running_pid() {
@@ -103,7 +105,7 @@ start() {
   done
   for svc in checkout billing notification; do
     log "migrating $svc (owner role, direct connection)"
-    run_with_env "$svc" "$BIN/$svc" migrate >>"$LOGS/$svc.migrate.log" 2>&1 ||
+    (exec_with_env "$svc" "$BIN/$svc" migrate) >>"$LOGS/$svc.migrate.log" 2>&1 ||
       { tail -n 20 "$LOGS/$svc.migrate.log" >&2; exit 1; }
   done
   for svc in "${SERVICES[@]}"; do
@@ -117,7 +119,7 @@ start() {
       log "port $port is taken by a process this script did not start; stop it first"
       exit 1
     fi
-    run_with_env "$svc" "$BIN/$svc" </dev/null >>"$LOGS/$svc.log" 2>&1 &
+    exec_with_env "$svc" "$BIN/$svc" </dev/null >>"$LOGS/$svc.log" 2>&1 &
     echo $! >"$RUN/$svc.pid"
     log "started $svc (pid $!), logs in .keel/logs/$svc.log"
   done
@@ -143,14 +145,19 @@ EOT
 }
 
 stop() {
+  # SIGTERM to all first, then wait for each: the drains run in parallel, not one by one.
+  local -A pids=()
+  local svc pid
   for svc in "${SERVICES[@]}"; do
-    local pid
-    if ! pid="$(running_pid "$svc")"; then
-      continue
+    if pid="$(running_pid "$svc")"; then
+      log "stopping $svc (pid $pid, SIGTERM: graceful drain)"
+      kill -TERM "$pid" 2>/dev/null || true
+      pids[$svc]="$pid"
     fi
-    log "stopping $svc (pid $pid, SIGTERM: graceful drain)"
-    kill -TERM "$pid" 2>/dev/null || true
-    local deadline=$((SECONDS + 40))
+  done
+  local deadline=$((SECONDS + 40))
+  for svc in "${!pids[@]}"; do
+    pid="${pids[$svc]}"
     while kill -0 "$pid" 2>/dev/null; do
       if ((SECONDS >= deadline)); then
         log "$svc still running after 40 s; SIGKILL"

@@ -26,6 +26,10 @@ impl LagMonitor {
     pub fn spawn(interval: Duration, stop: CancellationToken) -> Self {
         let monitor = Self::default();
         let micros = monitor.micros.clone();
+        // Exported from the start (recorder first, or the value goes nowhere), so dashboards
+        // and alerts never see the series missing.
+        crate::metrics_handle();
+        metrics::gauge!(LAG_GAUGE).set(0.0);
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             // After a stall, measure the next tick from now instead of firing a burst.

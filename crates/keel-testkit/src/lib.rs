@@ -11,7 +11,7 @@ use std::time::Duration;
 
 pub use db::TestDb;
 pub use process::ServiceProcess;
-pub use stack::Stack;
+pub use stack::{Stack, workspace_root};
 
 /// Polls `check` until it returns `Some`, or panics naming `what` after `deadline`.
 ///

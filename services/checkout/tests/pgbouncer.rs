@@ -1,0 +1,195 @@
+//! P07: service instances share a small, fixed server pool through pgbouncer in transaction
+//! mode, with sqlx's prepared statements working (pgbouncer ≥ 1.21, `max_prepared_statements`).
+//!
+//! The cost first: the same client connections made directly cost one Postgres backend each.
+//! Then the pattern: through pgbouncer they never take more than `max_db_connections`.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use keel_testkit::{Stack, TestDb};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+/// Three "instances" of checkout, each with a pool of 15.
+const INSTANCES: usize = 3;
+const POOL: u32 = 15;
+
+fn pgbouncer_setting(name: &str) -> i64 {
+    let path = keel_testkit::workspace_root().join(".keel/pgbouncer/pgbouncer.ini");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run `make test`, which starts pgbouncer)",
+            path.display()
+        )
+    });
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| k.trim() == name)
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not set in {}", path.display()))
+}
+
+async fn server_connections(admin: &PgPool, db: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND usename = 'checkout_app'",
+    )
+    .bind(db)
+    .fetch_one(admin)
+    .await
+    .unwrap()
+}
+
+async fn pools(url: &str) -> Vec<PgPool> {
+    let mut pools = Vec::new();
+    for _ in 0..INSTANCES {
+        pools.push(
+            PgPoolOptions::new()
+                .max_connections(POOL)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect(url)
+                .await
+                .unwrap(),
+        );
+    }
+    pools
+}
+
+/// Runs `per_conn` transactions on every client connection at once, each with a prepared,
+/// parameterised statement and a short sleep so transactions overlap. Returns the errors.
+async fn hammer(pools: &[PgPool], admin: &PgPool, db: &str, peak: &Arc<AtomicI64>) -> Vec<String> {
+    let sampler = {
+        let (admin, db, peak) = (admin.clone(), db.to_owned(), peak.clone());
+        tokio::spawn(async move {
+            for _ in 0..2_000 {
+                let n = server_connections(&admin, &db).await;
+                peak.fetch_max(n, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for pool in pools {
+        for worker in 0..POOL {
+            let pool = pool.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut errors = Vec::new();
+                for i in 0..20_i64 {
+                    let r = async {
+                        let mut tx = pool.begin().await?;
+                        let _: i64 = sqlx::query_scalar(
+                            "SELECT count(*) FROM products WHERE price_minor > $1",
+                        )
+                        .bind(i + i64::from(worker))
+                        .fetch_one(&mut *tx)
+                        .await?;
+                        sqlx::query("SELECT pg_sleep(0.005)")
+                            .execute(&mut *tx)
+                            .await?;
+                        tx.commit().await
+                    }
+                    .await;
+                    if let Err(e) = r {
+                        errors.push(e.to_string());
+                    }
+                }
+                errors
+            }));
+        }
+    }
+    let mut errors = Vec::new();
+    for t in tasks {
+        errors.extend(t.await.unwrap());
+    }
+    sampler.abort();
+    errors
+}
+
+#[tokio::test]
+async fn sizing_rule_holds_for_the_configured_pools() {
+    let stack = Stack::load();
+    let admin = PgPool::connect(&stack.admin_url("postgres")).await.unwrap();
+    let max: String = sqlx::query_scalar("SHOW max_connections")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    let reserved: String = sqlx::query_scalar("SHOW superuser_reserved_connections")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    let (max, reserved): (i64, i64) = (max.parse().unwrap(), reserved.parse().unwrap());
+    let per_db = pgbouncer_setting("max_db_connections");
+    let services = 3;
+    let direct_reserve = 10; // migrations, session features, operators (docs/patterns/p07)
+    let needed = services * per_db + direct_reserve + reserved;
+    assert!(
+        needed <= max,
+        "sizing rule broken: {services} × {per_db} + {direct_reserve} + {reserved} = {needed} > max_connections {max}"
+    );
+    assert!(
+        pgbouncer_setting("max_prepared_statements") > 0,
+        "sqlx needs prepared statements"
+    );
+}
+
+#[tokio::test]
+async fn many_client_connections_share_a_bounded_server_pool() {
+    let db = TestDb::create("checkout", &checkout::MIGRATOR).await;
+    let admin = PgPool::connect(&db.admin_url()).await.unwrap();
+    let clients = INSTANCES as i64 * i64::from(POOL);
+    let cap = pgbouncer_setting("max_db_connections");
+    assert!(
+        clients > cap,
+        "the test needs more clients ({clients}) than the cap ({cap})"
+    );
+
+    // The cost: directly, every client connection is a Postgres backend.
+    let direct = pools(&db.app_direct_url()).await;
+    let held: Vec<_> = futures(
+        direct
+            .iter()
+            .flat_map(|p| (0..POOL).map(move |_| p.acquire())),
+    )
+    .await;
+    assert_eq!(server_connections(&admin, &db.name).await, clients);
+    drop(held);
+    for p in direct {
+        p.close().await;
+    }
+
+    // The pattern: the same clients through pgbouncer, all busy at once, never hold more
+    // than `max_db_connections` server connections — and every transaction succeeds,
+    // prepared statements included.
+    let pooled = pools(&db.app_url()).await;
+    let peak = Arc::new(AtomicI64::new(0));
+    let errors = hammer(&pooled, &admin, &db.name, &peak).await;
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(
+        errors.is_empty(),
+        "{} failed, e.g. {:?}",
+        errors.len(),
+        errors.first()
+    );
+    assert!(peak > 0, "the sampler saw the load");
+    assert!(
+        peak <= cap,
+        "{peak} server connections for {clients} clients; cap is {cap}"
+    );
+    for p in pooled {
+        p.close().await;
+    }
+}
+
+async fn futures<F, T, E>(iter: impl Iterator<Item = F>) -> Vec<T>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Debug,
+{
+    let mut out = Vec::new();
+    for f in iter {
+        out.push(f.await.unwrap());
+    }
+    out
+}
