@@ -8,7 +8,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SERVICES := checkout billing notification psp-sim
 
-.PHONY: help dev down status deps build test lint fmt bench demo up kind-up clean-test-dbs
+.PHONY: help dev down status deps build tools test lint fmt bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,7 +30,11 @@ status: ## what runs where
 	infra/dev/stack.sh status
 	infra/dev/services.sh status
 
-lint: ## formatting, clippy (warnings are errors) and shellcheck
+tools: ## test tools a fresh machine may lack (shellcheck, curl, cargo-nextest); fast when present
+	command -v shellcheck >/dev/null && command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq shellcheck curl; }
+	command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
+
+lint: tools ## formatting, clippy (warnings are errors) and shellcheck
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	shellcheck infra/dev/*.sh .ci/run

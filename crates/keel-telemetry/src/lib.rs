@@ -92,12 +92,15 @@ impl Telemetry {
         self.otel.is_some()
     }
 
-    /// Flushes and stops the exporter. Called last during graceful shutdown.
+    /// Flushes and stops the exporter. Called last during graceful shutdown, from the
+    /// multi-threaded runtime: the flush is a task on that runtime, and `block_in_place` lets
+    /// it run while this thread waits.
     pub fn shutdown(self) {
-        if let Some(p) = self.otel
-            && let Err(e) = p.shutdown()
-        {
-            tracing::warn!(error = %e, "OpenTelemetry shutdown");
+        if let Some(p) = self.otel {
+            let result = tokio::task::block_in_place(|| p.shutdown());
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "OpenTelemetry shutdown");
+            }
         }
     }
 }

@@ -1,7 +1,13 @@
 //! OTLP exporter set-up from the standard `OTEL_*` variables (P35).
 //!
-//! The rule a reader must not break: no endpoint, no exporter. Building an exporter that
-//! points at nothing makes every batch fail and log, which buries real errors.
+//! The rules a reader must not break:
+//! - no endpoint, no exporter. An exporter that points at nothing makes every batch fail and
+//!   log, which buries real errors;
+//! - export on the Tokio runtime. The SDK's default batch processor exports from a plain OS
+//!   thread, where both the tonic (gRPC) and async reqwest (HTTP) clients panic with "there
+//!   is no reactor running" and every span after that is silently dropped
+//!   (open-telemetry/opentelemetry-rust#3125). The async-runtime batch processor runs the
+//!   export as a Tokio task instead; `init` must therefore be called inside the runtime.
 
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
@@ -42,8 +48,14 @@ pub(crate) fn provider_from_env(
     }
     .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
 
+    let processor =
+        opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
+            exporter,
+            opentelemetry_sdk::runtime::Tokio,
+        )
+        .build();
     let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
+        .with_span_processor(processor)
         .with_resource(Resource::builder().with_service_name(name).build())
         .build();
     Ok(Some(provider))

@@ -1,8 +1,10 @@
 //! P07: service instances share a small, fixed server pool through pgbouncer in transaction
 //! mode, with sqlx's prepared statements working (pgbouncer ≥ 1.21, `max_prepared_statements`).
 //!
-//! The cost first: the same client connections made directly cost one Postgres backend each.
-//! Then the pattern: through pgbouncer they never take more than `max_db_connections`.
+//! The cost first: the same client connections made directly cost one Postgres backend each,
+//! and a transaction pooler that does not track prepared statements (pgbouncer < 1.21, or
+//! `max_prepared_statements = 0`) breaks sqlx. Then the pattern: through Keel's pgbouncer the
+//! clients never take more than `max_db_connections`, and every transaction succeeds.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -192,4 +194,115 @@ where
         out.push(f.await.unwrap());
     }
     out
+}
+
+/// A throw-away pgbouncer like Keel's but with `max_prepared_statements = 0` (what 1.18 and
+/// earlier do), on a free loopback port. Killed on drop.
+struct UntrackedPgbouncer {
+    child: tokio::process::Child,
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl UntrackedPgbouncer {
+    async fn start() -> Self {
+        let stack = Stack::load();
+        let bin = keel_testkit::workspace_root().join(".keel/bin/pgbouncer");
+        assert!(
+            bin.exists(),
+            "{} missing (make test builds it)",
+            bin.display()
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("keel-pgbouncer-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("userlist.txt"), "\"checkout_app\" \"\"\n").unwrap();
+        let ini = format!(
+            "[databases]\n* = host=127.0.0.1 port={pg}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
+             listen_port = {port}\nunix_socket_dir =\npool_mode = transaction\n\
+             max_prepared_statements = 0\nignore_startup_parameters = extra_float_digits,search_path\n\
+             auth_type = trust\nauth_file = {dir}/userlist.txt\ndefault_pool_size = 5\n\
+             server_tls_sslmode = disable\nlogfile = {dir}/pgbouncer.log\n",
+            pg = stack.pg_port,
+            dir = dir.display()
+        );
+        std::fs::write(dir.join("pgbouncer.ini"), ini).unwrap();
+        // pgbouncer refuses to run as root; as root (CI, `make test`), run it as `postgres`.
+        // The ids are set on the process itself (not through `runuser`, which forks), so the
+        // child we hold is pgbouncer and kill-on-drop really stops it.
+        let id = |args: &[&str]| -> u32 {
+            let out = std::process::Command::new("id")
+                .args(args)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+        };
+        let mut cmd = tokio::process::Command::new(&bin);
+        if id(&["-u"]) == 0 {
+            let status = std::process::Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(status.success());
+            cmd.uid(id(&["-u", "postgres"]))
+                .gid(id(&["-g", "postgres"]));
+        }
+        let child = cmd
+            .arg(dir.join("pgbouncer.ini"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        keel_testkit::eventually(
+            Duration::from_secs(10),
+            "test pgbouncer listening",
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+        Self { child, dir, port }
+    }
+}
+
+impl Drop for UntrackedPgbouncer {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn transaction_pooling_without_prepared_statement_tracking_breaks_sqlx() {
+    let db = TestDb::create("checkout", &checkout::MIGRATOR).await;
+    let admin = PgPool::connect(&db.admin_url()).await.unwrap();
+    let old = UntrackedPgbouncer::start().await;
+    let url = format!("postgres://checkout_app@127.0.0.1:{}/{}", old.port, db.name);
+    let pooled = pools(&url).await;
+    let errors = hammer(&pooled, &admin, &db.name, &Arc::new(AtomicI64::new(0))).await;
+    for p in pooled {
+        p.close().await;
+    }
+    // The failure Keel's configuration removes (see the test above, same load, zero errors).
+    assert!(
+        errors.iter().any(|e| e.contains("prepared statement")),
+        "expected prepared-statement errors, got {} errors: {:?}",
+        errors.len(),
+        errors.first()
+    );
+    eprintln!(
+        "without max_prepared_statements: {} of {} transactions failed",
+        errors.len(),
+        INSTANCES * POOL as usize * 20
+    );
 }
