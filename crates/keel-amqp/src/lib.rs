@@ -79,9 +79,18 @@ impl Broker {
             .await;
             match attempt {
                 Ok(Ok(conn)) => {
+                    let mut slot = self.conn.write().await;
+                    // `close` may have run while this attempt was in flight: do not keep a
+                    // connection nobody will close.
+                    if self.stop.is_cancelled() {
+                        drop(slot);
+                        let _ = conn.close(200, "shutdown".into()).await;
+                        return;
+                    }
+                    *slot = Some(conn);
+                    drop(slot);
                     tracing::info!("connected to RabbitMQ");
                     metrics::counter!("amqp_connects_total").increment(1);
-                    *self.conn.write().await = Some(conn);
                     continue;
                 }
                 Ok(Err(e)) => {

@@ -113,8 +113,8 @@ where
         figment = figment.merge(Toml::file_exact(PathBuf::from(path)));
     }
 
-    // Plain KEEL_* overrides. Values are parsed the way figment's own `Env` provider does
-    // (`8080` becomes an integer, `true` a boolean), so typed fields deserialize from them.
+    // Plain KEEL_* overrides, kept as strings; `extract_lossy` below turns `8080` into a
+    // number only where the field is a number, so a numeric password stays a string.
     // `*_FILE` variables are handled below, so they are not keys themselves.
     let mut origins: Vec<(String, String)> = Vec::new();
     for (var, value) in env
@@ -122,16 +122,11 @@ where
         .filter(|(k, _)| k != CONFIG_FILE_VAR && !k.ends_with("_FILE"))
     {
         let key = env_var_to_key(var);
-        let parsed: figment::value::Value = match value.parse() {
-            Ok(v) => v,
-            Err(never) => match never {},
-        };
-        figment = figment.merge((key.clone(), parsed));
+        figment = figment.merge((key.clone(), value.clone()));
         origins.push((key, var.clone()));
     }
 
-    // Secrets from files win over everything: that is how mounted secrets rotate. They stay
-    // strings (a numeric password must not turn into an integer).
+    // Secrets from files win over everything: that is how mounted secrets rotate.
     for (var, path) in env
         .iter()
         .filter(|(k, _)| k != CONFIG_FILE_VAR && k.ends_with("_FILE"))
@@ -148,7 +143,7 @@ where
     }
 
     let config: T = figment
-        .extract()
+        .extract_lossy()
         .map_err(|e| to_config_error(&e, &origins))?;
     config.validate()?;
     Ok(config)
@@ -216,6 +211,12 @@ fn to_config_error(e: &figment::Error, origins: &[(String, String)]) -> ConfigEr
         }
         figment::error::Kind::UnknownField(_, _) => "unknown key".to_owned(),
         figment::error::Kind::MissingField(_) => "missing".to_owned(),
+        figment::error::Kind::InvalidValue(_, expected) => {
+            format!("invalid value, expected {expected}")
+        }
+        figment::error::Kind::UnknownVariant(_, expected) => {
+            format!("unknown value, expected one of {expected:?}")
+        }
         other => other.to_string(),
     };
     ConfigError::Parse {

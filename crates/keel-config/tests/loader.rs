@@ -27,6 +27,8 @@ struct Http {
 struct Database {
     url: SecretString,
     max_connections: u32,
+    #[serde(default)]
+    password: Option<SecretString>,
 }
 
 impl Validate for Config {
@@ -150,4 +152,18 @@ fn tempfile() -> (std::path::PathBuf, std::fs::File) {
     let path = std::env::temp_dir().join(format!("keel-config-test-{}", std::process::id()));
     let file = std::fs::File::create(&path).unwrap();
     (path, file)
+}
+
+#[test]
+fn a_numeric_secret_from_the_environment_stays_a_string() {
+    let c = load(&[
+        ("KEEL_DATABASE__PASSWORD", "123456"),
+        ("KEEL_HTTP__PORT", "9001"),
+    ])
+    .unwrap();
+    assert_eq!(c.database.password.unwrap().expose_secret(), "123456");
+    assert_eq!(
+        c.http.port, 9001,
+        "while a numeric field still parses from text"
+    );
 }

@@ -65,6 +65,14 @@ impl Validate for HttpConfig {
         )?;
         ensure_range("http.drain_delay (ms)", ms(self.drain_delay), 0, 120_000)?;
         ensure_range("http.grace_period (ms)", ms(self.grace_period), 0, 300_000)?;
+        // Every in-flight request must end (done, or cut by its timeout) within the grace
+        // period; otherwise shutdown would cut requests the timeout still allows.
+        if self.grace_period < self.request_timeout {
+            return Err(ConfigError::invalid(
+                "http.grace_period",
+                "must be at least http.request_timeout",
+            ));
+        }
         Ok(())
     }
 }

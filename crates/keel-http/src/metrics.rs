@@ -27,15 +27,31 @@ pub async fn record(request: Request, next: Next) -> Response {
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    metrics::gauge!(IN_FLIGHT).increment(1.0);
+    let _in_flight = InFlight::enter();
     let response = next.run(request).await;
-    metrics::gauge!(IN_FLIGHT).decrement(1.0);
     let status = response.status().as_u16().to_string();
     metrics::counter!(REQUESTS, "method" => method.clone(), "route" => route.clone(), "status" => status)
         .increment(1);
     metrics::histogram!(DURATION, "method" => method, "route" => route)
         .record(start.elapsed().as_secs_f64());
     response
+}
+
+/// Counts a request in flight until dropped — also when the client disconnects and the
+/// request future is dropped mid-way, which a decrement after `.await` would miss.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> Self {
+        metrics::gauge!(IN_FLIGHT).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(IN_FLIGHT).decrement(1.0);
+    }
 }
 
 /// `GET /metrics` in the Prometheus text format.

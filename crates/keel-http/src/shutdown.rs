@@ -24,27 +24,40 @@ use tokio_util::sync::CancellationToken;
 use crate::config::HttpConfig;
 use crate::health::Health;
 
-/// Resolves on the first SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+/// A future that resolves on the first SIGTERM or SIGINT (Ctrl-C).
+///
+/// The handlers are installed when this function is *called*, not when the future is first
+/// polled: call it at the top of `main`, before building the app, so a signal that arrives
+/// during start-up is still a graceful shutdown and not the default "die at once".
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).ok();
+        let mut int = signal(SignalKind::interrupt()).ok();
+        async move {
+            let term = async {
+                match term.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let int = async {
+                match int.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = int => tracing::info!(signal = "SIGINT", "shutdown signal received"),
+                _ = term => tracing::info!(signal = "SIGTERM", "shutdown signal received"),
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!(signal = "SIGINT", "shutdown signal received"),
-        () = terminate => tracing::info!(signal = "SIGTERM", "shutdown signal received"),
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!(signal = "SIGINT", "shutdown signal received");
     }
 }
 
@@ -58,6 +71,21 @@ pub struct Lifecycle {
     drain_delay: Duration,
     grace_period: Duration,
 }
+
+/// Bounds the last steps of shutdown (closing pools and broker connections): a peer that
+/// never answers must not keep the process alive past its termination grace period.
+pub async fn close_within<F: Future<Output = ()>>(what: &str, limit: Duration, close: F) {
+    if tokio::time::timeout(limit, close).await.is_err() {
+        tracing::warn!(
+            what,
+            limit_ms = limit.as_millis() as u64,
+            "close did not finish in time; abandoning it"
+        );
+    }
+}
+
+/// How long closing one pool or connection may take at the end of shutdown.
+pub const CLOSE_LIMIT: Duration = Duration::from_secs(5);
 
 /// How the shutdown went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

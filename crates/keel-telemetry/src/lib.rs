@@ -87,6 +87,18 @@ impl Telemetry {
         Ok(Self { otel: provider })
     }
 
+    /// [`Telemetry::init`] for `main`: a bad `OTEL_*` setting is a configuration error, so it
+    /// exits 78 with one line naming it, like every other config error.
+    pub fn init_or_exit(service: &'static str, config: &TelemetryConfig) -> Self {
+        match Self::init(service, config) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("{service}: invalid configuration: {e}");
+                std::process::exit(keel_config::EXIT_CONFIG);
+            }
+        }
+    }
+
     /// Whether spans are exported (an OTLP endpoint was configured).
     pub fn exporting(&self) -> bool {
         self.otel.is_some()

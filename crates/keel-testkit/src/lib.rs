@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 mod db;
+pub mod privilege;
 mod process;
 mod stack;
 
@@ -122,16 +123,17 @@ impl Drop for TestVhost {
 /// A Redis key prefix owned by one test; its keys are deleted on drop.
 #[derive(Debug)]
 pub struct TestRedis {
-    /// Keys this test writes must start with this (e.g. `test:3f2a…:`).
+    /// Keys this test writes must start with this (e.g. `checkout:test:3f2a…:`).
     pub prefix: String,
     stack: Stack,
 }
 
 impl TestRedis {
-    /// A fresh prefix; checks that Redis answers.
-    pub async fn create() -> Self {
+    /// A fresh prefix under `service`'s own (`checkout:test:<uuid>:`, following the rule
+    /// that every key starts with the owning service's prefix); checks that Redis answers.
+    pub async fn create(service: &str) -> Self {
         let stack = Stack::load();
-        let prefix = format!("test:{}:", uuid::Uuid::new_v4().simple());
+        let prefix = format!("{service}:test:{}:", uuid::Uuid::new_v4().simple());
         let client = redis::Client::open(stack.redis_url()).expect("redis url");
         let mut conn = client
             .get_multiplexed_async_connection()

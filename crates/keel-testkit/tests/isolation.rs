@@ -8,7 +8,11 @@ use keel_testkit::{Stack, TestRedis, TestVhost, eventually};
 
 #[tokio::test]
 async fn a_redis_prefix_is_private_and_its_keys_are_removed_on_drop() {
-    let (a, b) = (TestRedis::create().await, TestRedis::create().await);
+    let (a, b) = (
+        TestRedis::create("checkout").await,
+        TestRedis::create("checkout").await,
+    );
+    assert!(a.prefix.starts_with("checkout:"), "{}", a.prefix);
     assert_ne!(a.prefix, b.prefix);
     let client = redis::Client::open(a.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();

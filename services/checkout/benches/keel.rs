@@ -3,9 +3,11 @@
 //!
 //! Rows:
 //! - `products_rps`: `GET /v1/products` requests/s through the full keel-http stack ÷ a bare
-//!   axum handler running the same query on the same pool. Goal ≥ 0.8. Load from `wrk`
-//!   (a separate process, on loopback, bounded in time), alternating the two servers so
-//!   machine noise hits both alike.
+//!   axum handler running the same query with the same pool settings. Both are release
+//!   processes with their normal logging (checkout writes a JSON line per request; the bare
+//!   server writes none) to /dev/null, so Keel pays for everything it does in production.
+//!   Load from `wrk` (a separate process, on loopback, bounded in time), alternating the two
+//!   servers so machine noise hits both alike.
 //! - `idle_rss_<service>`: resident memory of each release binary after start-up and one
 //!   readiness probe, against the bare axum example process. Goal ≤ 25 MB.
 #![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_literal)]
@@ -14,12 +16,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
 use keel_testkit::{ServiceProcess, Stack, TestDb};
 use serde::Serialize;
-use sqlx::PgPool;
 
 #[derive(Debug, Serialize)]
 struct Row {
@@ -55,15 +53,34 @@ fn wrk_rps(url: &str) -> f64 {
         .unwrap_or_else(|| panic!("no Requests/sec in wrk output:\n{text}"))
 }
 
-fn bare_router(pool: PgPool) -> Router {
-    Router::new()
-        .route(
-            "/v1/products",
-            get(|State(pool): State<PgPool>| async move {
-                Json(serde_json::json!({ "products": checkout::catalogue::list(&pool).await.unwrap_or_default() }))
-            }),
-        )
-        .with_state(pool)
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A release binary with its output discarded, killed when dropped.
+struct Quiet(std::process::Child);
+
+impl Drop for Quiet {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn quiet_process(bin: &str, env: &[(&str, String)]) -> Quiet {
+    let mut cmd = Command::new(release_bin(bin));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KEEL_")) {
+        cmd.env_remove(k);
+    }
+    cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    Quiet(cmd.spawn().unwrap())
 }
 
 fn rss_mb(pid: u32) -> f64 {
@@ -105,21 +122,31 @@ async fn main() {
     let db = TestDb::create("checkout", &checkout::MIGRATOR).await;
 
     // --- products_rps ------------------------------------------------------------------
-    let config: checkout::Config = keel_testkit::config(
-        checkout::DEFAULT_CONFIG,
+    let keel_port = free_port();
+    let bare_port = free_port();
+    let keel_url = format!("http://127.0.0.1:{keel_port}/v1/products");
+    let bare_url = format!("http://127.0.0.1:{bare_port}/v1/products");
+    let _keel = quiet_process(
+        "checkout",
         &[
-            ("KEEL_HTTP__PORT", "0"),
-            ("KEEL_DATABASE__URL", &db.app_url()),
-            ("KEEL_TELEMETRY__LOG_LEVEL", "warn"),
+            ("KEEL_HTTP__PORT", keel_port.to_string()),
+            ("KEEL_DATABASE__URL", db.app_url()),
         ],
     );
-    let app = checkout::App::build(config).await.unwrap();
-    let keel_url = format!("http://{}/v1/products", app.local_addr().unwrap());
-    let pool = app.pool();
-    let bare_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let bare_url = format!("http://{}/v1/products", bare_listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(bare_listener, bare_router(pool)).await });
-    tokio::spawn(app.run(std::future::pending()));
+    let _bare = quiet_process(
+        "examples/bare_axum",
+        &[
+            ("BIND", format!("127.0.0.1:{bare_port}")),
+            ("DATABASE_URL", db.app_url()),
+        ],
+    );
+    for url in [&keel_url, &bare_url] {
+        keel_testkit::eventually(Duration::from_secs(20), "bench server up", || async {
+            let r = reqwest::get(url.as_str()).await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+    }
 
     // Warm both (pool connections, prepared statements) before measuring.
     for url in [&keel_url, &bare_url] {

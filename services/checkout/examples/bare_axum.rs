@@ -2,7 +2,8 @@
 //! limits, timeouts, metrics, tracing or health. `make bench` measures its idle memory next to
 //! the services', and the throughput bench runs the same handler in-process.
 //!
-//! Env: `DATABASE_URL` (runtime URL through pgbouncer). Logs `{"message":"listening","addr":…}`.
+//! Env: `DATABASE_URL` (runtime URL through pgbouncer), `BIND` (default `127.0.0.1:0`).
+//! Prints `{"message":"listening","addr":…}` once bound.
 
 use axum::extract::State;
 use axum::routing::get;
@@ -15,7 +16,8 @@ async fn main() -> anyhow::Result<()> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(10)
         .connect_lazy(&url)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
+    let listener = tokio::net::TcpListener::bind(bind).await?;
     #[allow(clippy::print_stdout)]
     {
         println!(

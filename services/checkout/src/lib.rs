@@ -110,18 +110,18 @@ impl App {
         self.listener.local_addr()
     }
 
-    /// The runtime pool (benchmarks compare against a bare handler on the same pool).
-    pub fn pool(&self) -> PgPool {
-        self.pool.clone()
-    }
-
     /// Serves until `signal`, drains, then closes the pool.
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<Drained, AppError> {
         let drained = self
             .lifecycle
             .run_http(self.listener, self.router, signal)
             .await;
-        self.pool.close().await;
+        keel_http::shutdown::close_within(
+            "postgres pool",
+            keel_http::shutdown::CLOSE_LIMIT,
+            self.pool.close(),
+        )
+        .await;
         tracing::info!(?drained, "stopped");
         Ok(drained)
     }

@@ -10,11 +10,13 @@ const SERVICE: &str = "checkout";
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: Config = keel_config::load_or_exit(SERVICE, checkout::DEFAULT_CONFIG);
-    let telemetry = Telemetry::init(SERVICE, &config.telemetry)?;
+    // Signal handlers first: a SIGTERM during start-up is still a graceful stop.
+    let signal = shutdown_signal();
+    let telemetry = Telemetry::init_or_exit(SERVICE, &config.telemetry);
     match std::env::args().nth(1).as_deref() {
         None | Some("serve") => {
             let app = App::build(config).await?;
-            app.run(shutdown_signal()).await?;
+            app.run(signal).await?;
         }
         Some("migrate") => checkout::migrate(&config).await?,
         Some(other) => {

@@ -104,7 +104,10 @@ async fn sigterm_under_load_fails_no_request_and_finishes_in_flight_work() {
     vars.extend(env(&[
         ("KEEL_HTTP__PORT", "0"),
         ("KEEL_HTTP__DRAIN_DELAY", "1s"),
-        ("KEEL_HTTP__GRACE_PERIOD", "15s"),
+        // The slow request waits on a lock for as long as the test needs; the request
+        // timeout must not cut it first on a busy machine.
+        ("KEEL_HTTP__REQUEST_TIMEOUT", "60s"),
+        ("KEEL_HTTP__GRACE_PERIOD", "60s"),
     ]));
     let mut p = ServiceProcess::spawn(BIN, &[], &vars).await;
     let base = p.base_url();
@@ -213,7 +216,7 @@ async fn sigterm_under_load_fails_no_request_and_finishes_in_flight_work() {
         "the in-flight request completed"
     );
 
-    let status = p.wait(Duration::from_secs(20)).await;
+    let status = p.wait(Duration::from_secs(60)).await;
     assert!(status.success(), "exit 0 after a clean drain, got {status}");
 
     let mut before = 0;

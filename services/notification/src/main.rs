@@ -10,13 +10,11 @@ const SERVICE: &str = "notification";
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: Config = keel_config::load_or_exit(SERVICE, notification::DEFAULT_CONFIG);
-    let telemetry = Telemetry::init(SERVICE, &config.telemetry)?;
+    // Signal handlers first: a SIGTERM during start-up is still a graceful stop.
+    let signal = shutdown_signal();
+    let telemetry = Telemetry::init_or_exit(SERVICE, &config.telemetry);
     match std::env::args().nth(1).as_deref() {
-        None | Some("serve") => App::build(config)
-            .await?
-            .run(shutdown_signal())
-            .await
-            .map(|_| ())?,
+        None | Some("serve") => App::build(config).await?.run(signal).await.map(|_| ())?,
         Some("migrate") => notification::migrate(&config).await?,
         Some(other) => {
             eprintln!("{SERVICE}: unknown command `{other}`; usage: {SERVICE} [serve|migrate]");

@@ -9,8 +9,10 @@ const SERVICE: &str = "psp-sim";
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: Config = keel_config::load_or_exit(SERVICE, psp_sim::DEFAULT_CONFIG);
-    let telemetry = Telemetry::init(SERVICE, &config.telemetry)?;
-    App::build(config).await?.run(shutdown_signal()).await?;
+    // Signal handlers first: a SIGTERM during start-up is still a graceful stop.
+    let signal = shutdown_signal();
+    let telemetry = Telemetry::init_or_exit(SERVICE, &config.telemetry);
+    App::build(config).await?.run(signal).await?;
     telemetry.shutdown();
     Ok(())
 }
