@@ -45,7 +45,9 @@ test: deps lint ## the quality gates and the whole test suite (nextest, parallel
 
 bench: deps ## release build; prints Keel-vs-baseline ratios and writes target/bench/report.json
 	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
-	$(CARGO) build --release --bins --example bare_axum
+	@# The bench profile (release settings, target/release) for the binaries too: built with
+	@# the same profile and features as the bench itself, nothing is compiled twice.
+	$(CARGO) build --profile bench --workspace --bins --example bare_axum
 	$(CARGO) bench -p checkout --bench keel
 
 fmt: ## format the code

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Ensures a PgBouncer >= 1.21 binary at $KEEL_HOME/bin/pgbouncer and prints its
+# Ensures a PgBouncer >= 1.21 binary at $KEELDEV_HOME/bin/pgbouncer and prints its
 # path on stdout (logs go to stderr).
 #
 # Why >= 1.21: that release added `max_prepared_statements`, i.e. protocol-level
@@ -15,8 +15,8 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 PGBOUNCER_MIN_VERSION=1.21
-PGBOUNCER_BIN="$KEEL_HOME/bin/pgbouncer"
-PGBOUNCER_BUILD="$KEEL_HOME/build"
+PGBOUNCER_BIN="$KEELDEV_HOME/bin/pgbouncer"
+PGBOUNCER_BUILD="$KEELDEV_HOME/build"
 # deb-src ONLY: a `deb` line for trixie would let apt pull trixie binaries into
 # this bookworm system on the next upgrade; source indexes never do that.
 TRIXIE_SRC_LIST=/etc/apt/sources.list.d/keel-trixie-src.list
@@ -74,7 +74,7 @@ build_from_trixie_source() {
             die "configure failed, see $work/configure.log"
         make -j2 >"$work/make.log" 2>&1 || die "make failed, see $work/make.log"
         [[ -x ./pgbouncer ]] || die "build produced no pgbouncer binary"
-        mkdir -p "$KEEL_HOME/bin"
+        mkdir -p "$KEELDEV_HOME/bin"
         # Copy to a temp name then rename, so a concurrent reader never sees a
         # half-written binary.
         install -m 0755 ./pgbouncer "$PGBOUNCER_BIN.tmp"
@@ -92,7 +92,7 @@ ensure_pgbouncer() {
     onpath=$(command -v pgbouncer 2>/dev/null || true)
     if [[ -n $onpath ]] && good_enough "$onpath"; then
         log "using $onpath ($(pgbouncer_version "$onpath"))"
-        mkdir -p "$KEEL_HOME/bin"
+        mkdir -p "$KEELDEV_HOME/bin"
         ln -sfn "$onpath" "$PGBOUNCER_BIN"
         printf '%s\n' "$PGBOUNCER_BIN"
         return 0

@@ -29,8 +29,13 @@ fn read_env_file(path: &PathBuf) -> HashMap<String, String> {
             if l.starts_with('#') {
                 return None;
             }
+            // Two forms: `PG_PORT=5432` (the resolved file) and `: "${PG_PORT:=5432}"`
+            // (the checked-in defaults, overridable from the environment in bash).
+            let l = l
+                .strip_prefix(": \"${")
+                .and_then(|r| r.strip_suffix("}\""))
+                .map_or(l.to_owned(), |r| r.replacen(":=", "=", 1));
             let (k, v) = l.split_once('=')?;
-            // `: "${PG_PORT:=5432}"` style lines are not plain assignments; skip them.
             let v = v.trim().trim_matches('"');
             v.parse::<u16>().ok()?;
             Some((k.trim().to_owned(), v.to_owned()))
@@ -67,5 +72,28 @@ impl Stack {
     /// Base URL of the RabbitMQ management API.
     pub fn amqp_mgmt_base(&self) -> String {
         format!("http://127.0.0.1:{}", self.amqp_mgmt_port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_env_file;
+
+    #[test]
+    fn reads_both_the_defaults_form_and_the_resolved_form() {
+        let path = std::env::temp_dir().join(format!("keel-stack-env-{}", std::process::id()));
+        std::fs::write(
+            &path,
+            "# comment\n: \"${PG_PORT:=5432}\"\nPGBOUNCER_PORT=6499\nNOT_A_PORT=abc\n",
+        )
+        .unwrap();
+        let values = read_env_file(&path);
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(values.get("PG_PORT").map(String::as_str), Some("5432"));
+        assert_eq!(
+            values.get("PGBOUNCER_PORT").map(String::as_str),
+            Some("6499")
+        );
+        assert!(!values.contains_key("NOT_A_PORT"));
     }
 }

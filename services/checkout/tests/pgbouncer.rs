@@ -207,7 +207,13 @@ struct UntrackedPgbouncer {
 impl UntrackedPgbouncer {
     async fn start() -> Self {
         let stack = Stack::load();
-        let bin = keel_testkit::workspace_root().join(".keel/bin/pgbouncer");
+        // The copy under the stack's runtime directory (outside the repository), which the
+        // `postgres` user can reach even when the clone lives under a private home.
+        let root = keel_testkit::workspace_root();
+        let runtime = std::fs::read_to_string(root.join(".keel/runtime-dir"))
+            .map(|d| std::path::PathBuf::from(d.trim()))
+            .unwrap_or_else(|_| root.join(".keel"));
+        let bin = runtime.join("bin/pgbouncer");
         assert!(
             bin.exists(),
             "{} missing (make test builds it)",
