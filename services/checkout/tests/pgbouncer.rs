@@ -19,19 +19,43 @@ use sqlx::postgres::PgPoolOptions;
 const INSTANCES: usize = 3;
 const POOL: u32 = 15;
 
+/// A setting of the pgbouncer actually serving the stack's port, read from its admin console
+/// (`SHOW CONFIG`) — not from a config file, which may belong to another checkout's instance.
 fn pgbouncer_setting(name: &str) -> i64 {
-    let path = keel_testkit::workspace_root().join(".keel/pgbouncer/pgbouncer.ini");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (run `make test`, which starts pgbouncer)",
-            path.display()
-        )
-    });
+    let stack = Stack::load();
+    let out = std::process::Command::new("psql")
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "pgbouncer",
+        ])
+        .args(["-p", &stack.pgbouncer_port.to_string(), "-c", "SHOW CONFIG"])
+        // The development admin password, from the generated pgbouncer auth file.
+        .env("PGPASSWORD", "postgres")
+        .output()
+        .expect("psql is installed (the dev stack needs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SHOW CONFIG failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     text.lines()
-        .filter_map(|l| l.split_once('='))
-        .find(|(k, _)| k.trim() == name)
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} not set in {}", path.display()))
+        .filter_map(|l| {
+            l.split('|')
+                .collect::<Vec<_>>()
+                .get(..2)
+                .map(|kv| (kv[0].to_owned(), kv[1].to_owned()))
+        })
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in pgbouncer's SHOW CONFIG"))
 }
 
 async fn server_connections(admin: &PgPool, db: &str) -> i64 {
