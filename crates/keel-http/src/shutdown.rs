@@ -72,20 +72,21 @@ pub struct Lifecycle {
     grace_period: Duration,
 }
 
-/// Bounds the last steps of shutdown (closing pools and broker connections): a peer that
-/// never answers must not keep the process alive past its termination grace period.
-pub async fn close_within<F: Future<Output = ()>>(what: &str, limit: Duration, close: F) {
-    if tokio::time::timeout(limit, close).await.is_err() {
+/// How long closing one pool or connection may take at the end of shutdown.
+pub const CLOSE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Runs one of the last steps of shutdown (closing a pool or a broker connection), bounded
+/// by [`CLOSE_LIMIT`]: a peer that never answers must not keep the process alive past its
+/// termination grace period.
+pub async fn close_within<F: Future<Output = ()>>(what: &str, close: F) {
+    if tokio::time::timeout(CLOSE_LIMIT, close).await.is_err() {
         tracing::warn!(
             what,
-            limit_ms = limit.as_millis() as u64,
+            limit_ms = CLOSE_LIMIT.as_millis() as u64,
             "close did not finish in time; abandoning it"
         );
     }
 }
-
-/// How long closing one pool or connection may take at the end of shutdown.
-pub const CLOSE_LIMIT: Duration = Duration::from_secs(5);
 
 /// How the shutdown went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

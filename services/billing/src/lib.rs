@@ -156,12 +156,7 @@ impl App {
         });
         self.lifecycle.drain_on(signal).await;
         let drained = self.lifecycle.finish(vec![http, grpc]).await;
-        keel_http::shutdown::close_within(
-            "postgres pool",
-            keel_http::shutdown::CLOSE_LIMIT,
-            self.pool.close(),
-        )
-        .await;
+        keel_http::shutdown::close_within("postgres pool", self.pool.close()).await;
         tracing::info!(?drained, "stopped");
         Ok(drained)
     }

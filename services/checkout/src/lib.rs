@@ -116,12 +116,7 @@ impl App {
             .lifecycle
             .run_http(self.listener, self.router, signal)
             .await;
-        keel_http::shutdown::close_within(
-            "postgres pool",
-            keel_http::shutdown::CLOSE_LIMIT,
-            self.pool.close(),
-        )
-        .await;
+        keel_http::shutdown::close_within("postgres pool", self.pool.close()).await;
         tracing::info!(?drained, "stopped");
         Ok(drained)
     }

@@ -125,18 +125,8 @@ impl App {
             .lifecycle
             .run_http(self.listener, self.router, signal)
             .await;
-        keel_http::shutdown::close_within(
-            "rabbitmq connection",
-            keel_http::shutdown::CLOSE_LIMIT,
-            self.broker.close(),
-        )
-        .await;
-        keel_http::shutdown::close_within(
-            "postgres pool",
-            keel_http::shutdown::CLOSE_LIMIT,
-            self.pool.close(),
-        )
-        .await;
+        keel_http::shutdown::close_within("rabbitmq connection", self.broker.close()).await;
+        keel_http::shutdown::close_within("postgres pool", self.pool.close()).await;
         tracing::info!(?drained, "stopped");
         Ok(drained)
     }
