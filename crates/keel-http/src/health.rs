@@ -86,11 +86,11 @@ impl Health {
         }
     }
 
-    /// Adds the `runtime` check (P28): not ready while the async runtime's scheduler lag is
-    /// above `max`, because a blocked runtime answers everything late.
+    /// Adds the `runtime` check (P28): not ready while the async runtime's scheduler lag over
+    /// the recent window is above `max`, because a blocked runtime answers everything late.
     pub fn watch_runtime_lag(&self, lag: keel_telemetry::LagMonitor, max: Duration) {
         self.add_check("runtime", move || {
-            let current = lag.current();
+            let current = lag.recent_max();
             async move {
                 if current > max {
                     Err(format!("scheduler lag {current:?} over {max:?}"))

@@ -5,8 +5,8 @@
 //! every task on that runtime is late by the same amount, and this gauge shows it while the
 //! process otherwise looks alive. Written by hand because it is twenty lines and the lesson.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::{Instant, MissedTickBehavior};
@@ -15,17 +15,22 @@ use tokio_util::sync::CancellationToken;
 /// Gauge name exported to Prometheus.
 pub const LAG_GAUGE: &str = "runtime_scheduler_lag_seconds";
 
-/// Shared view of the latest measured lag.
+/// How many recent samples [`LagMonitor::recent_max`] covers (5 s at the default 100 ms).
+/// A stall must stay visible long enough for a readiness probe polling every few seconds to
+/// see it; the latest sample alone is overwritten within one interval.
+pub const WINDOW: usize = 50;
+
+/// Shared view of the recently measured lag.
 #[derive(Debug, Clone, Default)]
 pub struct LagMonitor {
-    micros: Arc<AtomicU64>,
+    samples: Arc<Mutex<VecDeque<Duration>>>,
 }
 
 impl LagMonitor {
     /// Spawns the probe on the current runtime; it stops when `stop` is cancelled.
     pub fn spawn(interval: Duration, stop: CancellationToken) -> Self {
         let monitor = Self::default();
-        let micros = monitor.micros.clone();
+        let samples = monitor.samples.clone();
         // Exported from the start (recorder first, or the value goes nowhere), so dashboards
         // and alerts never see the series missing.
         crate::metrics_handle();
@@ -44,8 +49,12 @@ impl LagMonitor {
                 let now = Instant::now();
                 let lag = now.saturating_duration_since(expected);
                 expected = now + interval;
-                let us = u64::try_from(lag.as_micros()).unwrap_or(u64::MAX);
-                micros.store(us, Ordering::Relaxed);
+                if let Ok(mut s) = samples.lock() {
+                    if s.len() == WINDOW {
+                        s.pop_front();
+                    }
+                    s.push_back(lag);
+                }
                 metrics::gauge!(LAG_GAUGE).set(lag.as_secs_f64());
             }
         });
@@ -54,6 +63,19 @@ impl LagMonitor {
 
     /// The lag measured at the latest wake-up.
     pub fn current(&self) -> Duration {
-        Duration::from_micros(self.micros.load(Ordering::Relaxed))
+        self.samples
+            .lock()
+            .ok()
+            .and_then(|s| s.back().copied())
+            .unwrap_or_default()
+    }
+
+    /// The largest lag over the last [`WINDOW`] wake-ups: what readiness judges by.
+    pub fn recent_max(&self) -> Duration {
+        self.samples
+            .lock()
+            .ok()
+            .and_then(|s| s.iter().max().copied())
+            .unwrap_or_default()
     }
 }
