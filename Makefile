@@ -48,7 +48,7 @@ bench: deps ## release build; prints Keel-vs-baseline ratios and writes target/b
 	@# The bench profile (release settings, target/release) for the binaries too: built with
 	@# the same profile and features as the bench itself, nothing is compiled twice.
 	$(CARGO) build --profile bench --workspace --bins --example bare_axum
-	$(CARGO) bench -p checkout --bench keel
+	$(CARGO) bench --workspace --bench keel
 
 fmt: ## format the code
 	$(CARGO) fmt --all
