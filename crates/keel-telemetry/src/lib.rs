@@ -43,14 +43,7 @@ impl keel_config::Validate for TelemetryConfig {
 #[derive(Debug)]
 pub struct Telemetry {
     otel: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
-    // Flushes buffered log lines when dropped (at the end of `shutdown`).
-    _log_writer: tracing_appender::non_blocking::WorkerGuard,
 }
-
-/// Log lines buffered between request threads and the stdout writer thread. When stdout
-/// cannot keep up (a slow log shipper), lines beyond this are dropped and counted rather than
-/// blocking request handling: under overload, serving beats logging.
-pub const LOG_BUFFER_LINES: usize = 65_536;
 
 /// Start-up errors of the telemetry pipeline.
 #[derive(Debug, thiserror::Error)]
@@ -67,13 +60,7 @@ impl Telemetry {
         let filter = EnvFilter::try_from_default_env()
             .or_else(|_| EnvFilter::try_new(&config.log_level))
             .unwrap_or_else(|_| EnvFilter::new("info"));
-        // Request threads hand lines to a writer thread instead of doing a write(2) each.
-        let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-            .buffered_lines_limit(LOG_BUFFER_LINES)
-            .lossy(true)
-            .finish(std::io::stdout());
         let json = tracing_subscriber::fmt::layer()
-            .with_writer(writer)
             .json()
             .flatten_event(true)
             .with_current_span(true)
@@ -97,10 +84,7 @@ impl Telemetry {
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
         );
-        Ok(Self {
-            otel: provider,
-            _log_writer: guard,
-        })
+        Ok(Self { otel: provider })
     }
 
     /// [`Telemetry::init`] for `main`: a bad `OTEL_*` setting is a configuration error, so it
@@ -120,8 +104,7 @@ impl Telemetry {
         self.otel.is_some()
     }
 
-    /// Flushes and stops the exporter, then the log writer. Called last during graceful
-    /// shutdown, from the
+    /// Flushes and stops the exporter. Called last during graceful shutdown, from the
     /// multi-threaded runtime: the flush is a task on that runtime, and `block_in_place` lets
     /// it run while this thread waits.
     pub fn shutdown(self) {

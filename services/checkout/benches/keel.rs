@@ -30,8 +30,11 @@ struct Row {
     met: bool,
 }
 
-const WRK_SECONDS: u32 = 5;
-const ROUNDS: usize = 3;
+const WRK_SECONDS: u32 = 4;
+/// Pairs of (Keel, bare) runs. On 2 cores, wrk, the server, pgbouncer and Postgres share the
+/// CPUs and single runs vary by ±15 %; the ratio reported is the median of the per-pair
+/// ratios, each pair run back to back, so slow phases of the machine hit both sides alike.
+const ROUNDS: usize = 7;
 
 fn wrk_rps(url: &str) -> f64 {
     let out = Command::new("wrk")
@@ -175,19 +178,28 @@ async fn main() {
                 .unwrap(),
         );
     }
-    let median = |v: &mut Vec<f64>| {
+    let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (k, b) = (median(&mut keel), median(&mut bare));
+    let ratios: Vec<f64> = keel.iter().zip(&bare).map(|(k, b)| k / b).collect();
+    println!(
+        "per-pair ratios: {:?}",
+        ratios
+            .iter()
+            .map(|r| (r * 1000.0).round() / 1000.0)
+            .collect::<Vec<_>>()
+    );
+    let ratio = median(ratios);
+    let (k, b) = (median(keel), median(bare));
     rows.push(Row {
         name: "products_rps".into(),
         unit: "requests/s".into(),
         keel: k.round(),
         baseline: b.round(),
-        ratio: (k / b * 1000.0).round() / 1000.0,
+        ratio: (ratio * 1000.0).round() / 1000.0,
         goal: ">= 0.8 (ratio)".into(),
-        met: k / b >= 0.8,
+        met: ratio >= 0.8,
     });
 
     // --- idle_rss_* ----------------------------------------------------------------------
