@@ -2,7 +2,10 @@
 //! needs no `protoc` binary on the machine or in the container image.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/grpc/health/v1/health.proto"];
+    let protos = [
+        "proto/grpc/health/v1/health.proto",
+        "proto/keel/billing/v1/payments.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

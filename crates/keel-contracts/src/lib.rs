@@ -10,3 +10,11 @@
 pub mod grpc_health_v1 {
     tonic::include_proto!("grpc.health.v1");
 }
+
+/// billing's payments API (`keel.billing.v1.PaymentService`), called by checkout's saga.
+#[allow(clippy::all, missing_debug_implementations, unreachable_pub)]
+pub mod billing_v1 {
+    tonic::include_proto!("keel.billing.v1");
+}
+
+pub mod events;
