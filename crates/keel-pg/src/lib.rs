@@ -9,6 +9,11 @@ use sqlx::ConnectOptions;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
+pub mod idempotency;
+pub mod inbox;
+pub mod jobs;
+pub mod outbox;
+
 pub use sqlx;
 
 /// `[database]` section of a service's configuration.
@@ -51,6 +56,9 @@ pub enum PgError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
     Sqlx(#[from] sqlx::Error),
+    /// A value could not be encoded for storage (a bug, not an outage).
+    #[error("cannot encode: {0}")]
+    Encode(String),
 }
 
 fn options(key: &'static str, url: &SecretString, app: &str) -> Result<PgConnectOptions, PgError> {

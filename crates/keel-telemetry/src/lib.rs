@@ -2,6 +2,7 @@
 
 mod lag;
 mod otel;
+pub mod propagation;
 
 use std::sync::OnceLock;
 

@@ -1,0 +1,410 @@
+//! Keel's Postgres job queue (P08), written by hand because the queue *is* the lesson.
+//!
+//! Why not a Redis list or an in-memory channel: a job must survive a crash and be done
+//! exactly once in effect, and the work it starts usually writes to this same database.
+//! Here a job is a row; enqueueing it in the caller's transaction makes "order accepted" and
+//! "work scheduled" one atomic fact.
+//!
+//! - **Claim** with `FOR UPDATE SKIP LOCKED`: many workers poll one table and never take the
+//!   same row; none waits behind another's lock.
+//! - **Lease**: a claimed job carries `lease_expires_at`. The worker does its work *outside*
+//!   a transaction (it may call other services) and renews the lease while it runs. A worker
+//!   that dies stops renewing; when the lease expires any worker may claim the job again.
+//! - **Fencing**: completing or rescheduling a job checks `locked_by` and `attempts`, so a
+//!   worker whose lease was taken over cannot overwrite the new holder's outcome.
+//! - **Attempts with backoff**: a failed attempt reschedules the job with exponential backoff
+//!   and full jitter; after `max_attempts` it is `failed`, a terminal state operators see and
+//!   can retry (`keelctl jobs`).
+//!
+//! Handlers must be idempotent: a job whose worker died after the effect but before
+//! [`complete`] runs again (at-least-once). Table, in the using service's migrations:
+//!
+//! ```sql
+//! CREATE TABLE jobs (
+//!     id               uuid PRIMARY KEY,
+//!     queue            text NOT NULL,
+//!     payload          jsonb NOT NULL,
+//!     state            text NOT NULL DEFAULT 'queued'
+//!                      CHECK (state IN ('queued', 'running', 'succeeded', 'failed')),
+//!     attempts         int NOT NULL DEFAULT 0,
+//!     max_attempts     int NOT NULL CHECK (max_attempts > 0),
+//!     run_at           timestamptz NOT NULL DEFAULT now(),
+//!     lease_expires_at timestamptz,
+//!     locked_by        text,
+//!     last_error       text,
+//!     created_at       timestamptz NOT NULL DEFAULT now(),
+//!     finished_at      timestamptz
+//! );
+//! CREATE INDEX jobs_claimable ON jobs (queue, run_at) WHERE state IN ('queued', 'running');
+//! ```
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::PgError;
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A job to enqueue.
+#[derive(Debug, Clone)]
+pub struct NewJob<'a> {
+    pub queue: &'a str,
+    pub payload: serde_json::Value,
+    pub max_attempts: i32,
+    /// Not before this delay (zero: now).
+    pub delay: Duration,
+    /// A fixed id makes the enqueue idempotent (singleton jobs); `None` generates one.
+    pub id: Option<Uuid>,
+}
+
+/// Enqueues `job` on `conn` (ideally in the transaction that makes the work necessary).
+/// Returns the id, or `None` if a job with that fixed id already exists.
+pub async fn enqueue(conn: &mut PgConnection, job: &NewJob<'_>) -> Result<Option<Uuid>, PgError> {
+    let id = job.id.unwrap_or_else(Uuid::now_v7);
+    let inserted = sqlx::query(
+        "INSERT INTO jobs (id, queue, payload, max_attempts, run_at)
+         VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5::float8 / 1000))
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(id)
+    .bind(job.queue)
+    .bind(&job.payload)
+    .bind(job.max_attempts)
+    .bind(millis(job.delay))
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok((inserted == 1).then_some(id))
+}
+
+/// A claimed job. `attempts` (this attempt's number) and `locked_by` fence its outcome.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Job {
+    pub id: Uuid,
+    pub queue: String,
+    pub payload: serde_json::Value,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub locked_by: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Claims up to `limit` runnable jobs of `queue` for `worker`: queued ones that are due, and
+/// running ones whose lease expired (their worker died). A job whose lease expired on its
+/// last attempt is failed here instead of being run again.
+pub async fn claim(
+    conn: &mut PgConnection,
+    queue: &str,
+    worker: &str,
+    lease: Duration,
+    limit: i64,
+) -> Result<Vec<Job>, PgError> {
+    let jobs: Vec<Job> = sqlx::query_as(
+        "UPDATE jobs j
+            SET state = 'running', attempts = j.attempts + 1, locked_by = $2,
+                lease_expires_at = now() + make_interval(secs => $3::float8 / 1000)
+           FROM (SELECT id FROM jobs
+                  WHERE queue = $1
+                    AND ((state = 'queued' AND run_at <= now())
+                      OR (state = 'running' AND lease_expires_at < now()))
+                  ORDER BY run_at
+                  LIMIT $4
+                  FOR UPDATE SKIP LOCKED) c
+          WHERE j.id = c.id
+      RETURNING j.id, j.queue, j.payload, j.attempts, j.max_attempts, j.locked_by, j.created_at",
+    )
+    .bind(queue)
+    .bind(worker)
+    .bind(millis(lease))
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut runnable = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        if job.attempts > job.max_attempts {
+            fail(conn, &job, "lease expired on the last attempt").await?;
+        } else {
+            runnable.push(job);
+        }
+    }
+    Ok(runnable)
+}
+
+// Every outcome is fenced: only the holder of this attempt (`locked_by` and `attempts`) may
+// record it. A worker whose lease expired and was taken over updates nothing.
+const FENCE: &str = "id = $1 AND locked_by = $2 AND attempts = $3 AND state = 'running'";
+
+/// Marks `job` succeeded. `false`: the lease was lost (another worker holds the job now).
+pub async fn complete(conn: &mut PgConnection, job: &Job) -> Result<bool, PgError> {
+    let sql = format!(
+        "UPDATE jobs SET state = 'succeeded', finished_at = now(), lease_expires_at = NULL,
+                         last_error = NULL
+          WHERE {FENCE}"
+    );
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(job.id)
+        .bind(&job.locked_by)
+        .bind(job.attempts)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Reschedules `job` after `delay`, or fails it if this was its last attempt.
+pub async fn retry_later(
+    conn: &mut PgConnection,
+    job: &Job,
+    error: &str,
+    delay: Duration,
+) -> Result<bool, PgError> {
+    if job.attempts >= job.max_attempts {
+        return fail(conn, job, error).await;
+    }
+    let sql = format!(
+        "UPDATE jobs SET state = 'queued', last_error = $4, lease_expires_at = NULL,
+                         run_at = now() + make_interval(secs => $5::float8 / 1000)
+          WHERE {FENCE}"
+    );
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(job.id)
+        .bind(&job.locked_by)
+        .bind(job.attempts)
+        .bind(error)
+        .bind(millis(delay))
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Fails `job` for good (an operator can retry it).
+pub async fn fail(conn: &mut PgConnection, job: &Job, error: &str) -> Result<bool, PgError> {
+    let sql = format!(
+        "UPDATE jobs SET state = 'failed', last_error = $4, finished_at = now(),
+                         lease_expires_at = NULL
+          WHERE {FENCE}"
+    );
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(job.id)
+        .bind(&job.locked_by)
+        .bind(job.attempts)
+        .bind(error)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Extends the lease of a job still being worked on.
+pub async fn renew(conn: &mut PgConnection, job: &Job, lease: Duration) -> Result<bool, PgError> {
+    let sql = format!(
+        "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $4::float8 / 1000)
+          WHERE {FENCE}"
+    );
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(job.id)
+        .bind(&job.locked_by)
+        .bind(job.attempts)
+        .bind(millis(lease))
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Exponential backoff with full jitter: uniform in `[0, min(max, base · 2^(attempt-1))]`.
+/// Jitter spreads the retries of many jobs that failed together (one outage) over time.
+pub fn backoff(attempt: i32, base: Duration, max: Duration) -> Duration {
+    let exp = u32::try_from(attempt.saturating_sub(1))
+        .unwrap_or(0)
+        .min(20);
+    let cap = base.saturating_mul(1 << exp).min(max);
+    let ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rand::rng().random_range(0..=ms))
+}
+
+/// One row of `keelctl jobs`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobSummary {
+    pub id: Uuid,
+    pub queue: String,
+    pub state: String,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub run_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+}
+
+/// Jobs in `state` (all states if `None`), newest first.
+pub async fn list(
+    conn: &mut PgConnection,
+    state: Option<&str>,
+    limit: i64,
+) -> Result<Vec<JobSummary>, PgError> {
+    Ok(sqlx::query_as(
+        "SELECT id, queue, state, attempts, max_attempts, run_at, last_error
+           FROM jobs WHERE $1::text IS NULL OR state = $1
+          ORDER BY created_at DESC LIMIT $2",
+    )
+    .bind(state)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Puts a failed job back in the queue with a fresh set of attempts. `false` if it is not
+/// failed (nothing to retry).
+pub async fn retry_failed(conn: &mut PgConnection, id: Uuid) -> Result<bool, PgError> {
+    Ok(sqlx::query(
+        "UPDATE jobs SET state = 'queued', attempts = 0, run_at = now(), finished_at = NULL
+          WHERE id = $1 AND state = 'failed'",
+    )
+    .bind(id)
+    .execute(conn)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// What a handler decides about one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Finished: mark succeeded.
+    Done,
+    /// Try again after this delay (counts an attempt; fails after the last one).
+    RetryAfter(Duration, String),
+    /// Give up now: terminal `failed`.
+    Fail(String),
+}
+
+/// Settings of [`run_worker`].
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub queue: String,
+    /// This worker's name in `locked_by` (host, pid and a random suffix are good).
+    pub worker: String,
+    /// Jobs run at once by this worker (P05: the bound on load it puts downstream).
+    pub concurrency: usize,
+    /// Lease per claim; renewed every third of it while the handler runs.
+    pub lease: Duration,
+    /// Pause between polls when the queue is empty.
+    pub poll_interval: Duration,
+}
+
+/// Runs `handler` on jobs of `config.queue` until `stop`, at most `config.concurrency` at a
+/// time, then waits for the jobs in flight to finish. Polls: `LISTEN/NOTIFY` would need a
+/// session, which pgbouncer's transaction mode does not give.
+pub async fn run_worker<H, F>(
+    pool: PgPool,
+    config: WorkerConfig,
+    stop: CancellationToken,
+    handler: H,
+) where
+    H: Fn(Job) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Outcome> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(config.concurrency));
+    let mut tasks = tokio::task::JoinSet::new();
+    let queue = config.queue.as_str();
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let free = slots.available_permits();
+        let claimed = if free == 0 || stop.is_cancelled() {
+            Ok(Vec::new())
+        } else {
+            match pool.acquire().await {
+                Ok(mut conn) => {
+                    claim(&mut conn, queue, &config.worker, config.lease, free as i64).await
+                }
+                Err(e) => Err(e.into()),
+            }
+        };
+        let jobs = match claimed {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::warn!(queue, error = %e, "claiming jobs failed");
+                Vec::new()
+            }
+        };
+        let idle = jobs.is_empty();
+        for job in jobs {
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                break; // cannot happen: we claimed at most `free`
+            };
+            metrics::counter!("jobs_claimed_total", "queue" => queue.to_owned()).increment(1);
+            let (pool, handler, lease) = (pool.clone(), handler.clone(), config.lease);
+            tasks.spawn(async move {
+                run_one(pool, job, lease, handler).await;
+                drop(permit);
+            });
+        }
+        if !idle {
+            continue;
+        }
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(config.poll_interval) => {}
+        }
+    }
+    // Graceful stop: no new claims; let in-flight jobs finish (the caller bounds this wait).
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn run_one<H, F>(pool: PgPool, job: Job, lease: Duration, handler: H)
+where
+    H: Fn(Job) -> F,
+    F: Future<Output = Outcome>,
+{
+    let started = std::time::Instant::now();
+    let queue = job.queue.clone();
+    let work = handler(job.clone());
+    tokio::pin!(work);
+    let mut renew_every = tokio::time::interval(lease / 3);
+    renew_every.tick().await;
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut work => break outcome,
+            _ = renew_every.tick() => {
+                if let Ok(mut conn) = pool.acquire().await
+                    && let Ok(false) = renew(&mut conn, &job, lease).await
+                {
+                    tracing::warn!(job_id = %job.id, queue = %queue, "lease lost while running");
+                }
+            }
+        }
+    };
+    let label = match &outcome {
+        Outcome::Done => "done",
+        Outcome::RetryAfter(..) => "retry",
+        Outcome::Fail(_) => "failed",
+    };
+    metrics::counter!("jobs_finished_total", "queue" => queue.clone(), "outcome" => label)
+        .increment(1);
+    metrics::histogram!("job_duration_seconds", "queue" => queue.clone())
+        .record(started.elapsed().as_secs_f64());
+    let recorded = match pool.acquire().await {
+        Ok(mut conn) => match &outcome {
+            Outcome::Done => complete(&mut conn, &job).await,
+            Outcome::RetryAfter(delay, error) => retry_later(&mut conn, &job, error, *delay).await,
+            Outcome::Fail(error) => fail(&mut conn, &job, error).await,
+        },
+        Err(e) => Err(e.into()),
+    };
+    match recorded {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(job_id = %job.id, queue = %queue, "outcome not recorded: lease lost")
+        }
+        // The lease will expire and the job run again: handlers are idempotent.
+        Err(e) => {
+            tracing::warn!(job_id = %job.id, queue = %queue, error = %e, "recording job outcome failed")
+        }
+    }
+}
