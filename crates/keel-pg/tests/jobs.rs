@@ -1,0 +1,256 @@
+//! P08 proofs for the Postgres job queue, against real Postgres through pgbouncer.
+//!
+//! First the failure: workers that claim with a plain `SELECT` then `UPDATE` take the same
+//! jobs and run them twice. Then the pattern: `FOR UPDATE SKIP LOCKED` claims with leases run
+//! every job exactly once, a dead worker's job comes back when its lease expires, and a job
+//! that keeps failing ends `failed`, visible and retryable.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keel_pg::jobs::{self, NewJob, Outcome, WorkerConfig};
+use keel_testkit::{TestDb, eventually};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("tests/migrations");
+
+async fn pool(db: &TestDb) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(16)
+        .connect(&db.app_url())
+        .await
+        .unwrap()
+}
+
+async fn enqueue_many(pool: &PgPool, queue: &str, n: usize, max_attempts: i32) -> Vec<Uuid> {
+    let mut ids = Vec::with_capacity(n);
+    let mut tx = pool.begin().await.unwrap();
+    for i in 0..n {
+        let job = NewJob {
+            queue,
+            payload: serde_json::json!({ "n": i }),
+            max_attempts,
+            delay: Duration::ZERO,
+            id: None,
+        };
+        ids.push(jobs::enqueue(&mut tx, &job).await.unwrap().unwrap());
+    }
+    tx.commit().await.unwrap();
+    ids
+}
+
+async fn count_in_state(pool: &PgPool, state: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = $1")
+        .bind(state)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+type Runs = Arc<Mutex<HashMap<Uuid, u32>>>;
+
+fn worker(name: &str, queue: &str) -> WorkerConfig {
+    WorkerConfig {
+        queue: queue.to_owned(),
+        worker: name.to_owned(),
+        concurrency: 8,
+        lease: Duration::from_secs(5),
+        poll_interval: Duration::from_millis(20),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn naive_select_then_update_claims_run_jobs_twice() {
+    let db = TestDb::create("checkout", &MIGRATOR).await;
+    let pool = pool(&db).await;
+    enqueue_many(&pool, "naive", 200, 3).await;
+    let runs: Runs = Arc::default();
+
+    // Four workers, each: read ten queued ids, then mark them running. Between the read and
+    // the write another worker reads the same ids: nothing stops it.
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (pool, runs) = (pool.clone(), runs.clone());
+        workers.spawn(async move {
+            for _ in 0..100 {
+                let ids: Vec<Uuid> = sqlx::query_scalar(
+                    "SELECT id FROM jobs WHERE state = 'queued' ORDER BY run_at LIMIT 10",
+                )
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+                if ids.is_empty() {
+                    break;
+                }
+                sqlx::query("UPDATE jobs SET state = 'succeeded' WHERE id = ANY($1)")
+                    .bind(&ids)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                let mut runs = runs.lock().unwrap();
+                for id in ids {
+                    *runs.entry(id).or_default() += 1;
+                }
+            }
+        });
+    }
+    while workers.join_next().await.is_some() {}
+    let twice = runs.lock().unwrap().values().filter(|n| **n > 1).count();
+    assert!(
+        twice > 0,
+        "naive claiming ran no job twice this time; the race is real but was not hit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn skip_locked_workers_run_every_job_exactly_once() {
+    let db = TestDb::create("checkout", &MIGRATOR).await;
+    let pool = pool(&db).await;
+    let ids = enqueue_many(&pool, "hammer", 400, 3).await;
+    let runs: Runs = Arc::default();
+    let stop = CancellationToken::new();
+
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let runs = runs.clone();
+        workers.push(tokio::spawn(jobs::run_worker(
+            pool.clone(),
+            worker(&format!("w{w}"), "hammer"),
+            stop.clone(),
+            move |job| {
+                let runs = runs.clone();
+                async move {
+                    *runs.lock().unwrap().entry(job.id).or_default() += 1;
+                    tokio::task::yield_now().await;
+                    Outcome::Done
+                }
+            },
+        )));
+    }
+    eventually(
+        Duration::from_secs(30),
+        "all 400 jobs succeeded",
+        || async { (count_in_state(&pool, "succeeded").await == 400).then_some(()) },
+    )
+    .await;
+    stop.cancel();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let runs = runs.lock().unwrap();
+    assert_eq!(runs.len(), ids.len(), "every job ran");
+    assert!(runs.values().all(|n| *n == 1), "no job ran twice");
+}
+
+#[tokio::test]
+async fn a_dead_workers_job_is_retried_after_its_lease_expires_and_its_late_outcome_is_fenced() {
+    let db = TestDb::create("checkout", &MIGRATOR).await;
+    let pool = pool(&db).await;
+    let id = enqueue_many(&pool, "lease", 1, 3).await[0];
+
+    // A worker claims the job with a short lease and then "dies": it never reports back.
+    let mut conn = pool.acquire().await.unwrap();
+    let dead = jobs::claim(&mut conn, "lease", "dead", Duration::from_millis(300), 1)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    // While the lease holds, nobody else can take it.
+    let none = jobs::claim(&mut conn, "lease", "other", Duration::from_secs(5), 1)
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "a leased job is not claimable");
+
+    let stop = CancellationToken::new();
+    let live = tokio::spawn(jobs::run_worker(
+        pool.clone(),
+        worker("live", "lease"),
+        stop.clone(),
+        |_| async { Outcome::Done },
+    ));
+    eventually(
+        Duration::from_secs(10),
+        "job taken over and done",
+        || async { (count_in_state(&pool, "succeeded").await == 1).then_some(()) },
+    )
+    .await;
+    stop.cancel();
+    live.await.unwrap();
+
+    let (attempts, locked_by): (i32, String) =
+        sqlx::query_as("SELECT attempts, locked_by FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((attempts, locked_by.as_str()), (2, "live"));
+    // The dead worker wakes up and tries to record its outcome: fenced off.
+    let late = jobs::fail(&mut conn, &dead[0], "late").await.unwrap();
+    assert!(
+        !late,
+        "a worker that lost its lease cannot overwrite the outcome"
+    );
+    assert_eq!(count_in_state(&pool, "succeeded").await, 1);
+}
+
+#[tokio::test]
+async fn a_job_that_keeps_failing_ends_failed_and_an_operator_retry_requeues_it() {
+    let db = TestDb::create("checkout", &MIGRATOR).await;
+    let pool = pool(&db).await;
+    let id = enqueue_many(&pool, "flaky", 1, 3).await[0];
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let stop = CancellationToken::new();
+    let h = healthy.clone();
+    let w = tokio::spawn(jobs::run_worker(
+        pool.clone(),
+        worker("w", "flaky"),
+        stop.clone(),
+        move |_| {
+            let h = h.clone();
+            async move {
+                if h.load(std::sync::atomic::Ordering::SeqCst) {
+                    Outcome::Done
+                } else {
+                    Outcome::RetryAfter(Duration::from_millis(10), "dependency down".into())
+                }
+            }
+        },
+    ));
+    eventually(
+        Duration::from_secs(10),
+        "job failed after 3 attempts",
+        || async { (count_in_state(&pool, "failed").await == 1).then_some(()) },
+    )
+    .await;
+    let mut conn = pool.acquire().await.unwrap();
+    let failed = jobs::list(&mut conn, Some("failed"), 10).await.unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].attempts, 3);
+    assert_eq!(failed[0].last_error.as_deref(), Some("dependency down"));
+
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(jobs::retry_failed(&mut conn, id).await.unwrap());
+    eventually(Duration::from_secs(10), "retried job succeeded", || async {
+        (count_in_state(&pool, "succeeded").await == 1).then_some(())
+    })
+    .await;
+    stop.cancel();
+    w.await.unwrap();
+}
+
+#[test]
+fn backoff_is_jittered_below_an_exponential_cap() {
+    let base = Duration::from_millis(100);
+    let max = Duration::from_secs(5);
+    for attempt in 1..=12 {
+        let cap = (base * 2u32.pow(attempt as u32 - 1)).min(max);
+        for _ in 0..50 {
+            assert!(jobs::backoff(attempt, base, max) <= cap);
+        }
+    }
+}
