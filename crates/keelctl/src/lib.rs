@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod audit;
+pub mod demo;
 
 use std::time::Duration;
 
@@ -40,6 +41,17 @@ pub struct AuditBounds {
     pub max_queue_backlog: u64,
 }
 
+/// `[demo]`: the services `keelctl demo` drives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoTargets {
+    pub checkout_url: String,
+    pub notification_url: String,
+    pub psp_url: String,
+    #[serde(with = "keel_config::duration")]
+    pub settle_timeout: Duration,
+}
+
 /// keelctl's configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,6 +61,7 @@ pub struct Config {
     pub notification: DatabaseTarget,
     pub rabbitmq: RabbitTarget,
     pub audit: AuditBounds,
+    pub demo: DemoTargets,
 }
 
 impl Validate for Config {
@@ -62,7 +75,20 @@ impl Validate for Config {
             &SecretString::from(self.rabbitmq.management_url.clone()),
             &["http", "https"],
         )?;
+        for (key, url) in [
+            ("demo.checkout_url", &self.demo.checkout_url),
+            ("demo.notification_url", &self.demo.notification_url),
+            ("demo.psp_url", &self.demo.psp_url),
+        ] {
+            ensure_url(key, &SecretString::from(url.clone()), &["http", "https"])?;
+        }
         let secs = |d: Duration| d.as_secs();
+        ensure_range(
+            "demo.settle_timeout (s)",
+            secs(self.demo.settle_timeout),
+            1,
+            3_600,
+        )?;
         ensure_range(
             "audit.settle_within (s)",
             secs(self.audit.settle_within),

@@ -28,6 +28,8 @@ enum Command {
     },
     /// Unsent outbox events per service.
     Outbox,
+    /// Place every kind of order against the running stack, show the outcomes, then audit.
+    Demo,
 }
 
 #[derive(Debug, Subcommand)]
@@ -84,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
             }
             0
         }
+        Command::Demo => i32::from(!keelctl::demo::run(&config).await?),
         Command::Outbox => {
             for (service, target) in [
                 ("checkout", &config.checkout),
