@@ -1,18 +1,34 @@
-//! billing: payments over gRPC, the event-sourced ledger, the payment-provider client.
+//! billing: payments over gRPC, the event-sourced ledger, the payment-provider client and
+//! its signed webhook.
 //!
-//! Two listeners, one lifecycle: gRPC on 50051 (the payments API, and `grpc.health.v1` so
-//! Kubernetes gRPC probes work) and HTTP on 8081 (health, metrics, and later the payment
-//! provider's webhook). Both stop accepting at the same moment of the shutdown sequence (P20).
+//! Two listeners, one lifecycle: gRPC on 50051 (`keel.billing.v1.PaymentService`, and
+//! `grpc.health.v1` so Kubernetes gRPC probes work) and HTTP on 8081 (health, metrics, and
+//! the payment provider's webhook). Both stop accepting at the same moment of the shutdown
+//! sequence (P20).
 //!
 //! Capabilities, one module each:
+//! - [`payments`]: Authorize, Capture, Void, GetPayment — idempotency keys (P13), deadlines,
+//!   gRPC status codes ([`payments::grpc`]).
+//! - [`ledger`]: the event-sourced ledger (P10): append-only `payment_events` with optimistic
+//!   concurrency, the `payments` projection, the outbox rows (P02), `rebuild-projections`.
+//! - [`psp`]: the payment provider's client: bounded retries within the caller's deadline.
+//! - [`webhook`]: the provider's signed webhook, replay-safe (P32).
 //! - [`grpc_health`]: `grpc.health.v1`, answering from the same readiness state as `/readyz`.
+//!
+//! Not here yet: the outbox relay (the rows are written; `keel_amqp::relay` publishes them).
 
 pub mod grpc_health;
+pub mod ledger;
+pub mod payments;
+pub mod psp;
+pub mod webhook;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
-use keel_config::{ConfigError, Validate};
+use keel_config::{ConfigError, Validate, ensure_range};
+use keel_contracts::billing_v1::payment_service_server::PaymentServiceServer;
 use keel_contracts::grpc_health_v1::health_server::HealthServer;
 use keel_http::shutdown::Drained;
 use keel_http::{Health, HttpConfig, Lifecycle};
@@ -23,19 +39,55 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::payments::grpc::PaymentApi;
+use crate::payments::{IdempotencyConfig, Payments};
+use crate::psp::{PspClient, PspConfig};
+use crate::webhook::{Verifier, WebhookConfig};
+
 /// The checked-in defaults, embedded.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
 
 /// Migrations, embedded.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// `[grpc]`: where the gRPC API listens.
+/// `[grpc]`: where the gRPC API listens and how it treats deadlines.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrpcConfig {
     pub host: IpAddr,
     /// 0 picks a free port (tests).
     pub port: u16,
+    /// The longest a call may run: caps the caller's `grpc-timeout`, and is the deadline of
+    /// a call that sets none (an unbounded call would hold its idempotency key forever).
+    #[serde(with = "keel_config::duration")]
+    pub max_deadline: Duration,
+    /// Kept back from the caller's deadline for billing's own database work and the answer,
+    /// so billing answers DEADLINE_EXCEEDED itself before the caller gives up.
+    #[serde(with = "keel_config::duration")]
+    pub deadline_reserve: Duration,
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Validate for GrpcConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ensure_range("grpc.max_deadline (ms)", ms(self.max_deadline), 1, 300_000)?;
+        ensure_range(
+            "grpc.deadline_reserve (ms)",
+            ms(self.deadline_reserve),
+            0,
+            10_000,
+        )?;
+        if self.deadline_reserve >= self.max_deadline {
+            return Err(ConfigError::invalid(
+                "grpc.deadline_reserve",
+                "must be less than grpc.max_deadline",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// billing's configuration.
@@ -45,6 +97,9 @@ pub struct Config {
     pub http: HttpConfig,
     pub grpc: GrpcConfig,
     pub database: DatabaseConfig,
+    pub psp: PspConfig,
+    pub webhook: WebhookConfig,
+    pub idempotency: IdempotencyConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -60,7 +115,18 @@ impl Validate for Config {
                 "must differ from http.port",
             ));
         }
+        self.grpc.validate()?;
         self.database.validate()?;
+        self.psp.validate()?;
+        self.webhook.validate()?;
+        self.idempotency.validate()?;
+        // A key left in progress by a live call must never look abandoned.
+        if self.idempotency.stale_after <= self.grpc.max_deadline {
+            return Err(ConfigError::invalid(
+                "idempotency.stale_after",
+                "must exceed grpc.max_deadline",
+            ));
+        }
         self.telemetry.validate()
     }
 }
@@ -75,6 +141,12 @@ pub enum AppError {
     },
     #[error(transparent)]
     Database(#[from] keel_pg::PgError),
+    #[error(transparent)]
+    Ledger(#[from] ledger::LedgerError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("payment provider client: {0}")]
+    Psp(#[from] reqwest::Error),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -83,6 +155,22 @@ pub enum AppError {
 pub async fn migrate(config: &Config) -> Result<(), AppError> {
     keel_pg::migrate(&config.database, "billing-migrate", &MIGRATOR).await?;
     Ok(())
+}
+
+/// Rebuilds the `payments` projection from `payment_events` (`billing rebuild-projections`),
+/// as the runtime role through the runtime pool: it needs only DML (see
+/// [`ledger::projection`] for why it is one locked transaction).
+pub async fn rebuild_projections(config: &Config) -> Result<ledger::Rebuilt, AppError> {
+    let pool = keel_pg::runtime_pool(&config.database, "billing-rebuild")?;
+    let rebuilt = ledger::rebuild(&pool).await;
+    pool.close().await;
+    let rebuilt = rebuilt?;
+    tracing::info!(
+        streams = rebuilt.streams,
+        events = rebuilt.events,
+        "projections rebuilt"
+    );
+    Ok(rebuilt)
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
@@ -100,6 +188,7 @@ pub struct App {
     health: Health,
     lifecycle: Lifecycle,
     pool: PgPool,
+    payments: PaymentApi,
 }
 
 impl App {
@@ -117,7 +206,14 @@ impl App {
             let db = db.clone();
             async move { keel_pg::ping(&db).await }
         });
-        let router = keel_http::stack::build(axum::Router::new(), health.clone(), &config.http);
+        let psp = PspClient::new(&config.psp)?;
+        let payments = PaymentApi::new(
+            Payments::new(pool.clone(), psp, config.idempotency.clone()),
+            config.grpc.max_deadline,
+            config.grpc.deadline_reserve,
+        );
+        let routes = webhook::router(pool.clone(), Verifier::new(&config.webhook)?);
+        let router = keel_http::stack::build(routes, health.clone(), &config.http);
         tracing::info!(addr = %http.local_addr()?, grpc_addr = %grpc.local_addr()?, "listening");
         Ok(Self {
             http,
@@ -126,6 +222,7 @@ impl App {
             health,
             lifecycle,
             pool,
+            payments,
         })
     }
 
@@ -144,9 +241,11 @@ impl App {
         let http = self.lifecycle.serve_http(self.http, self.router);
         let stop = self.lifecycle.stop_token();
         let grpc_health = grpc_health::GrpcHealth::new(self.health.clone());
+        let payments = self.payments;
         let grpc = tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(HealthServer::new(grpc_health))
+                .add_service(PaymentServiceServer::new(payments))
                 .serve_with_incoming_shutdown(
                     TcpListenerStream::new(self.grpc),
                     stop.cancelled_owned(),

@@ -1,0 +1,540 @@
+//! The payment provider's webhook receiver, replay-safe (P32): `POST /v1/webhooks/psp`.
+//!
+//! Standard Webhooks: the provider signs `"{webhook-id}.{webhook-timestamp}.{body}"` with
+//! HMAC-SHA256 and sends `webhook-signature: v1,<base64>` (several, space-separated, while it
+//! rotates). A request is applied only if
+//! 1. its headers are present and well-formed (else 400),
+//! 2. its timestamp is within `webhook.tolerance` of now (else 401: a captured request
+//!    replayed later is refused even with a valid signature),
+//! 3. one of its signatures verifies under one of `webhook.secrets` (else 401). Two live
+//!    secrets make rotation possible without downtime: add the new one, switch the sender,
+//!    drop the old one. Verification runs over the **raw body bytes** as received — never a
+//!    re-serialised JSON value, which would not be byte-identical — and compares in constant
+//!    time (`Mac::verify_slice`), so timing reveals nothing about the expected signature,
+//! 4. its body is a JSON event (else 400).
+//!
+//! Then, in **one transaction**: insert its `webhook-id` into `webhook_receipts` (`ON
+//! CONFLICT DO NOTHING`); if it was already there this is a replay → 200, no effect.
+//! Otherwise append `PaymentCaptured` to the payment's stream, update the projection, write
+//! the outbox row, commit, 200. A concurrent duplicate waits on the receipt's primary key and
+//! then sees it. Must not break: the receipt and the effect commit together — a receipt
+//! without its effect would swallow the event; an effect without its receipt would apply
+//! twice.
+//!
+//! Answers the provider acts on (it retries every non-2xx, with backoff, a bounded number of
+//! times): an unknown payment reference is **404 and not recorded**, so a redelivery can still
+//! apply once billing knows the payment, and an operator sees the failing delivery at the
+//! provider. A capture that contradicts the ledger (another authorization, amount, or a
+//! voided/declined payment) is 409, logged, not recorded. Event types billing does not handle
+//! are recorded and acknowledged (200) so the provider stops sending them.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{Hmac, Mac};
+use keel_config::{ConfigError, ExposeSecret, SecretString, Validate, ensure_range};
+use keel_http::Problem;
+use serde::{Deserialize, Deserializer};
+use sha2::Sha256;
+use sqlx::PgPool;
+
+use crate::ledger::{self, LedgerError, PaymentEvent, PaymentId, PaymentStatus};
+
+/// The route.
+pub const PATH: &str = "/v1/webhooks/psp";
+
+/// `[webhook]`: the secrets billing accepts and how old a delivery may be.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `whsec_<base64>` secrets, any of which may sign. A TOML list, or (from the
+    /// environment or a `KEEL_WEBHOOK__SECRETS_FILE`) one string of secrets separated by
+    /// spaces or commas.
+    #[serde(deserialize_with = "secret_list")]
+    pub secrets: Vec<SecretString>,
+    /// How far a delivery's timestamp may be from billing's clock, either way.
+    #[serde(with = "keel_config::duration")]
+    pub tolerance: Duration,
+}
+
+fn secret_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SecretString>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        Many(Vec<String>),
+        One(String),
+    }
+    let list = match OneOrMany::deserialize(d)? {
+        OneOrMany::Many(v) => v,
+        OneOrMany::One(s) => s
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    };
+    Ok(list.into_iter().map(SecretString::from).collect())
+}
+
+/// Longest accepted secret list (rotation needs two; a few more is a mistake).
+const MAX_SECRETS: usize = 4;
+
+/// Decodes `whsec_<base64>` into the HMAC key. The error never contains the secret.
+fn decode_secret(secret: &str) -> Result<Vec<u8>, &'static str> {
+    let b64 = secret
+        .strip_prefix("whsec_")
+        .ok_or("each secret must start with whsec_")?;
+    let key = BASE64
+        .decode(b64)
+        .map_err(|_| "the part after whsec_ must be base64")?;
+    if !(16..=64).contains(&key.len()) {
+        return Err("each secret must decode to 16..=64 bytes");
+    }
+    Ok(key)
+}
+
+impl Validate for WebhookConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ensure_range(
+            "webhook.secrets (count)",
+            self.secrets.len(),
+            1,
+            MAX_SECRETS,
+        )?;
+        for s in &self.secrets {
+            decode_secret(s.expose_secret())
+                .map_err(|reason| ConfigError::invalid("webhook.secrets", reason))?;
+        }
+        let secs = self.tolerance.as_secs();
+        ensure_range("webhook.tolerance (s)", secs, 1, 3600)
+    }
+}
+
+/// Why a delivery is refused before it is looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    #[error("missing or malformed header {0}")]
+    Header(&'static str),
+    #[error("timestamp outside the tolerance")]
+    Stale,
+    #[error("no valid signature")]
+    Signature,
+}
+
+/// Verifies Standard Webhooks signatures with any of several keys.
+pub struct Verifier {
+    keys: Vec<Vec<u8>>,
+    tolerance: Duration,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("keys", &format_args!("[{} redacted]", self.keys.len()))
+            .field("tolerance", &self.tolerance)
+            .finish()
+    }
+}
+
+/// The most bytes of `webhook-id` accepted (the provider's are ~36).
+const MAX_ID_LEN: usize = 128;
+
+fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a str, Rejected> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .ok_or(Rejected::Header(name))
+}
+
+impl Verifier {
+    /// From validated config (secrets were checked by `Validate`).
+    pub fn new(config: &WebhookConfig) -> Result<Self, ConfigError> {
+        let keys = config
+            .secrets
+            .iter()
+            .map(|s| decode_secret(s.expose_secret()))
+            .collect::<Result<_, _>>()
+            .map_err(|reason| ConfigError::invalid("webhook.secrets", reason))?;
+        Ok(Self {
+            keys,
+            tolerance: config.tolerance,
+        })
+    }
+
+    /// Checks headers, timestamp and signature of a delivery with `body` received at
+    /// `now_unix` (seconds). Returns the webhook id.
+    pub fn verify<'h>(
+        &self,
+        headers: &'h HeaderMap,
+        body: &[u8],
+        now_unix: i64,
+    ) -> Result<&'h str, Rejected> {
+        let id = header(headers, "webhook-id")?;
+        if id.len() > MAX_ID_LEN {
+            return Err(Rejected::Header("webhook-id"));
+        }
+        let timestamp = header(headers, "webhook-timestamp")?;
+        let signatures = header(headers, "webhook-signature")?;
+        let ts: i64 = timestamp
+            .parse()
+            .map_err(|_| Rejected::Header("webhook-timestamp"))?;
+        let tolerance = i64::try_from(self.tolerance.as_secs()).unwrap_or(i64::MAX);
+        if now_unix.abs_diff(ts) > tolerance.unsigned_abs() {
+            return Err(Rejected::Stale);
+        }
+        // Decode every offered v1 signature first; unknown versions are skipped.
+        let offered: Vec<Vec<u8>> = signatures
+            .split(' ')
+            .filter_map(|s| s.strip_prefix("v1,"))
+            .filter_map(|b64| BASE64.decode(b64).ok())
+            .collect();
+        for key in &self.keys {
+            let mut mac =
+                <Hmac<Sha256> as Mac>::new_from_slice(key).map_err(|_| Rejected::Signature)?;
+            mac.update(id.as_bytes());
+            mac.update(b".");
+            mac.update(timestamp.as_bytes());
+            mac.update(b".");
+            mac.update(body);
+            for sig in &offered {
+                // Constant-time comparison.
+                if mac.clone().verify_slice(sig).is_ok() {
+                    return Ok(id);
+                }
+            }
+        }
+        Err(Rejected::Signature)
+    }
+}
+
+/// Signs like the provider does (tests and tools): `v1,<base64>` for `secret`.
+pub fn sign(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Option<String> {
+    let key = decode_secret(secret).ok()?;
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).ok()?;
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    Some(format!("v1,{}", BASE64.encode(mac.finalize().into_bytes())))
+}
+
+#[derive(Debug, Deserialize)]
+struct Envelope {
+    #[serde(rename = "type")]
+    event_type: String,
+    data: serde_json::Value,
+}
+
+#[derive(Debug, Deserialize)]
+struct Captured {
+    authorization_id: String,
+    reference: String,
+    amount_minor: i64,
+    currency: String,
+}
+
+/// What the route needs.
+#[derive(Debug, Clone)]
+pub struct WebhookState {
+    pool: PgPool,
+    verifier: Arc<Verifier>,
+}
+
+/// The webhook route, ready to merge into the service's router.
+pub fn router(pool: PgPool, verifier: Verifier) -> Router {
+    Router::new()
+        .route(PATH, post(receive))
+        .with_state(WebhookState {
+            pool,
+            verifier: Arc::new(verifier),
+        })
+}
+
+fn problem(status: StatusCode, slug: &str, title: &str, detail: impl Into<String>) -> Response {
+    Problem::new(status, slug, title)
+        .with_detail(detail)
+        .into_response()
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// How often one delivery is re-applied after losing a version race with a command.
+const MAX_CONFLICTS: usize = 3;
+
+async fn receive(State(state): State<WebhookState>, headers: HeaderMap, body: Bytes) -> Response {
+    let id = match state.verifier.verify(&headers, &body, now_unix()) {
+        Ok(id) => id.to_owned(),
+        Err(Rejected::Header(name)) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "webhook-malformed",
+                "Malformed webhook",
+                format!("missing or malformed header {name}"),
+            );
+        }
+        Err(Rejected::Stale) => {
+            return problem(
+                StatusCode::UNAUTHORIZED,
+                "webhook-stale",
+                "Webhook timestamp outside the tolerance",
+                "the webhook-timestamp is too far from the receiver's clock",
+            );
+        }
+        Err(Rejected::Signature) => {
+            return problem(
+                StatusCode::UNAUTHORIZED,
+                "webhook-signature",
+                "Invalid webhook signature",
+                "no webhook-signature verifies with an active secret",
+            );
+        }
+    };
+    let Ok(envelope) = serde_json::from_slice::<Envelope>(&body) else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "webhook-malformed",
+            "Malformed webhook",
+            "the body is not a JSON event with `type` and `data`",
+        );
+    };
+    let captured = if envelope.event_type == "payment.captured" {
+        match serde_json::from_value::<Captured>(envelope.data) {
+            Ok(c) => Some(c),
+            Err(_) => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "webhook-malformed",
+                    "Malformed webhook",
+                    "payment.captured needs authorization_id, reference, amount_minor, currency",
+                );
+            }
+        }
+    } else {
+        None
+    };
+    let payment_id = match &captured {
+        Some(c) => match c.reference.parse::<PaymentId>() {
+            Ok(p) => Some(p),
+            Err(_) => return unknown_reference(),
+        },
+        None => None,
+    };
+
+    for _ in 0..MAX_CONFLICTS {
+        match apply(
+            &state.pool,
+            &id,
+            &envelope.event_type,
+            payment_id,
+            captured.as_ref(),
+        )
+        .await
+        {
+            Ok(outcome) => return outcome.into_response(),
+            Err(LedgerError::Conflict { .. }) => continue,
+            Err(e) => {
+                tracing::error!(webhook_id = %id, error = %e, "webhook not applied");
+                return Problem::for_status(StatusCode::INTERNAL_SERVER_ERROR).into_response();
+            }
+        }
+    }
+    // Lost the race three times: let the provider retry.
+    Problem::for_status(StatusCode::SERVICE_UNAVAILABLE).into_response()
+}
+
+fn unknown_reference() -> Response {
+    problem(
+        StatusCode::NOT_FOUND,
+        "webhook-unknown-payment",
+        "Unknown payment",
+        "no payment matches the webhook's reference",
+    )
+}
+
+/// The result of applying a verified delivery.
+#[derive(Debug)]
+enum Outcome {
+    Applied,
+    Duplicate,
+    Ignored,
+    UnknownPayment,
+    Contradicts(&'static str),
+}
+
+impl IntoResponse for Outcome {
+    fn into_response(self) -> Response {
+        let ok = |status: &str| {
+            (StatusCode::OK, Json(serde_json::json!({"status": status}))).into_response()
+        };
+        match self {
+            Outcome::Applied => ok("applied"),
+            Outcome::Duplicate => ok("duplicate"),
+            Outcome::Ignored => ok("ignored"),
+            Outcome::UnknownPayment => unknown_reference(),
+            Outcome::Contradicts(why) => problem(
+                StatusCode::CONFLICT,
+                "webhook-conflict",
+                "Webhook contradicts the ledger",
+                why,
+            ),
+        }
+    }
+}
+
+/// One transaction: receipt, then the effect (see the module docs).
+async fn apply(
+    pool: &PgPool,
+    webhook_id: &str,
+    event_type: &str,
+    payment_id: Option<PaymentId>,
+    captured: Option<&Captured>,
+) -> Result<Outcome, LedgerError> {
+    let mut tx = pool.begin().await?;
+    let first = sqlx::query(
+        "INSERT INTO webhook_receipts (webhook_id, event_type, payment_id) VALUES ($1, $2, $3)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(webhook_id)
+    .bind(event_type)
+    .bind(payment_id.map(|p| p.0))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if !first {
+        return Ok(Outcome::Duplicate);
+    }
+    let (Some(id), Some(c)) = (payment_id, captured) else {
+        tx.commit().await?;
+        tracing::info!(
+            webhook_id,
+            event_type,
+            "webhook type not handled; acknowledged"
+        );
+        return Ok(Outcome::Ignored);
+    };
+    // Rolling back (dropping `tx`) also removes the receipt: a refused delivery may come again.
+    let Some(current) = ledger::load(&mut tx, id).await? else {
+        tracing::warn!(webhook_id, payment_id = %id, "capture webhook for an unknown payment");
+        return Ok(Outcome::UnknownPayment);
+    };
+    let contradiction = if current.psp_authorization_id.as_deref() != Some(&c.authorization_id) {
+        Some("the authorization does not match the payment's")
+    } else if current.amount.minor != c.amount_minor
+        || current.amount.currency.as_str() != c.currency
+    {
+        Some("the amount does not match the payment's")
+    } else {
+        match current.status {
+            // The webhook may overtake billing's own CaptureRequested (the provider answers
+            // 202 and sends the webhook right away): the provider's word settles it.
+            PaymentStatus::Authorized | PaymentStatus::CapturePending => None,
+            PaymentStatus::Captured => {
+                // Another delivery id for the same capture: nothing more to do.
+                tx.commit().await?;
+                return Ok(Outcome::Applied);
+            }
+            _ => Some("the payment is not in a capturable state"),
+        }
+    };
+    if let Some(why) = contradiction {
+        tracing::error!(webhook_id, payment_id = %id, status = current.status.as_str(), why,
+            "capture webhook contradicts the ledger");
+        return Ok(Outcome::Contradicts(why));
+    }
+    let meta = serde_json::json!({"webhook_id": webhook_id});
+    let event = PaymentEvent::PaymentCaptured {
+        webhook_id: webhook_id.to_owned(),
+    };
+    ledger::record(&mut tx, id, Some(&current), &[event], &meta).await?;
+    tx.commit().await?;
+    Ok(Outcome::Applied)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const S1: &str = "whsec_S2vWrImrY1hJwx70XjbtZeu65l4ixwO6";
+    const S2: &str = "whsec_PAf8iVvpMPdIeZajLlzcZ/uiE0NDSRct";
+
+    fn verifier() -> Verifier {
+        Verifier::new(&WebhookConfig {
+            secrets: vec![S1.into(), S2.into()],
+            tolerance: Duration::from_secs(300),
+        })
+        .unwrap()
+    }
+
+    fn headers(id: &str, ts: i64, sig: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("webhook-id", id.parse().unwrap());
+        h.insert("webhook-timestamp", ts.to_string().parse().unwrap());
+        h.insert("webhook-signature", sig.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn any_listed_secret_and_any_offered_signature_verifies() {
+        let v = verifier();
+        let body = br#"{"type":"x","data":{}}"#;
+        let good = sign(S2, "msg_1", 1000, body).unwrap();
+        let h = headers("msg_1", 1000, &format!("v1,AAAA {good}"));
+        assert_eq!(v.verify(&h, body, 1000).unwrap(), "msg_1");
+    }
+
+    #[test]
+    fn a_changed_byte_a_stale_or_future_timestamp_is_refused() {
+        let v = verifier();
+        let body = br#"{"type":"x","data":{}}"#;
+        let sig = sign(S1, "msg_1", 1000, body).unwrap();
+        let h = headers("msg_1", 1000, &sig);
+        assert_eq!(
+            v.verify(&h, br#"{"type":"y","data":{}}"#, 1000),
+            Err(Rejected::Signature)
+        );
+        assert_eq!(v.verify(&h, body, 1000 + 301), Err(Rejected::Stale));
+        assert_eq!(v.verify(&h, body, 1000 - 301), Err(Rejected::Stale));
+        let unknown = sign(
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "msg_1",
+            1000,
+            body,
+        )
+        .unwrap();
+        assert_eq!(
+            v.verify(&headers("msg_1", 1000, &unknown), body, 1000),
+            Err(Rejected::Signature)
+        );
+    }
+
+    #[test]
+    fn secrets_come_as_a_list_or_one_separated_string() {
+        let c: WebhookConfig = serde_json::from_value(serde_json::json!({
+            "secrets": format!("{S1}, {S2}"), "tolerance": "5m"
+        }))
+        .unwrap();
+        assert_eq!(c.secrets.len(), 2);
+        assert!(c.validate().is_ok());
+        let bad: WebhookConfig = serde_json::from_value(serde_json::json!({
+            "secrets": ["nope"], "tolerance": "5m"
+        }))
+        .unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("webhook.secrets") && !err.contains("nope"),
+            "{err}"
+        );
+    }
+}
