@@ -1,0 +1,231 @@
+//! P10 proofs for the ledger: the projection rebuilt from the events equals the live one
+//! (even after the projection was damaged), a writer with a stale version is rejected and
+//! nobody's event is lost, and the event store is append-only for the runtime role.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use billing::ledger::{
+    self, Currency, LedgerError, OrderId, PaymentEvent, PaymentId, PaymentStatus,
+};
+use keel_testkit::{TestDb, eventually};
+use sqlx::{Connection, PgConnection};
+use support::{Billing, SECRET, authorize_request, captured_body, key, now_unix, signed};
+
+#[tokio::test]
+async fn projection_rebuilt_from_events_equals_the_live_one() {
+    let b = Billing::start().await;
+    // One payment in every state the journey produces.
+    let authorized = b.authorize(&key("a"), "tok_approve").await.unwrap();
+    b.authorize(&key("a"), "tok_decline").await.unwrap();
+    let pending = b.authorize(&key("a"), "tok_approve").await.unwrap();
+    b.capture(&key("c"), &pending.payment_id).await.unwrap();
+    let captured = b.authorize(&key("a"), "tok_approve").await.unwrap();
+    b.capture(&key("c"), &captured.payment_id).await.unwrap();
+    let auth = b.authorization_id(&captured.payment_id).await;
+    let body = captured_body(&captured, &auth);
+    let headers = signed("msg_rebuild", now_unix(), &body, SECRET);
+    assert_eq!(b.post_webhook(&headers, &body).await.status(), 200);
+    let voided = b.authorize(&key("a"), "tok_approve").await.unwrap();
+    b.void(&key("v"), &voided.payment_id).await.unwrap();
+    b.psp.set_down(true);
+    let abandoned = authorize_request(&key("a"), "tok_approve");
+    b.authorize_request(abandoned.clone()).await.unwrap_err();
+    let abandoned_id = PaymentId::for_authorize_key(&abandoned.idempotency_key).to_string();
+    b.void(&key("v"), &abandoned_id).await.unwrap();
+
+    let mut conn = b.pool.acquire().await.unwrap();
+    let live = ledger::projection::all(&mut conn).await.unwrap();
+    assert_eq!(live.len(), 6);
+
+    // Damage the read model: a row lost, another rewritten.
+    sqlx::query("DELETE FROM payments WHERE payment_id = $1::uuid")
+        .bind(&authorized.payment_id)
+        .execute(&b.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE payments SET status = 'CAPTURED', version = 99 WHERE payment_id = $1::uuid",
+    )
+    .bind(&voided.payment_id)
+    .execute(&b.pool)
+    .await
+    .unwrap();
+    assert_ne!(ledger::projection::all(&mut conn).await.unwrap(), live);
+
+    let rebuilt = billing::rebuild_projections(&b.config).await.unwrap();
+    assert_eq!(rebuilt.streams, 6);
+    assert_eq!(rebuilt.events, 2 + 2 + 3 + 4 + 3 + 2);
+    assert_eq!(ledger::projection::all(&mut conn).await.unwrap(), live);
+}
+
+async fn new_stream(conn: &mut PgConnection) -> (PaymentId, ledger::Payment) {
+    let id = PaymentId(uuid::Uuid::new_v4());
+    let mut tx = conn.begin().await.unwrap();
+    let event = PaymentEvent::AuthorizationRequested {
+        order_id: OrderId(uuid::Uuid::new_v4()),
+        amount_minor: 500,
+        currency: Currency::parse("EUR").unwrap(),
+    };
+    let p = ledger::record(&mut tx, id, None, &[event], &serde_json::json!({}))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    (id, p)
+}
+
+#[tokio::test]
+async fn concurrent_append_with_a_stale_version_is_rejected_not_lost() {
+    let db = TestDb::create("billing", &billing::MIGRATOR).await;
+    let mut setup = PgConnection::connect(&db.app_url()).await.unwrap();
+    let (id, v1) = new_stream(&mut setup).await;
+    let meta = serde_json::json!({});
+
+    // Writer A decides on version 1 and appends, not yet committed.
+    let mut a = PgConnection::connect(&db.app_url()).await.unwrap();
+    let mut tx_a = a.begin().await.unwrap();
+    let authorized = PaymentEvent::PaymentAuthorized {
+        psp_authorization_id: "auth_a".into(),
+    };
+    ledger::record(&mut tx_a, id, Some(&v1), &[authorized], &meta)
+        .await
+        .unwrap();
+
+    // Writer B decided on the same version 1: its append waits on A's row...
+    let app_url = db.app_url();
+    let stale = v1.clone();
+    let b = tokio::spawn(async move {
+        let mut b = PgConnection::connect(&app_url).await.unwrap();
+        let mut tx_b = b.begin().await.unwrap();
+        let declined = PaymentEvent::PaymentDeclined {
+            reason: "card_declined".into(),
+        };
+        ledger::record(
+            &mut tx_b,
+            id,
+            Some(&stale),
+            &[declined],
+            &serde_json::json!({}),
+        )
+        .await
+        .map(|_| ())
+    });
+    let admin = sqlx::PgPool::connect(&db.admin_url()).await.unwrap();
+    eventually(Duration::from_secs(10), "B waits on A's version", || {
+        let admin = admin.clone();
+        let name = db.name.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = $1 AND wait_event_type = 'Lock'",
+            )
+            .bind(name)
+            .fetch_one(&admin)
+            .await
+            .ok()?;
+            (waiting > 0).then_some(())
+        }
+    })
+    .await;
+    // ...and when A commits, B is told its view is stale.
+    tx_a.commit().await.unwrap();
+    let err = b.await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LedgerError::Conflict {
+                expected_version: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    // A's event is kept, B's is not there, nothing was overwritten.
+    let events = ledger::store::load_stream(&mut setup, id).await.unwrap();
+    let types: Vec<_> = events.iter().map(|e| e.event.event_type()).collect();
+    assert_eq!(types, ["AuthorizationRequested", "PaymentAuthorized"]);
+    let projected = ledger::projection::get(&mut setup, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(projected.status, PaymentStatus::Authorized);
+    assert_eq!(projected.version, 2);
+    let published: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE aggregate_id = $1")
+        .bind(id.to_string())
+        .fetch_one(&mut setup)
+        .await
+        .unwrap();
+    assert_eq!(published, 1, "only the winner's event is published");
+
+    // A stale writer that comes later (no race at all) is refused the same way; after
+    // reloading, it appends on top of the winner.
+    let mut tx = setup.begin().await.unwrap();
+    let err = ledger::record(
+        &mut tx,
+        id,
+        Some(&v1),
+        &[PaymentEvent::CaptureRequested {}],
+        &meta,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, LedgerError::Conflict { .. }), "{err:?}");
+    tx.rollback().await.unwrap();
+    let current = ledger::load(&mut setup, id).await.unwrap().unwrap();
+    let mut tx = setup.begin().await.unwrap();
+    let after = ledger::record(
+        &mut tx,
+        id,
+        Some(&current),
+        &[PaymentEvent::CaptureRequested {}],
+        &meta,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(after.version, 3);
+    assert_eq!(after.status, PaymentStatus::CapturePending);
+}
+
+#[tokio::test]
+async fn payment_events_are_append_only_for_the_app_role() {
+    let db = TestDb::create("billing", &billing::MIGRATOR).await;
+    let mut app = PgConnection::connect(&db.app_url()).await.unwrap();
+    let (id, _) = new_stream(&mut app).await;
+    for sql in [
+        "UPDATE payment_events SET event_type = 'PaymentVoided' WHERE stream_id = $1",
+        "DELETE FROM payment_events WHERE stream_id = $1",
+    ] {
+        let err = sqlx::query(sql)
+            .bind(id.0)
+            .execute(&mut app)
+            .await
+            .unwrap_err();
+        let code = err
+            .as_database_error()
+            .and_then(|e| e.code())
+            .unwrap_or_default();
+        assert_eq!(code, "42501", "{sql}: {err}");
+    }
+    let err = sqlx::query("TRUNCATE payment_events")
+        .execute(&mut app)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.as_database_error()
+            .and_then(|e| e.code())
+            .unwrap_or_default(),
+        "42501"
+    );
+    let stream = ledger::store::load_stream(&mut app, id).await.unwrap();
+    assert_eq!(stream.len(), 1, "history intact");
+    // The projection, by contrast, is the app's to rewrite (rebuild-projections does).
+    sqlx::query("DELETE FROM payments WHERE payment_id = $1")
+        .bind(id.0)
+        .execute(&mut app)
+        .await
+        .unwrap();
+}

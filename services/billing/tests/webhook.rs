@@ -1,0 +1,271 @@
+//! P32 proofs for `POST /v1/webhooks/psp`: a valid delivery captures the payment and writes
+//! its outbox row in one transaction; a replayed `webhook-id` answers 200 with no second
+//! effect (also when the copies arrive at once); a bad signature or a stale timestamp is 401,
+//! a malformed delivery 400 (all problem+json, nothing recorded); the rotated-in secret
+//! verifies too.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use keel_contracts::billing_v1 as pb;
+use support::{Billing, ROTATED_SECRET, SECRET, captured_body, key, now_unix, signed};
+
+const CAPTURED: i32 = pb::PaymentStatus::Captured as i32;
+
+/// A payment whose capture billing requested: what the provider's webhook settles.
+async fn capture_pending(b: &Billing) -> (pb::Payment, String) {
+    let p = b.authorize(&key("authorize"), "tok_approve").await.unwrap();
+    b.capture(&key("capture"), &p.payment_id).await.unwrap();
+    let auth = b.authorization_id(&p.payment_id).await;
+    (p, auth)
+}
+
+fn webhook_id() -> String {
+    format!("msg_{}", uuid::Uuid::new_v4().simple())
+}
+
+async fn receipts(b: &Billing) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM webhook_receipts")
+        .fetch_one(&b.pool)
+        .await
+        .unwrap()
+}
+
+async fn assert_problem(r: reqwest::Response, status: u16, slug: &str) {
+    assert_eq!(r.status(), status);
+    assert_eq!(
+        r.headers()["content-type"],
+        "application/problem+json",
+        "errors are problem documents"
+    );
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["type"], format!("https://keel.dev/problems/{slug}"));
+}
+
+#[tokio::test]
+async fn valid_webhook_captures_the_payment_with_its_event_and_outbox_row() {
+    let b = Billing::start().await;
+    let (p, auth) = capture_pending(&b).await;
+    let body = captured_body(&p, &auth);
+    let r = b
+        .post_webhook(&signed(&webhook_id(), now_unix(), &body, SECRET), &body)
+        .await;
+    assert_eq!(r.status(), 200);
+
+    assert_eq!(b.get(&p.payment_id).await.unwrap().status, CAPTURED);
+    assert_eq!(
+        b.events(&p.payment_id).await,
+        [
+            "AuthorizationRequested",
+            "PaymentAuthorized",
+            "CaptureRequested",
+            "PaymentCaptured"
+        ]
+    );
+    assert_eq!(
+        b.outbox(&p.payment_id).await,
+        [
+            "billing.payment.authorized",
+            "billing.payment.capture_requested",
+            "billing.payment.captured"
+        ]
+    );
+    assert_eq!(receipts(&b).await, 1);
+}
+
+#[tokio::test]
+async fn replayed_webhook_id_answers_200_with_no_second_effect() {
+    let b = Billing::start().await;
+    let (p, auth) = capture_pending(&b).await;
+    let body = captured_body(&p, &auth);
+    let id = webhook_id();
+    let first = b
+        .post_webhook(&signed(&id, now_unix(), &body, SECRET), &body)
+        .await;
+    assert_eq!(first.status(), 200);
+    // The provider redelivers: same id and body, fresh timestamp and signature.
+    let again = b
+        .post_webhook(&signed(&id, now_unix() + 1, &body, SECRET), &body)
+        .await;
+    assert_eq!(again.status(), 200);
+    let answer: serde_json::Value = again.json().await.unwrap();
+    assert_eq!(answer["status"], "duplicate");
+
+    // Copies arriving at once: each waits on the receipt's key, none applies twice.
+    let copies = (0..8).map(|_| {
+        let headers = signed(&id, now_unix(), &body, SECRET);
+        let body = body.clone();
+        let url = format!("{}/v1/webhooks/psp", b.http);
+        tokio::spawn(async move {
+            let mut r = reqwest::Client::new().post(url).body(body);
+            for (k, v) in headers {
+                r = r.header(k, v);
+            }
+            r.send().await.unwrap().status().as_u16()
+        })
+    });
+    for c in copies.collect::<Vec<_>>() {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+
+    let captured = b
+        .events(&p.payment_id)
+        .await
+        .into_iter()
+        .filter(|e| e == "PaymentCaptured")
+        .count();
+    assert_eq!(captured, 1);
+    let published = b
+        .outbox(&p.payment_id)
+        .await
+        .into_iter()
+        .filter(|e| e == "billing.payment.captured")
+        .count();
+    assert_eq!(published, 1);
+    assert_eq!(receipts(&b).await, 1);
+}
+
+#[tokio::test]
+async fn bad_signature_is_401_and_changes_nothing() {
+    let b = Billing::start().await;
+    let (p, auth) = capture_pending(&b).await;
+    let body = captured_body(&p, &auth);
+    let id = webhook_id();
+    // Signed by a secret billing does not hold.
+    let foreign = signed(
+        &id,
+        now_unix(),
+        &body,
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    );
+    assert_problem(
+        b.post_webhook(&foreign, &body).await,
+        401,
+        "webhook-signature",
+    )
+    .await;
+    // Signed correctly, then the body altered by one byte on the way.
+    let tampered = body.replace("1234", "1235");
+    let headers = signed(&id, now_unix(), &body, SECRET);
+    assert_problem(
+        b.post_webhook(&headers, &tampered).await,
+        401,
+        "webhook-signature",
+    )
+    .await;
+
+    assert_eq!(
+        b.get(&p.payment_id).await.unwrap().status,
+        pb::PaymentStatus::CapturePending as i32
+    );
+    assert_eq!(receipts(&b).await, 0);
+}
+
+#[tokio::test]
+async fn stale_timestamp_is_401_even_with_a_valid_signature() {
+    let b = Billing::start().await;
+    let (p, auth) = capture_pending(&b).await;
+    let body = captured_body(&p, &auth);
+    // webhook.tolerance is 5 minutes, either way.
+    for ts in [now_unix() - 600, now_unix() + 600] {
+        let headers = signed(&webhook_id(), ts, &body, SECRET);
+        assert_problem(b.post_webhook(&headers, &body).await, 401, "webhook-stale").await;
+    }
+    assert_eq!(receipts(&b).await, 0);
+    // Within the tolerance it is fine.
+    let headers = signed(&webhook_id(), now_unix() - 120, &body, SECRET);
+    assert_eq!(b.post_webhook(&headers, &body).await.status(), 200);
+}
+
+#[tokio::test]
+async fn rotated_in_second_secret_is_accepted() {
+    let b = Billing::start().await;
+    let (p, auth) = capture_pending(&b).await;
+    let body = captured_body(&p, &auth);
+    let headers = signed(&webhook_id(), now_unix(), &body, ROTATED_SECRET);
+    assert_eq!(b.post_webhook(&headers, &body).await.status(), 200);
+    assert_eq!(b.get(&p.payment_id).await.unwrap().status, CAPTURED);
+}
+
+#[tokio::test]
+async fn malformed_webhook_is_400_problem() {
+    let b = Billing::start().await;
+    let (p, auth) = capture_pending(&b).await;
+    let body = captured_body(&p, &auth);
+
+    let mut missing = signed(&webhook_id(), now_unix(), &body, SECRET);
+    missing.retain(|(k, _)| *k != "webhook-signature");
+    assert_problem(
+        b.post_webhook(&missing, &body).await,
+        400,
+        "webhook-malformed",
+    )
+    .await;
+    let mut bad_ts = signed(&webhook_id(), now_unix(), &body, SECRET);
+    bad_ts[1].1 = "yesterday".into();
+    assert_problem(
+        b.post_webhook(&bad_ts, &body).await,
+        400,
+        "webhook-malformed",
+    )
+    .await;
+
+    // Authentic but not JSON, or JSON without the fields a capture needs.
+    for junk in [
+        "{not json",
+        r#"{"type":"payment.captured","data":{"reference":"x"}}"#,
+    ] {
+        let headers = signed(&webhook_id(), now_unix(), junk, SECRET);
+        assert_problem(
+            b.post_webhook(&headers, junk).await,
+            400,
+            "webhook-malformed",
+        )
+        .await;
+    }
+    assert_eq!(receipts(&b).await, 0);
+}
+
+#[tokio::test]
+async fn unknown_payment_is_404_and_not_recorded_so_a_redelivery_can_apply() {
+    let b = Billing::start().await;
+    let (mut p, auth) = capture_pending(&b).await;
+    let real = p.payment_id.clone();
+    p.payment_id = uuid::Uuid::new_v4().to_string();
+    let body = captured_body(&p, &auth);
+    let headers = signed(&webhook_id(), now_unix(), &body, SECRET);
+    assert_problem(
+        b.post_webhook(&headers, &body).await,
+        404,
+        "webhook-unknown-payment",
+    )
+    .await;
+    assert_eq!(receipts(&b).await, 0);
+    assert_eq!(
+        b.get(&real).await.unwrap().status,
+        pb::PaymentStatus::CapturePending as i32
+    );
+}
+
+#[tokio::test]
+async fn webhook_that_overtakes_the_capture_answer_still_settles_it_once() {
+    let b = Billing::start().await;
+    let p = b.authorize(&key("authorize"), "tok_approve").await.unwrap();
+    let auth = b.authorization_id(&p.payment_id).await;
+    // The provider's webhook lands before billing recorded CaptureRequested.
+    let body = captured_body(&p, &auth);
+    let headers = signed(&webhook_id(), now_unix(), &body, SECRET);
+    assert_eq!(b.post_webhook(&headers, &body).await.status(), 200);
+    // Capture then finds it captured: success, no provider call, no extra event.
+    let after = b.capture(&key("capture"), &p.payment_id).await.unwrap();
+    assert_eq!(after.status, CAPTURED);
+    assert!(b.psp.calls("capture").is_empty());
+    assert_eq!(
+        b.events(&p.payment_id).await,
+        [
+            "AuthorizationRequested",
+            "PaymentAuthorized",
+            "PaymentCaptured"
+        ]
+    );
+}
