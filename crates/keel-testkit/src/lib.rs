@@ -5,6 +5,7 @@
 mod db;
 pub mod privilege;
 mod process;
+pub mod proxy;
 mod stack;
 
 use std::future::Future;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 pub use db::TestDb;
 pub use process::ServiceProcess;
+pub use proxy::FaultProxy;
 pub use stack::{Stack, workspace_root};
 
 /// Polls `check` until it returns `Some`, or panics naming `what` after `deadline`.
