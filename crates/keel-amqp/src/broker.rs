@@ -1,0 +1,174 @@
+//! The supervised broker connection (P21).
+//!
+//! One AMQP connection per process, owned by a supervisor task that reconnects with capped
+//! exponential backoff when it drops. Everything else (the relay's publisher, consumers)
+//! asks [`Broker::channel`] for a fresh channel when it needs one and treats
+//! [`AmqpError::NotConnected`] as "back off and try again": a service therefore starts while
+//! RabbitMQ is down and recovers by itself when it returns, instead of crash-looping.
+//!
+//! lapin's own auto-recovery is deliberately not used: re-declaring topology and
+//! re-subscribing is explicit in [`crate::consumer`], where a reader can see it.
+//!
+//! Must not break: [`Broker::is_connected`] is the readiness check; it must stay cheap.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_config::{ConfigError, ExposeSecret, SecretString, Validate, ensure_range, ensure_url};
+use lapin::{Channel, Connection, ConnectionProperties};
+use serde::Deserialize;
+use tokio::sync::RwLock;
+use tokio_util::sync::CancellationToken;
+
+use crate::AmqpError;
+
+/// `[amqp]` section of a service's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// `amqp://user:pass@host:5672/keel`. A secret (it carries the password).
+    pub url: SecretString,
+    /// Deadline of one connection attempt, and of opening a channel or declaring topology.
+    #[serde(with = "keel_config::duration")]
+    pub connect_timeout: Duration,
+    /// Upper bound of the reconnect backoff.
+    #[serde(with = "keel_config::duration")]
+    pub max_backoff: Duration,
+}
+
+pub(crate) fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Validate for AmqpConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ensure_url("amqp.url", &self.url, &["amqp", "amqps"])?;
+        ensure_range(
+            "amqp.connect_timeout (ms)",
+            ms(self.connect_timeout),
+            1,
+            60_000,
+        )?;
+        ensure_range("amqp.max_backoff (ms)", ms(self.max_backoff), 10, 300_000)
+    }
+}
+
+/// A supervised broker connection. Cheap to clone; every clone shares the connection.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    conn: Arc<RwLock<Option<Connection>>>,
+    stop: CancellationToken,
+    connect_timeout: Duration,
+}
+
+impl Broker {
+    /// Starts the supervisor task: connect, watch, reconnect with backoff, until `stop`.
+    pub fn spawn(config: AmqpConfig, service: &'static str, stop: CancellationToken) -> Self {
+        let broker = Self {
+            conn: Arc::new(RwLock::new(None)),
+            stop,
+            connect_timeout: config.connect_timeout,
+        };
+        let b = broker.clone();
+        tokio::spawn(async move { b.supervise(config, service).await });
+        broker
+    }
+
+    async fn supervise(&self, config: AmqpConfig, service: &'static str) {
+        let mut backoff = Duration::from_millis(100);
+        // How often a healthy connection is looked at; a dropped one is noticed within this.
+        let watch_every = Duration::from_millis(500);
+        loop {
+            if self.stop.is_cancelled() {
+                return;
+            }
+            if self.is_connected().await {
+                backoff = Duration::from_millis(100);
+                tokio::select! {
+                    () = self.stop.cancelled() => return,
+                    () = tokio::time::sleep(watch_every) => continue,
+                }
+            }
+            let props = ConnectionProperties::default().with_connection_name(service.into());
+            let attempt = tokio::time::timeout(
+                config.connect_timeout,
+                Connection::connect(config.url.expose_secret(), props),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(conn)) => {
+                    let mut slot = self.conn.write().await;
+                    // `close` may have run while this attempt was in flight: do not keep a
+                    // connection nobody will close.
+                    if self.stop.is_cancelled() {
+                        drop(slot);
+                        let _ = conn.close(200, "shutdown".into()).await;
+                        return;
+                    }
+                    *slot = Some(conn);
+                    drop(slot);
+                    tracing::info!("connected to RabbitMQ");
+                    metrics::counter!("amqp_connects_total").increment(1);
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, backoff_ms = ms(backoff), "RabbitMQ connection failed")
+                }
+                Err(_) => tracing::warn!(
+                    backoff_ms = ms(backoff),
+                    "RabbitMQ connection attempt timed out"
+                ),
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(config.max_backoff);
+        }
+    }
+
+    /// Whether a connection is open right now (the readiness check).
+    pub async fn is_connected(&self) -> bool {
+        self.conn
+            .read()
+            .await
+            .as_ref()
+            .is_some_and(|c| c.status().connected())
+    }
+
+    /// Opens a new channel on the current connection.
+    ///
+    /// Fails fast with [`AmqpError::NotConnected`] while the supervisor is reconnecting: the
+    /// caller backs off and asks again, it never waits here for the broker to come back.
+    pub async fn channel(&self) -> Result<Channel, AmqpError> {
+        if self.stop.is_cancelled() {
+            return Err(AmqpError::NotConnected);
+        }
+        let slot = self.conn.read().await;
+        let Some(conn) = slot.as_ref().filter(|c| c.status().connected()) else {
+            return Err(AmqpError::NotConnected);
+        };
+        // Bounded: a connection that died a moment ago may never answer channel.open.
+        tokio::time::timeout(self.connect_timeout, conn.create_channel())
+            .await
+            .map_err(|_| AmqpError::Timeout("channel.open"))?
+            .map_err(AmqpError::from)
+    }
+
+    /// The bound of one broker operation that must answer promptly (opening a channel,
+    /// declaring topology): `amqp.connect_timeout`.
+    pub fn operation_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// Stops the supervisor and closes the connection (last step of graceful shutdown).
+    pub async fn close(&self) {
+        self.stop.cancel();
+        let conn = self.conn.write().await.take();
+        if let Some(conn) = conn
+            && let Err(e) = conn.close(200, "shutdown".into()).await
+        {
+            tracing::warn!(error = %e, "closing RabbitMQ connection");
+        }
+    }
+}
