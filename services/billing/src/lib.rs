@@ -189,6 +189,7 @@ pub struct App {
     lifecycle: Lifecycle,
     pool: PgPool,
     payments: PaymentApi,
+    purge_interval: Duration,
 }
 
 impl App {
@@ -223,6 +224,7 @@ impl App {
             lifecycle,
             pool,
             payments,
+            purge_interval: config.idempotency.purge_interval,
         })
     }
 
@@ -253,8 +255,13 @@ impl App {
                 .await
                 .map_err(std::io::Error::other)
         });
+        let purge = payments::spawn_purge(
+            self.pool.clone(),
+            self.purge_interval,
+            self.lifecycle.stop_token(),
+        );
         self.lifecycle.drain_on(signal).await;
-        let drained = self.lifecycle.finish(vec![http, grpc]).await;
+        let drained = self.lifecycle.finish(vec![http, grpc, purge]).await;
         keel_http::shutdown::close_within("postgres pool", self.pool.close()).await;
         tracing::info!(?drained, "stopped");
         Ok(drained)

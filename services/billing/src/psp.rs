@@ -9,6 +9,9 @@
 //! and the operation, so even a retry of a request that did reach the provider cannot
 //! authorize, capture or void twice (the provider dedupes by key).
 //!
+//! A 409 `idempotency-key-in-use` (an earlier request of billing's with the same key still
+//! running at the provider) is retried like a 5xx: the answer will come.
+//!
 //! A timed-out request is *not* retried: the provider is slow, not down, and a retry would
 //! only queue behind it. The caller gets [`PspError::Timeout`] and retries later with the same
 //! idempotency key (P13), which resumes the same operation.
@@ -90,9 +93,11 @@ pub enum PspError {
     /// 402: the card was declined; `code` is the problem's `decline_code`.
     #[error("declined: {code}")]
     Declined { code: String },
-    /// 409: the authorization's state forbids this (capture of a voided one, …).
+    /// 409: the authorization's state forbids this (capture of a voided one, …); `status`
+    /// is the authorization's current state when the provider says (`captured`, `voided`),
+    /// which tells "already done" from "wrong state".
     #[error("provider refused the state change")]
-    Conflict,
+    Conflict { status: Option<String> },
     /// 404: the provider does not know the authorization.
     #[error("unknown authorization")]
     NotFound,
@@ -137,9 +142,30 @@ pub struct PspClient {
     config: PspConfig,
 }
 
+/// The parts of the provider's problem documents billing acts on.
 #[derive(Deserialize)]
-struct DeclineProblem {
+struct ProviderProblem {
+    #[serde(rename = "type")]
+    type_uri: Option<String>,
     decline_code: Option<String>,
+    status: Option<serde_json::Value>,
+}
+
+impl ProviderProblem {
+    fn parse(body: &[u8]) -> Self {
+        serde_json::from_slice(body).unwrap_or(Self {
+            type_uri: None,
+            decline_code: None,
+            status: None,
+        })
+    }
+
+    /// A 409 meaning "a request with this key is still running there", not a state conflict.
+    fn is_key_in_use(&self) -> bool {
+        self.type_uri
+            .as_deref()
+            .is_some_and(|t| t.ends_with("/idempotency-key-in-use"))
+    }
 }
 
 impl PspClient {
@@ -251,6 +277,13 @@ impl PspClient {
             .await;
             match sent {
                 Ok((status, _)) if status.is_server_error() => last = format!("HTTP {status}"),
+                // Billing's earlier request with this key (one that timed out on billing's
+                // side) is still running at the provider: wait and ask again for its answer.
+                Ok((StatusCode::CONFLICT, bytes))
+                    if ProviderProblem::parse(&bytes).is_key_in_use() =>
+                {
+                    last = "idempotency key in use at the provider".to_owned();
+                }
                 Ok((status, bytes)) => return interpret(status, &bytes),
                 // Connect errors first: a connect timeout is also a timeout, but nothing
                 // reached the provider, so it is safe and useful to retry.
@@ -306,13 +339,16 @@ fn interpret(status: StatusCode, body: &[u8]) -> Result<Authorization, PspError>
             serde_json::from_slice(body).map_err(|e| PspError::Protocol(e.to_string()))
         }
         StatusCode::PAYMENT_REQUIRED => {
-            let code = serde_json::from_slice::<DeclineProblem>(body)
-                .ok()
-                .and_then(|p| p.decline_code)
+            let code = ProviderProblem::parse(body)
+                .decline_code
                 .unwrap_or_else(|| "declined".to_owned());
             Err(PspError::Declined { code })
         }
-        StatusCode::CONFLICT => Err(PspError::Conflict),
+        StatusCode::CONFLICT => Err(PspError::Conflict {
+            status: ProviderProblem::parse(body)
+                .status
+                .and_then(|s| s.as_str().map(str::to_owned)),
+        }),
         StatusCode::NOT_FOUND => Err(PspError::NotFound),
         s => Err(PspError::Rejected { status: s.as_u16() }),
     }

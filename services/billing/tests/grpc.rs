@@ -299,3 +299,30 @@ async fn void_by_order_releases_what_the_order_holds_and_voiding_nothing_succeed
     let err = b.void_order(&key("void"), "").await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn expired_idempotency_keys_are_purged_and_live_ones_kept() {
+    let b = Billing::start_with(&[("KEEL_IDEMPOTENCY__PURGE_INTERVAL", "50ms")]).await;
+    let live = b.authorize(&key("authorize"), "tok_approve").await.unwrap();
+    sqlx::query(
+        "INSERT INTO idempotency_keys (scope, key, request_hash, status_code, response, expires_at)
+         VALUES ('billing.Authorize', 'old', '\\x00', 0, '{}', now() - interval '1 second')",
+    )
+    .execute(&b.pool)
+    .await
+    .unwrap();
+    keel_testkit::eventually(Duration::from_secs(10), "expired key purged", || async {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM idempotency_keys WHERE key = 'old'")
+                .fetch_one(&b.pool)
+                .await
+                .ok()?;
+        (left == 0).then_some(())
+    })
+    .await;
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
+        .fetch_one(&b.pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, 1, "the live key of {} stays", live.payment_id);
+}

@@ -64,6 +64,52 @@ pub struct IdempotencyConfig {
     /// How often a call waiting behind a concurrent one with the same key looks again.
     #[serde(with = "keel_config::duration")]
     pub poll_interval: Duration,
+    /// How often expired keys are deleted (in batches of [`PURGE_BATCH`]).
+    #[serde(with = "keel_config::duration")]
+    pub purge_interval: Duration,
+}
+
+/// Keys deleted per statement by the purge: short locks, short WAL bursts.
+pub const PURGE_BATCH: i64 = 1000;
+
+/// Deletes expired idempotency keys every `interval` until `stop`, so the table holds about
+/// one `ttl` of keys instead of growing forever. A failed round is logged and retried next
+/// interval.
+pub fn spawn_purge(
+    pool: PgPool,
+    interval: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                () = tokio::time::sleep(interval) => {}
+            }
+            let mut purged = 0;
+            loop {
+                let round = async {
+                    let mut conn = pool.acquire().await?;
+                    idempotency::purge_expired(&mut conn, PURGE_BATCH).await
+                };
+                match round.await {
+                    Ok(n) => {
+                        purged += n;
+                        if n < PURGE_BATCH.unsigned_abs() || stop.is_cancelled() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "idempotency key purge failed");
+                        break;
+                    }
+                }
+            }
+            if purged > 0 {
+                tracing::info!(purged, "expired idempotency keys purged");
+            }
+        }
+    })
 }
 
 use serde::Deserialize;
@@ -91,6 +137,12 @@ impl Validate for IdempotencyConfig {
             ms(self.poll_interval),
             1,
             10_000,
+        )?;
+        ensure_range(
+            "idempotency.purge_interval (ms)",
+            ms(self.purge_interval),
+            1,
+            86_400_000,
         )
     }
 }
@@ -146,7 +198,7 @@ fn from_psp(e: PspError) -> PaymentError {
         PspError::Declined { code } => {
             PaymentError::FailedPrecondition(format!("declined by the provider: {code}"))
         }
-        PspError::Conflict => PaymentError::FailedPrecondition(
+        PspError::Conflict { .. } => PaymentError::FailedPrecondition(
             "the payment provider refused the change in the authorization's state".to_owned(),
         ),
         PspError::NotFound => {
@@ -383,10 +435,17 @@ impl Payments {
                 }
                 (status, _) => return Err(wrong_state("capture", status)),
             };
-            self.psp
+            match self
+                .psp
                 .capture(&psp_key(id, "capture"), &auth, deadline)
                 .await
-                .map_err(from_psp)?;
+            {
+                Ok(_) => {}
+                // Already on its way at the provider: record what billing missed.
+                Err(PspError::Conflict { status: Some(s) })
+                    if s == "capture_pending" || s == "captured" => {}
+                Err(e) => return Err(from_psp(e)),
+            }
             let event = PaymentEvent::CaptureRequested {};
             match self
                 .record(id, Some(&current), event, &meta, Some((CAPTURE, key)))
@@ -470,10 +529,12 @@ impl Payments {
             let current = self.load(id).await?.ok_or(PaymentError::NotFound)?;
             let event = match (current.status, &current.psp_authorization_id) {
                 (PaymentStatus::Authorized, Some(auth)) => {
-                    self.psp
-                        .void(&psp_key(id, "void"), auth, deadline)
-                        .await
-                        .map_err(from_psp)?;
+                    match self.psp.void(&psp_key(id, "void"), auth, deadline).await {
+                        Ok(_) => {}
+                        // Already voided at the provider: record what billing missed.
+                        Err(PspError::Conflict { status: Some(s) }) if s == "voided" => {}
+                        Err(e) => return Err(from_psp(e)),
+                    }
                     PaymentEvent::PaymentVoided { at_provider: true }
                 }
                 // Never completed at the provider as far as billing knows: abandon it here.
