@@ -27,6 +27,9 @@ pub const FINAL_STATES: [&str; 4] = [
 ];
 /// Payment statuses (billing's projection) that hold or took money.
 pub const HOLDING_STATUSES: [&str; 3] = ["AUTHORIZED", "CAPTURE_PENDING", "CAPTURED"];
+/// An authorization whose provider answer billing never recorded: it may hold money, so a
+/// failed order must not leave one behind (compensation voids it).
+pub const UNRESOLVED_STATUS: &str = "AUTHORIZATION_PENDING";
 
 /// One invariant's result.
 #[derive(Debug, Clone, PartialEq)]
@@ -188,16 +191,17 @@ pub async fn run(config: &Config) -> Result<Report, AuditError> {
     for p in &payments {
         by_order.entry(p.order_id).or_default().push(p);
     }
-    let holding = |o: &Order| -> Vec<&Payment> {
+    let payments_of = |o: &Order, holds: &dyn Fn(&str) -> bool| -> Vec<&Payment> {
         by_order
             .get(&o.id)
-            .map(|ps| {
-                ps.iter()
-                    .copied()
-                    .filter(|p| HOLDING_STATUSES.contains(&p.status.as_str()))
-                    .collect()
-            })
+            .map(|ps| ps.iter().copied().filter(|p| holds(&p.status)).collect())
             .unwrap_or_default()
+    };
+    let holding = |o: &Order| payments_of(o, &|s| HOLDING_STATUSES.contains(&s));
+    let maybe_holding = |o: &Order| {
+        payments_of(o, &|s| {
+            HOLDING_STATUSES.contains(&s) || s == UNRESOLVED_STATUS
+        })
     };
     let confirmed: Vec<&Order> = orders.iter().filter(|o| o.state == "CONFIRMED").collect();
     let unpaid = confirmed
@@ -226,7 +230,7 @@ pub async fn run(config: &Config) -> Result<Report, AuditError> {
     let open = failed
         .iter()
         .flat_map(|o| {
-            holding(o).into_iter().map(move |p| {
+            maybe_holding(o).into_iter().map(move |p| {
                 format!(
                     "order {} is {} but payment {} is {}",
                     o.id, o.state, p.payment_id, p.status
