@@ -1,0 +1,535 @@
+//! P03 proofs for notification's consumer, against a real RabbitMQ vhost and a real database
+//! per test, with the service started in-process on port 0. Messages are published straight
+//! to `keel.events`, the way checkout's and billing's relays publish them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use keel_testkit::{FaultProxy, TestDb, TestVhost, eventually};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use notification::{App, Config};
+use serde_json::{Value, json};
+use sqlx::{Connection as _, PgConnection};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(20);
+const QUEUE: &str = "notification.events";
+
+/// The service, running in this test's runtime until [`Running::stop`].
+struct Running {
+    base: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    async fn start(db: &TestDb, amqp_url: &str, db_url: &str, extra: &[(&str, &str)]) -> Self {
+        let mut vars = vec![
+            ("KEEL_HTTP__PORT", "0"),
+            ("KEEL_HTTP__DRAIN_DELAY", "0s"),
+            ("KEEL_DATABASE__URL", db_url),
+            ("KEEL_AMQP__URL", amqp_url),
+            ("KEEL_AMQP__MAX_BACKOFF", "200ms"),
+            ("KEEL_CONSUMER__RETRY_MAX_BACKOFF", "200ms"),
+            ("KEEL_RELAY__POLL_INTERVAL", "20ms"),
+            ("KEEL_RELAY__MAX_BACKOFF", "200ms"),
+        ];
+        let owner = db.owner_url();
+        vars.push(("KEEL_DATABASE__MIGRATE_URL", &owner));
+        vars.extend_from_slice(extra);
+        let config: Config = keel_testkit::config(notification::DEFAULT_CONFIG, &vars);
+        let app = App::build(config).await.unwrap();
+        let base = format!("http://{}", app.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            app.run(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        Self {
+            base,
+            shutdown: Some(tx),
+            task,
+        }
+    }
+
+    /// Graceful shutdown: in-flight messages settle, unstarted ones return to the queue.
+    async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(20), &mut self.task)
+            .await
+            .expect("service stops in time")
+            .unwrap();
+    }
+
+    async fn notifications(&self, order_id: &str) -> Vec<Value> {
+        let v: Value = reqwest::get(format!(
+            "{}/v1/notifications?order_id={order_id}",
+            self.base
+        ))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+        v["notifications"].as_array().unwrap().clone()
+    }
+}
+
+/// A direct (never proxied) connection to the test's vhost.
+struct Broker {
+    conn: Connection,
+    publish: Channel,
+}
+
+impl Broker {
+    async fn connect(vhost: &TestVhost) -> Self {
+        let conn = Connection::connect(&vhost.url(), ConnectionProperties::default())
+            .await
+            .unwrap();
+        let publish = conn.create_channel().await.unwrap();
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        Self { conn, publish }
+    }
+
+    /// Publishes to `keel.events` and waits for the broker's confirm.
+    async fn publish(&self, routing_key: &str, message_id: &str, body: &[u8]) {
+        let confirm = self
+            .publish
+            .basic_publish(
+                "keel.events".into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_message_id(message_id.into())
+                    .with_type(routing_key.into())
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+    }
+
+    /// Messages ready in `queue` (not counting ones delivered and unacked), or `None` if it
+    /// does not exist (yet).
+    async fn ready(&self, queue: &str) -> Option<u32> {
+        self.declare_passive(queue).await.map(|q| q.message_count())
+    }
+
+    async fn declare_passive(&self, queue: &str) -> Option<lapin::Queue> {
+        let channel = self.conn.create_channel().await.ok()?;
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .ok()?;
+        let _ = channel.close(200, "done".into()).await;
+        Some(q)
+    }
+
+    /// Waits until the service consumes `queue`; it subscribes only after declaring the queue
+    /// and its bindings, so from then on published events reach it.
+    async fn wait_for_consumer(&self, queue: &str) {
+        eventually(WAIT, "the service consumes its queue", || async {
+            (self.declare_passive(queue).await?.consumer_count() > 0).then_some(())
+        })
+        .await;
+    }
+
+    async fn wait_ready(&self, queue: &str, n: u32, what: &str) {
+        eventually(WAIT, what, || async {
+            (self.ready(queue).await? == n).then_some(())
+        })
+        .await;
+    }
+}
+
+fn order_event(
+    event_type: &str,
+    order_id: Uuid,
+    state: &str,
+    reason: Option<&str>,
+) -> (String, Vec<u8>) {
+    let id = Uuid::now_v7();
+    let body = json!({
+        "id": id,
+        "type": event_type,
+        "schema_version": 1,
+        "aggregate_id": order_id.to_string(),
+        "occurred_at": chrono::Utc::now().to_rfc3339(),
+        "data": {
+            "order_id": order_id,
+            "customer_id": "cust-42",
+            "state": state,
+            "total_minor": 4200,
+            "currency": "EUR",
+            "reason": reason,
+        }
+    });
+    (id.to_string(), serde_json::to_vec(&body).unwrap())
+}
+
+fn payment_event(event_type: &str, order_id: Uuid, status: &str) -> (String, Vec<u8>) {
+    let id = Uuid::now_v7();
+    let body = json!({
+        "id": id,
+        "type": event_type,
+        "schema_version": 1,
+        "aggregate_id": Uuid::new_v4().to_string(),
+        "occurred_at": chrono::Utc::now().to_rfc3339(),
+        "data": {
+            "payment_id": Uuid::new_v4(),
+            "order_id": order_id,
+            "amount_minor": 4200,
+            "currency": "EUR",
+            "status": status,
+        }
+    });
+    (id.to_string(), serde_json::to_vec(&body).unwrap())
+}
+
+/// Messages of `queue` this process settled with `outcome` (the consumer's P06 counter).
+fn settled(queue: &str, outcome: &str) -> u64 {
+    let prefix = format!("amqp_messages_total{{queue=\"{queue}\",outcome=\"{outcome}\"}} ");
+    keel_telemetry::metrics_handle()
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn count(db: &TestDb, sql: &str) -> i64 {
+    let mut conn = PgConnection::connect(&db.admin_url()).await.unwrap();
+    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let _ = conn.close().await;
+    n
+}
+
+#[tokio::test]
+async fn redelivered_message_has_one_effect() {
+    let db = TestDb::create("notification", &notification::MIGRATOR).await;
+    let vhost = TestVhost::create().await;
+    let broker = Broker::connect(&vhost).await;
+    let app = Running::start(&db, &vhost.url(), &db.app_url(), &[]).await;
+    broker.wait_for_consumer(QUEUE).await;
+
+    // One event, delivered 100 times: what a relay that crashed between confirm and commit,
+    // or a consumer that lost its ack, produces.
+    let order = Uuid::new_v4();
+    let (id, body) = order_event("checkout.order.confirmed", order, "CONFIRMED", None);
+    for _ in 0..100 {
+        broker.publish("checkout.order.confirmed", &id, &body).await;
+    }
+
+    eventually(WAIT, "the notification is visible", || async {
+        (app.notifications(&order.to_string()).await.len() == 1).then_some(())
+    })
+    .await;
+    eventually(WAIT, "every copy acked", || async {
+        (settled(QUEUE, "ack") == 100).then_some(())
+    })
+    .await;
+    // After a graceful stop an unacked copy would be back in the queue: none is.
+    app.stop().await;
+    assert_eq!(broker.ready(QUEUE).await, Some(0), "all 100 copies acked");
+
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM notifications").await,
+        1,
+        "one effect"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM inbox").await, 1);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox").await,
+        1,
+        "one event about it"
+    );
+}
+
+#[tokio::test]
+async fn final_order_event_records_a_customer_notification_visible_over_http() {
+    let db = TestDb::create("notification", &notification::MIGRATOR).await;
+    let vhost = TestVhost::create().await;
+    let broker = Broker::connect(&vhost).await;
+    // Someone listening to notification's own events (declared before anything is published).
+    let observer = broker.conn.create_channel().await.unwrap();
+    keel_amqp::topology::declare_queue(
+        &observer,
+        &keel_amqp::topology::QueueSpec {
+            name: "test.observer".into(),
+            bindings: vec!["notification.#".into()],
+            delivery_limit: 5,
+        },
+    )
+    .await
+    .unwrap();
+    let app = Running::start(&db, &vhost.url(), &db.app_url(), &[]).await;
+    broker.wait_for_consumer(QUEUE).await;
+
+    let order = Uuid::new_v4();
+    let (id, body) = order_event(
+        "checkout.order.rejected",
+        order,
+        "REJECTED",
+        Some("out_of_stock"),
+    );
+    broker.publish("checkout.order.rejected", &id, &body).await;
+
+    let list = eventually(WAIT, "the notification is visible", || async {
+        let list = app.notifications(&order.to_string()).await;
+        (!list.is_empty()).then_some(list)
+    })
+    .await;
+    assert_eq!(list.len(), 1);
+    let n = &list[0];
+    assert_eq!(n["order_id"], order.to_string());
+    assert_eq!(n["customer_id"], "cust-42");
+    assert_eq!(n["kind"], "REJECTED");
+    assert_eq!(n["source_message_id"], id);
+    let message = n["message"].as_str().unwrap();
+    assert!(
+        message.contains(&order.to_string()) && message.contains("out of stock"),
+        "{message}"
+    );
+
+    // The relay published notification's own event about it.
+    let recorded = eventually(
+        WAIT,
+        "notification.notification.recorded published",
+        || async {
+            let m = observer
+                .basic_get("test.observer".into(), BasicGetOptions { no_ack: true })
+                .await
+                .ok()??;
+            Some(serde_json::from_slice::<Value>(&m.delivery.data).unwrap())
+        },
+    )
+    .await;
+    assert_eq!(recorded["type"], "notification.notification.recorded");
+    assert_eq!(recorded["data"]["order_id"], order.to_string());
+    assert_eq!(recorded["data"]["notification_id"], n["id"]);
+
+    // Another order has none (an empty list, not a 404); a bad id is a 400 problem.
+    assert!(
+        app.notifications(&Uuid::new_v4().to_string())
+            .await
+            .is_empty()
+    );
+    for query in ["?order_id=not-a-uuid", "", "?order_id="] {
+        let r = reqwest::get(format!("{}/v1/notifications{query}", app.base))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{query}");
+        assert_eq!(
+            r.headers()["content-type"].to_str().unwrap(),
+            "application/problem+json"
+        );
+        let p: Value = r.json().await.unwrap();
+        assert!(
+            p["type"].as_str().unwrap().ends_with("/invalid-query"),
+            "{p}"
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn non_final_and_payment_events_record_no_notification() {
+    let db = TestDb::create("notification", &notification::MIGRATOR).await;
+    let vhost = TestVhost::create().await;
+    let broker = Broker::connect(&vhost).await;
+    let app = Running::start(&db, &vhost.url(), &db.app_url(), &[]).await;
+    broker.wait_for_consumer(QUEUE).await;
+
+    let order = Uuid::new_v4();
+    for (routing_key, (id, body)) in [
+        (
+            "checkout.order.placed",
+            order_event("checkout.order.placed", order, "PENDING", None),
+        ),
+        (
+            "billing.payment.authorized",
+            payment_event("billing.payment.authorized", order, "AUTHORIZED"),
+        ),
+        (
+            "billing.payment.captured",
+            payment_event("billing.payment.captured", order, "CAPTURED"),
+        ),
+    ] {
+        broker.publish(routing_key, &id, &body).await;
+    }
+    eventually(WAIT, "all three handled (inbox rows)", || async {
+        (count(&db, "SELECT count(*) FROM inbox").await == 3).then_some(())
+    })
+    .await;
+    assert!(app.notifications(&order.to_string()).await.is_empty());
+    assert_eq!(count(&db, "SELECT count(*) FROM notifications").await, 0);
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn ack_happens_only_after_commit() {
+    let db = TestDb::create("notification", &notification::MIGRATOR).await;
+    let vhost = TestVhost::create().await;
+    let broker = Broker::connect(&vhost).await;
+    // The service reaches both its database and the broker through fault proxies.
+    let pg = FaultProxy::to_pgbouncer().await;
+    let mq = FaultProxy::to_amqp().await;
+    let app = Running::start(
+        &db,
+        &mq.proxied_url(&vhost.url()),
+        &pg.proxied_url(&db.app_url()),
+        &[],
+    )
+    .await;
+    broker.wait_for_consumer(QUEUE).await;
+
+    // The database goes away; a final order event arrives.
+    pg.cut();
+    let order = Uuid::new_v4();
+    let (id, body) = order_event("checkout.order.confirmed", order, "CONFIRMED", None);
+    broker.publish("checkout.order.confirmed", &id, &body).await;
+    broker
+        .wait_ready(QUEUE, 0, "the message delivered to the consumer")
+        .await;
+    assert_eq!(count(&db, "SELECT count(*) FROM notifications").await, 0);
+
+    // Not acked: when the consumer's connection drops, the message is back in the queue.
+    mq.cut();
+    broker
+        .wait_ready(QUEUE, 1, "the unacked message returned to the queue")
+        .await;
+
+    // The consumer reconnects and gets it again; the database is still down.
+    mq.restore();
+    broker.wait_ready(QUEUE, 0, "the message redelivered").await;
+    assert_eq!(count(&db, "SELECT count(*) FROM notifications").await, 0);
+
+    // The database returns: the effect happens once, then the ack.
+    pg.restore();
+    eventually(WAIT, "the notification recorded", || async {
+        (count(&db, "SELECT count(*) FROM notifications").await == 1).then_some(())
+    })
+    .await;
+    app.stop().await;
+    assert_eq!(broker.ready(QUEUE).await, Some(0), "acked after the commit");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM notifications").await,
+        1,
+        "one effect"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM inbox").await, 1);
+}
+
+#[tokio::test]
+async fn unparseable_message_is_rejected_not_looped() {
+    // A queue of its own, so this test's metric lines are its own; a delivery limit high
+    // enough that a requeue loop would still be running when we look.
+    const Q: &str = "notification.events.rejects";
+    let db = TestDb::create("notification", &notification::MIGRATOR).await;
+    let vhost = TestVhost::create().await;
+    let broker = Broker::connect(&vhost).await;
+    let app = Running::start(
+        &db,
+        &vhost.url(),
+        &db.app_url(),
+        &[
+            ("KEEL_CONSUMER__QUEUE", Q),
+            ("KEEL_CONSUMER__DELIVERY_LIMIT", "1000"),
+        ],
+    )
+    .await;
+    broker.wait_for_consumer(Q).await;
+
+    let unknown_version_order = Uuid::new_v4();
+    let (id, body) = order_event(
+        "checkout.order.confirmed",
+        unknown_version_order,
+        "CONFIRMED",
+        None,
+    );
+    let mut future: Value = serde_json::from_slice(&body).unwrap();
+    future["schema_version"] = json!(99);
+    broker
+        .publish("checkout.order.confirmed", "garbage-1", b"not json at all")
+        .await;
+    broker
+        .publish(
+            "checkout.order.confirmed",
+            &id,
+            &serde_json::to_vec(&future).unwrap(),
+        )
+        .await;
+    // A good message after the bad ones.
+    let order = Uuid::new_v4();
+    let (good_id, good) = order_event("checkout.order.confirmed", order, "CONFIRMED", None);
+    broker
+        .publish("checkout.order.confirmed", &good_id, &good)
+        .await;
+
+    eventually(WAIT, "the good message handled", || async {
+        (app.notifications(&order.to_string()).await.len() == 1).then_some(())
+    })
+    .await;
+    let rejected = format!("amqp_messages_total{{queue=\"{Q}\",outcome=\"reject\"}} 2");
+    eventually(WAIT, "both bad messages rejected", || async {
+        keel_telemetry::metrics_handle()
+            .render()
+            .lines()
+            .any(|l| l == rejected)
+            .then_some(())
+    })
+    .await;
+    app.stop().await;
+
+    let metrics = keel_telemetry::metrics_handle().render();
+    assert!(
+        !metrics.contains(&format!(
+            "amqp_messages_total{{queue=\"{Q}\",outcome=\"requeue\"}}"
+        )),
+        "nothing was requeued:\n{metrics}"
+    );
+    assert_eq!(
+        broker.ready(Q).await,
+        Some(0),
+        "the bad messages are gone, not waiting"
+    );
+    assert!(app_has_no_notification(&db, unknown_version_order).await);
+}
+
+async fn app_has_no_notification(db: &TestDb, order: Uuid) -> bool {
+    let mut conn = PgConnection::connect(&db.admin_url()).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications WHERE order_id = $1")
+        .bind(order)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    n == 0
+}
