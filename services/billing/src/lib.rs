@@ -15,7 +15,10 @@
 //! - [`webhook`]: the provider's signed webhook, replay-safe (P32).
 //! - [`grpc_health`]: `grpc.health.v1`, answering from the same readiness state as `/readyz`.
 //!
-//! Not here yet: the outbox relay (the rows are written; `keel_amqp::relay` publishes them).
+//! Payment events leave through the outbox (P02): the ledger writes them in its transaction
+//! and `keel_amqp::relay` publishes them to `keel.events`. RabbitMQ is deliberately *not* a
+//! readiness check here: while it is down billing keeps taking payments and the events wait
+//! in the outbox, which is the point of the pattern.
 
 pub mod grpc_health;
 pub mod ledger;
@@ -27,6 +30,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use keel_amqp::{AmqpConfig, Broker, RelayConfig};
 use keel_config::{ConfigError, Validate, ensure_range};
 use keel_contracts::billing_v1::payment_service_server::PaymentServiceServer;
 use keel_contracts::grpc_health_v1::health_server::HealthServer;
@@ -100,6 +104,8 @@ pub struct Config {
     pub psp: PspConfig,
     pub webhook: WebhookConfig,
     pub idempotency: IdempotencyConfig,
+    pub amqp: AmqpConfig,
+    pub relay: RelayConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -120,6 +126,8 @@ impl Validate for Config {
         self.psp.validate()?;
         self.webhook.validate()?;
         self.idempotency.validate()?;
+        self.amqp.validate()?;
+        self.relay.validate()?;
         // A key left in progress by a live call must never look abandoned.
         if self.idempotency.stale_after <= self.grpc.max_deadline {
             return Err(ConfigError::invalid(
@@ -190,6 +198,9 @@ pub struct App {
     pool: PgPool,
     payments: PaymentApi,
     purge_interval: Duration,
+    broker: Broker,
+    relay: RelayConfig,
+    relay_stop: tokio_util::sync::CancellationToken,
 }
 
 impl App {
@@ -207,6 +218,10 @@ impl App {
             let db = db.clone();
             async move { keel_pg::ping(&db).await }
         });
+        // The relay and the broker connection outlive the listeners: events written by the
+        // last in-flight requests are still published before the process exits.
+        let relay_stop = tokio_util::sync::CancellationToken::new();
+        let broker = Broker::spawn(config.amqp.clone(), "billing", relay_stop.clone());
         let psp = PspClient::new(&config.psp)?;
         let payments = PaymentApi::new(
             Payments::new(pool.clone(), psp, config.idempotency.clone()),
@@ -225,6 +240,9 @@ impl App {
             pool,
             payments,
             purge_interval: config.idempotency.purge_interval,
+            broker,
+            relay: config.relay.clone(),
+            relay_stop,
         })
     }
 
@@ -238,7 +256,8 @@ impl App {
         self.grpc.local_addr()
     }
 
-    /// Serves both listeners until `signal`, drains, then closes the pool.
+    /// Serves both listeners and runs the outbox relay until `signal`, drains, then stops the
+    /// relay and closes the broker connection and the pool.
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<Drained, AppError> {
         let http = self.lifecycle.serve_http(self.http, self.router);
         let stop = self.lifecycle.stop_token();
@@ -260,8 +279,20 @@ impl App {
             self.purge_interval,
             self.lifecycle.stop_token(),
         );
+        let relay = keel_amqp::relay::spawn(
+            self.pool.clone(),
+            self.broker.clone(),
+            self.relay.clone(),
+            self.relay_stop.clone(),
+        );
         self.lifecycle.drain_on(signal).await;
         let drained = self.lifecycle.finish(vec![http, grpc, purge]).await;
+        self.relay_stop.cancel();
+        keel_http::shutdown::close_within("outbox relay", async {
+            let _ = relay.await;
+        })
+        .await;
+        keel_http::shutdown::close_within("rabbitmq connection", self.broker.close()).await;
         keel_http::shutdown::close_within("postgres pool", self.pool.close()).await;
         tracing::info!(?drained, "stopped");
         Ok(drained)

@@ -94,8 +94,8 @@ fn decode_secret(secret: &str) -> Result<Vec<u8>, &'static str> {
     let key = BASE64
         .decode(b64)
         .map_err(|_| "the part after whsec_ must be base64")?;
-    if !(16..=64).contains(&key.len()) {
-        return Err("each secret must decode to 16..=64 bytes");
+    if !(24..=64).contains(&key.len()) {
+        return Err("each secret must decode to 24..=64 bytes (the Standard Webhooks key size)");
     }
     Ok(key)
 }

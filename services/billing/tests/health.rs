@@ -13,9 +13,11 @@ use keel_testkit::{TestDb, eventually};
 #[tokio::test]
 async fn grpc_health_serves_while_ready_and_stops_serving_while_draining() {
     let db = TestDb::create("billing", &billing::MIGRATOR).await;
+    let vhost = keel_testkit::TestVhost::create().await;
     let config: Config = keel_testkit::config(
         billing::DEFAULT_CONFIG,
         &[
+            ("KEEL_AMQP__URL", &vhost.url()),
             ("KEEL_HTTP__PORT", "0"),
             ("KEEL_GRPC__PORT", "0"),
             ("KEEL_DATABASE__URL", &db.app_url()),
@@ -73,7 +75,9 @@ async fn grpc_health_serves_while_ready_and_stops_serving_while_draining() {
 #[tokio::test]
 async fn billing_binary_stops_cleanly_on_sigterm() {
     let db = TestDb::create("billing", &billing::MIGRATOR).await;
+    let vhost = keel_testkit::TestVhost::create().await;
     let mut vars = db.env();
+    vars.push(("KEEL_AMQP__URL".to_owned(), vhost.url()));
     for (k, v) in [
         ("KEEL_HTTP__PORT", "0"),
         ("KEEL_GRPC__PORT", "0"),

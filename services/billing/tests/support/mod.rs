@@ -200,6 +200,8 @@ async fn change(
 /// A running billing with its own database and provider.
 pub struct Billing {
     pub db: TestDb,
+    /// Its own vhost: the outbox relay publishes here, never to a shared one.
+    pub vhost: keel_testkit::TestVhost,
     pub psp: FakePsp,
     pub config: Config,
     pub http: String,
@@ -217,6 +219,8 @@ impl Billing {
     pub async fn start_with(overrides: &[(&str, &str)]) -> Self {
         let db = TestDb::create("billing", &billing::MIGRATOR).await;
         let psp = FakePsp::start().await;
+        let vhost = keel_testkit::TestVhost::create().await;
+        let amqp_url = vhost.url();
         let app_url = db.app_url();
         let mut vars = vec![
             ("KEEL_HTTP__PORT", "0"),
@@ -226,6 +230,7 @@ impl Billing {
             ("KEEL_PSP__BASE_URL", psp.url.as_str()),
             ("KEEL_PSP__INITIAL_BACKOFF", "5ms"),
             ("KEEL_PSP__MAX_BACKOFF", "20ms"),
+            ("KEEL_AMQP__URL", amqp_url.as_str()),
         ];
         vars.extend_from_slice(overrides);
         let config: Config = keel_testkit::config(billing::DEFAULT_CONFIG, &vars);
@@ -250,6 +255,7 @@ impl Billing {
             .unwrap();
         Self {
             db,
+            vhost,
             psp,
             config,
             http,
