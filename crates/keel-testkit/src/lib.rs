@@ -2,6 +2,7 @@
 // A test harness panics on purpose: a failed set-up is a failed test, with the reason.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod bench;
 mod db;
 pub mod privilege;
 mod process;

@@ -16,19 +16,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use keel_testkit::bench::Row;
 use keel_testkit::{ServiceProcess, Stack, TestDb};
-use serde::Serialize;
-
-#[derive(Debug, Serialize)]
-struct Row {
-    name: String,
-    unit: String,
-    keel: f64,
-    baseline: f64,
-    ratio: f64,
-    goal: String,
-    met: bool,
-}
 
 const WRK_SECONDS: u32 = 4;
 /// Pairs of (Keel, bare) runs. On 2 cores, wrk, the server, pgbouncer and Postgres share the
@@ -267,29 +256,5 @@ async fn main() {
         });
     }
 
-    println!();
-    println!(
-        "{:<24} {:>12} {:>12} {:>8}  {:<16} {}",
-        "name", "keel", "baseline", "ratio", "goal", "met"
-    );
-    for r in &rows {
-        println!(
-            "{:<24} {:>12} {:>12} {:>8}  {:<16} {}",
-            r.name,
-            format!("{} {}", r.keel, if r.unit == "MB" { "MB" } else { "" }).trim(),
-            r.baseline,
-            r.ratio,
-            r.goal,
-            if r.met { "yes" } else { "NO" }
-        );
-    }
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
-    std::fs::create_dir_all(&dir).unwrap();
-    let report = serde_json::json!({ "rows": rows });
-    std::fs::write(
-        dir.join("report.json"),
-        serde_json::to_string_pretty(&report).unwrap(),
-    )
-    .unwrap();
-    println!("\nwritten to target/bench/report.json");
+    keel_testkit::bench::record(&rows);
 }

@@ -1,0 +1,354 @@
+//! The harness of Keel's end-to-end tests: one whole journey per test.
+//!
+//! [`Journey::start`] gives a test its own three databases (cloned from each service's
+//! migrated template), its own RabbitMQ vhost, and the four **real binaries** (the same
+//! artifacts `make dev` runs) wired to each other on ports chosen at run time, so journeys run
+//! in parallel with each other and with a running `make dev` stack. checkout reaches billing's
+//! gRPC port through a [`FaultProxy`], so a test can take billing away and give it back.
+//! Every journey test ends with [`Journey::audit`]: keelctl's invariants over the three
+//! databases and the broker must hold.
+//!
+//! The service crates are dependencies only for their embedded default configs and migrators
+//! (the template databases); the services themselves run as processes.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use keel_testkit::{FaultProxy, ServiceProcess, TestDb, TestVhost, eventually};
+use serde_json::Value;
+
+/// Where cargo put this test's sibling binaries (`target/<profile>/`), so the journey runs
+/// exactly what the build produced, wherever `CARGO_TARGET_DIR` points.
+pub fn bin(name: &str) -> String {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test-binary>
+    let dir: PathBuf = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the service binaries first (`cargo build --bins`; `make test` does)",
+        path.display()
+    );
+    path.display().to_string()
+}
+
+/// Settings a journey test may change.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// checkout's saga deadline (order creation to final state).
+    pub saga_deadline: Duration,
+    /// checkout's per-call gRPC timeout to billing.
+    pub call_timeout: Duration,
+    /// Lease of a saga job (how soon a killed checkout's saga is taken over).
+    pub saga_lease: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            saga_deadline: Duration::from_secs(20),
+            call_timeout: Duration::from_secs(3),
+            saga_lease: Duration::from_secs(2),
+        }
+    }
+}
+
+fn reserve_port() -> u16 {
+    // Bind, read, release: the port is free for the process started right after. The window
+    // is small and the kernel does not hand a just-released ephemeral port out again at once.
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn kv(pairs: &[(&str, String)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
+}
+
+/// One journey's processes and resources; everything is stopped and dropped with it.
+#[derive(Debug)]
+pub struct Journey {
+    pub checkout_db: TestDb,
+    pub billing_db: TestDb,
+    pub notification_db: TestDb,
+    pub vhost: TestVhost,
+    pub psp: ServiceProcess,
+    pub billing: ServiceProcess,
+    pub notification: ServiceProcess,
+    pub checkout: ServiceProcess,
+    /// checkout → billing gRPC goes through this.
+    pub billing_link: FaultProxy,
+    checkout_env: Vec<(String, String)>,
+    pub http: reqwest::Client,
+}
+
+impl Journey {
+    pub async fn start(options: Options) -> Self {
+        let (checkout_db, billing_db, notification_db, vhost) = tokio::join!(
+            TestDb::create("checkout", &checkout::MIGRATOR),
+            TestDb::create("billing", &billing::MIGRATOR),
+            TestDb::create("notification", &notification::MIGRATOR),
+            TestVhost::create(),
+        );
+        let common = |db: &TestDb| {
+            let mut env = db.env();
+            env.extend(kv(&[
+                ("KEEL_HTTP__PORT", "0".into()),
+                ("KEEL_HTTP__DRAIN_DELAY", "0s".into()),
+            ]));
+            env
+        };
+        let psp_port = reserve_port();
+
+        let mut billing_env = common(&billing_db);
+        billing_env.extend(kv(&[
+            ("KEEL_GRPC__PORT", "0".into()),
+            ("KEEL_PSP__BASE_URL", format!("http://127.0.0.1:{psp_port}")),
+            ("KEEL_AMQP__URL", vhost.url()),
+        ]));
+        let billing = ServiceProcess::spawn(&bin("billing"), &[], &billing_env).await;
+        let grpc_addr = logged_addr(&billing, "grpc_addr");
+
+        let psp = ServiceProcess::spawn(
+            &bin("psp-sim"),
+            &[],
+            &kv(&[
+                ("KEEL_HTTP__PORT", psp_port.to_string()),
+                ("KEEL_HTTP__DRAIN_DELAY", "0s".into()),
+                (
+                    "KEEL_WEBHOOK__URL",
+                    format!("{}/v1/webhooks/psp", billing.base_url()),
+                ),
+            ]),
+        )
+        .await;
+
+        let mut notification_env = common(&notification_db);
+        notification_env.push(("KEEL_AMQP__URL".into(), vhost.url()));
+        let notification =
+            ServiceProcess::spawn(&bin("notification"), &[], &notification_env).await;
+
+        let billing_link = FaultProxy::start(grpc_addr).await;
+        let mut checkout_env = common(&checkout_db);
+        checkout_env.extend(kv(&[
+            (
+                "KEEL_BILLING__GRPC_URL",
+                format!("http://{}", billing_link.addr()),
+            ),
+            ("KEEL_BILLING__CALL_TIMEOUT", secs(options.call_timeout)),
+            ("KEEL_SAGA__DEADLINE", secs(options.saga_deadline)),
+            ("KEEL_SAGA__LEASE", secs(options.saga_lease)),
+            ("KEEL_AMQP__URL", vhost.url()),
+        ]));
+        let checkout = ServiceProcess::spawn(&bin("checkout"), &[], &checkout_env).await;
+
+        let journey = Self {
+            checkout_db,
+            billing_db,
+            notification_db,
+            vhost,
+            psp,
+            billing,
+            notification,
+            checkout,
+            billing_link,
+            checkout_env,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        };
+        for p in [
+            &journey.checkout,
+            &journey.billing,
+            &journey.notification,
+            &journey.psp,
+        ] {
+            journey.wait_ready(&p.base_url()).await;
+        }
+        journey
+    }
+
+    async fn wait_ready(&self, base: &str) {
+        eventually(Duration::from_secs(20), &format!("{base}/readyz is 200"), || async {
+            let r = self.http.get(format!("{base}/readyz")).send().await.ok()?;
+            (r.status() == 200).then_some(())
+        })
+        .await;
+    }
+
+    /// `POST /v1/orders` with `key` as the Idempotency-Key.
+    pub async fn post_order(&self, key: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/orders", self.checkout.base_url()))
+            .header("Idempotency-Key", key)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Places an order for `lines` paid with `token`; returns the order id.
+    pub async fn place(&self, token: &str, lines: &[(&str, u32)]) -> String {
+        let body = order_body(token, lines);
+        let r = self
+            .post_order(&uuid::Uuid::new_v4().to_string(), &body)
+            .await;
+        assert_eq!(r.status(), 202, "order accepted");
+        let v: Value = r.json().await.unwrap();
+        v["id"].as_str().unwrap().to_owned()
+    }
+
+    /// `GET /v1/orders/{id}`.
+    pub async fn order(&self, id: &str) -> Value {
+        self.http
+            .get(format!("{}/v1/orders/{id}", self.checkout.base_url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until order `id` is in a final state; returns that state.
+    pub async fn final_state(&self, id: &str, deadline: Duration) -> String {
+        eventually(deadline, &format!("order {id} final"), || async {
+            let o = self.order(id).await;
+            let state = o["state"].as_str()?.to_owned();
+            keelctl::audit::FINAL_STATES
+                .contains(&state.as_str())
+                .then_some(state)
+        })
+        .await
+    }
+
+    /// Waits until notification recorded order `id`'s final state.
+    pub async fn notified(&self, id: &str) -> Value {
+        eventually(
+            Duration::from_secs(20),
+            &format!("notification for {id}"),
+            || async {
+                let v: Value = self
+                    .http
+                    .get(format!(
+                        "{}/v1/notifications?order_id={id}",
+                        self.notification.base_url()
+                    ))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                (!v["notifications"].as_array()?.is_empty()).then_some(v)
+            },
+        )
+        .await
+    }
+
+    /// keelctl's audit over this journey's databases and vhost, with bounds tight enough for
+    /// a test that has waited for its orders to settle.
+    pub async fn audit(&self) -> keelctl::audit::Report {
+        let stack = keel_testkit::Stack::load();
+        let config: keelctl::Config = keel_testkit::config(
+            keelctl::DEFAULT_CONFIG,
+            &[
+                ("KEEL_CHECKOUT__URL", &self.checkout_db.app_url()),
+                ("KEEL_BILLING__URL", &self.billing_db.app_url()),
+                ("KEEL_NOTIFICATION__URL", &self.notification_db.app_url()),
+                ("KEEL_RABBITMQ__MANAGEMENT_URL", &stack.amqp_mgmt_base()),
+                ("KEEL_RABBITMQ__VHOST", &self.vhost.name),
+                ("KEEL_AUDIT__SETTLE_WITHIN", "1s"),
+                ("KEEL_AUDIT__OUTBOX_WITHIN", "5s"),
+                ("KEEL_AUDIT__MAX_QUEUE_BACKLOG", "0"),
+            ],
+        );
+        keelctl::audit::run(&config).await.unwrap()
+    }
+
+    /// Asserts the audit passes, printing it either way (it is the journey's summary).
+    pub async fn assert_audit_passes(&self) {
+        // Settled means: every outbox drained and every final order notified. Wait for that
+        // (bounded) before judging, so the audit judges state, not timing.
+        let report = eventually(Duration::from_secs(30), "audit passes", || async {
+            let r = self.audit().await;
+            r.passed().then_some(r)
+        })
+        .await;
+        eprintln!("{report}");
+    }
+
+    /// SIGKILLs checkout (no graceful anything) and starts it again on the same database.
+    pub async fn kill_and_restart_checkout(&mut self) {
+        self.checkout.signal("KILL");
+        let _ = self.checkout.wait(Duration::from_secs(10)).await;
+        self.checkout = ServiceProcess::spawn(&bin("checkout"), &[], &self.checkout_env).await;
+        self.wait_ready(&self.checkout.base_url()).await;
+    }
+
+    /// Closes every AMQP connection of this journey's vhost (and only those) through the
+    /// management API: the broker "drops" the services, which must reconnect.
+    pub async fn drop_broker_connections(&self) -> usize {
+        let stack = keel_testkit::Stack::load();
+        let base = stack.amqp_mgmt_base();
+        let conns: Vec<Value> = self
+            .http
+            .get(format!("{base}/api/vhosts/{}/connections", self.vhost.name))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for c in &conns {
+            let name = c["name"].as_str().unwrap();
+            let _ = self
+                .http
+                .delete(format!("{base}/api/connections/{}", encode(name)))
+                .basic_auth("guest", Some("guest"))
+                .header("X-Reason", "keel e2e: broker drops connections")
+                .send()
+                .await
+                .unwrap();
+        }
+        conns.len()
+    }
+}
+
+/// An order body for `lines` paid with `token`.
+pub fn order_body(token: &str, lines: &[(&str, u32)]) -> Value {
+    serde_json::json!({
+        "customer_id": "cust-e2e",
+        "currency": "EUR",
+        "payment_token": token,
+        "lines": lines.iter().map(|(sku, q)| serde_json::json!({"sku": sku, "quantity": q})).collect::<Vec<_>>(),
+    })
+}
+
+fn secs(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn logged_addr(p: &ServiceProcess, field: &str) -> std::net::SocketAddr {
+    p.logs()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| v[field].as_str().and_then(|a| a.parse().ok()))
+        .unwrap_or_else(|| panic!("no `{field}` in the process's logs"))
+}
