@@ -6,8 +6,12 @@
 //!
 //! Capabilities, one module each:
 //! - [`catalogue`]: `GET /v1/products`, read from Postgres through pgbouncer.
+//! - [`stock`]: reservations without oversell or deadlocks (P11).
 
 pub mod catalogue;
+pub mod error;
+pub mod money;
+pub mod stock;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -57,7 +57,7 @@ async fn products_are_served_from_postgres_through_pgbouncer() {
     assert_eq!(r.status(), 200);
     let body: serde_json::Value = r.json().await.unwrap();
     let products = body["products"].as_array().unwrap();
-    assert_eq!(products.len(), 6, "the seeded catalogue: {body}");
+    assert_eq!(products.len(), 7, "the seeded catalogue: {body}");
     let mug = products.iter().find(|p| p["sku"] == "KEEL-MUG").unwrap();
     assert_eq!(
         mug["price"],
@@ -80,7 +80,7 @@ async fn products_are_served_from_postgres_through_pgbouncer() {
         .json()
         .await
         .unwrap();
-    assert_eq!(body["products"].as_array().unwrap().len(), 7);
+    assert_eq!(body["products"].as_array().unwrap().len(), 8);
 
     stop.send(()).unwrap();
     handle.await.unwrap();

@@ -1,49 +1,19 @@
-//! The product catalogue: `GET /v1/products`.
+//! The product catalogue: `GET /v1/products`, and price look-ups for new orders.
 //!
 //! A plain read through the runtime pool (pgbouncer, transaction mode). Step 4 puts the
 //! stampede-safe Redis cache (P30) in front of it; the query stays here.
+
+use std::collections::HashMap;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use http_problem::problem_for_db;
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
-/// An amount of money in integer minor units (cents), never a float.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-pub struct Money {
-    pub minor: i64,
-    pub currency: Currency,
-}
-
-/// An ISO 4217 currency code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Currency([u8; 3]);
-
-impl Currency {
-    /// Parses three upper-case ASCII letters.
-    pub fn parse(code: &str) -> Option<Self> {
-        let bytes: [u8; 3] = code.as_bytes().try_into().ok()?;
-        bytes
-            .iter()
-            .all(u8::is_ascii_uppercase)
-            .then_some(Self(bytes))
-    }
-
-    /// The code as text.
-    pub fn as_str(&self) -> &str {
-        // Only ever built from ASCII upper-case letters.
-        std::str::from_utf8(&self.0).unwrap_or("XXX")
-    }
-}
-
-impl Serialize for Currency {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
+use crate::error::ApiError;
+pub use crate::money::{Currency, Money};
 
 /// A product as the API shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -53,6 +23,9 @@ pub struct Product {
     pub description: String,
     pub price: Money,
 }
+
+/// The routes this module serves (method, path), as documented in `openapi.yaml`.
+pub const ROUTES: &[(&str, &str)] = &[("GET", "/v1/products")];
 
 /// The catalogue's routes.
 pub fn routes(pool: PgPool) -> Router {
@@ -64,7 +37,7 @@ pub fn routes(pool: PgPool) -> Router {
 async fn list_products(State(pool): State<PgPool>) -> Response {
     match list(&pool).await {
         Ok(products) => Json(serde_json::json!({ "products": products })).into_response(),
-        Err(e) => problem_for_db(&e),
+        Err(e) => ApiError::from(e).into_response(),
     }
 }
 
@@ -90,28 +63,21 @@ pub async fn list(pool: &PgPool) -> Result<Vec<Product>, sqlx::Error> {
         .collect())
 }
 
-mod http_problem {
-    use axum::response::{IntoResponse, Response};
-    use http::StatusCode;
-    use keel_http::Problem;
-
-    /// Maps a database failure to a client-safe problem, logging the cause once, here.
-    pub(super) fn problem_for_db(e: &sqlx::Error) -> Response {
-        match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => {
-                tracing::warn!(error = %e, "catalogue unavailable");
-                Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "Service unavailable",
-                )
-                .with_detail("the catalogue is temporarily unavailable; retry later")
-                .into_response()
-            }
-            _ => {
-                tracing::error!(error = %e, "catalogue query failed");
-                Problem::for_status(StatusCode::INTERNAL_SERVER_ERROR).into_response()
-            }
-        }
-    }
+/// The current prices of `skus` that exist (unknown SKUs are simply absent from the map).
+pub async fn prices(
+    conn: &mut PgConnection,
+    skus: &[String],
+) -> Result<HashMap<String, Money>, sqlx::Error> {
+    let rows: Vec<(String, i64, String)> =
+        sqlx::query_as("SELECT sku, price_minor, currency FROM products WHERE sku = ANY($1)")
+            .bind(skus)
+            .fetch_all(conn)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(sku, minor, currency)| {
+            let currency = Currency::parse(currency.trim())?;
+            Some((sku, Money { minor, currency }))
+        })
+        .collect())
 }
