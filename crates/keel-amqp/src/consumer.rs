@@ -355,6 +355,8 @@ where
             // A free slot first, then a delivery: at most `concurrency` handlers run, and the
             // rest wait in the prefetch buffer (bounded by `prefetch`), not in our memory.
             let permit = tokio::select! {
+                // Stop wins over ready work: nothing new starts once stopping.
+                biased;
                 () = stop.cancelled() => return self.cancel(channel, &consumer).await,
                 permit = self.slots.clone().acquire_owned() => match permit {
                     Ok(p) => p,
@@ -363,6 +365,7 @@ where
             };
             let delivery = loop {
                 tokio::select! {
+                    biased;
                     () = stop.cancelled() => return self.cancel(channel, &consumer).await,
                     next = consumer.next() => break next,
                     _ = health.tick() => {
