@@ -1,0 +1,200 @@
+//! The orders API handlers.
+//!
+//! `POST /v1/orders` with an `Idempotency-Key` (P13), in one transaction (keel-pg's
+//! one-transaction idempotency mode):
+//!
+//! 1. `idempotency::begin` inserts the key. A concurrent request with the same key blocks on
+//!    the key's primary key until the first commits, then replays its answer; after
+//!    `orders.idempotency_wait` it gets 409 instead.
+//! 2. The order is priced against the catalogue (422 with per-field errors, nothing written).
+//! 3. Order, lines, history, saga, saga job, outbox event; then `idempotency::complete`
+//!    stores the answer; commit. Any error before the commit rolls everything back, key
+//!    included, so a retry with the same key starts afresh.
+//!
+//! The key's scope is the route (`"POST /v1/orders"`) for now: there are no API keys yet.
+//! When they arrive (a later step), the scope becomes the caller's API key, so two clients
+//! that happen to pick the same key never see each other's answers.
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use keel_pg::idempotency::{self, Begin, Timing};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::OrderId;
+use super::request::{self, Limits};
+use super::store::{self, NewOrder};
+use crate::config::{OrdersConfig, SagaConfig};
+use crate::error::ApiError;
+use crate::{catalogue, saga};
+
+/// The idempotency scope of order placement (see the module doc on API keys).
+pub const IDEMPOTENCY_SCOPE: &str = "POST /v1/orders";
+
+/// The request header carrying the client's idempotency key.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// Set on a response that was stored earlier and is being replayed.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// Longest idempotency key accepted (UUIDs and similar fit many times over).
+const MAX_KEY_LEN: usize = 255;
+
+/// What the handlers need.
+#[derive(Debug, Clone)]
+pub struct OrdersState {
+    pub pool: PgPool,
+    pub orders: OrdersConfig,
+    pub saga: SagaConfig,
+}
+
+/// The orders routes.
+pub fn routes(state: OrdersState) -> Router {
+    Router::new()
+        .route("/v1/orders", post(place))
+        .route("/v1/orders/{id}", get(get_order))
+        .with_state(state)
+}
+
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+    if json {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let value = headers.get(&IDEMPOTENCY_KEY).ok_or(ApiError::IdempotencyKey(
+        "send an Idempotency-Key header: a unique value per order, e.g. a UUID, reused on retries",
+    ))?;
+    let key = value.to_str().unwrap_or_default();
+    let usable =
+        (1..=MAX_KEY_LEN).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic());
+    if usable {
+        Ok(key)
+    } else {
+        Err(ApiError::IdempotencyKey(
+            "the Idempotency-Key must be 1 to 255 visible ASCII characters",
+        ))
+    }
+}
+
+/// 202 with `Location`, from a fresh or a stored order body.
+fn accepted(status: StatusCode, body: serde_json::Value, replayed: bool) -> Response {
+    let location = body
+        .get("id")
+        .and_then(|id| id.as_str())
+        .and_then(|id| HeaderValue::from_str(&format!("/v1/orders/{id}")).ok());
+    let mut response = (status, Json(body)).into_response();
+    if let Some(location) = location {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    if replayed {
+        response
+            .headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    response
+}
+
+async fn place(
+    State(state): State<OrdersState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    require_json(&headers)?;
+    let key = idempotency_key(&headers)?;
+    let limits = Limits {
+        max_lines: state.orders.max_lines,
+        max_quantity: state.orders.max_quantity,
+    };
+    let order = request::parse(&body, limits)?;
+    let timing = Timing {
+        ttl: state.orders.idempotency_ttl,
+        wait: state.orders.idempotency_wait,
+        // Only for two-phase use; here an in-progress key is never visible to others.
+        stale_after: state.orders.idempotency_ttl,
+    };
+
+    // Every `?` below drops `tx` uncommitted: Postgres rolls back, nothing is half-written.
+    let mut tx = state.pool.begin().await?;
+    let begin = idempotency::begin(
+        &mut tx,
+        IDEMPOTENCY_SCOPE,
+        key,
+        &order.fingerprint(IDEMPOTENCY_SCOPE),
+        timing,
+    )
+    .await?;
+    match begin {
+        Begin::New => {}
+        Begin::Replay {
+            status_code,
+            response,
+        } => {
+            tx.rollback().await?;
+            metrics::counter!("orders_idempotent_replays_total").increment(1);
+            let status = StatusCode::from_u16(u16::try_from(status_code).unwrap_or(500))
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return Ok(accepted(status, response, true));
+        }
+        Begin::Mismatch => return Err(ApiError::IdempotencyMismatch),
+        Begin::InProgress => return Err(ApiError::IdempotencyInProgress),
+    }
+
+    let prices = catalogue::prices(&mut tx, &order.skus()).await?;
+    let (lines, total) = request::price(&order, &prices)?;
+    let id = OrderId::new();
+    store::insert(
+        &mut tx,
+        &NewOrder {
+            id,
+            customer_id: &order.customer_id,
+            total,
+            lines: &lines,
+        },
+    )
+    .await?;
+    saga::store::create(&mut tx, id, &order.payment_token, &state.saga).await?;
+    let view = store::load(&mut tx, id)
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)?;
+    let body = serde_json::to_value(&view).map_err(|e| keel_pg::PgError::Encode(e.to_string()))?;
+    let status = StatusCode::ACCEPTED;
+    idempotency::complete(
+        &mut tx,
+        IDEMPOTENCY_SCOPE,
+        key,
+        i32::from(status.as_u16()),
+        &body,
+    )
+    .await?;
+    tx.commit().await?;
+    metrics::counter!("orders_placed_total").increment(1);
+    tracing::info!(order_id = %id, total_minor = total.minor, "order placed");
+    Ok(accepted(status, body, false))
+}
+
+async fn get_order(
+    State(state): State<OrdersState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    // Anything that is not a UUID names no order: 404, like an unknown UUID.
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::OrderNotFound)?;
+    let mut conn = state.pool.acquire().await?;
+    let view = store::load(&mut conn, OrderId(id))
+        .await?
+        .ok_or(ApiError::OrderNotFound)?;
+    Ok(Json(view).into_response())
+}

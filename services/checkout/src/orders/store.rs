@@ -1,0 +1,230 @@
+//! The order aggregate's SQL: create, load, change state.
+//!
+//! Every function takes the caller's connection: it runs inside the caller's transaction
+//! (placing an order, or a saga step), so the order, its history and its outbox event commit
+//! with the rest of that step or not at all.
+//!
+//! Must not break (P02 ordering): the order row is written (inserted or updated, hence
+//! locked) *before* its outbox event is inserted, so the events of one order get `seq`s in
+//! commit order and the relay publishes them in that order.
+
+use chrono::{DateTime, Utc};
+use keel_contracts::events::order::OrderEvent;
+use keel_pg::PgError;
+use keel_pg::outbox::{self, NewEvent};
+use serde::Serialize;
+use sqlx::PgConnection;
+
+use super::request::PricedLine;
+use super::{OrderId, OrderState};
+use crate::money::{Currency, Money};
+
+/// The outbox aggregate type of orders (with the order id, the per-aggregate ordering key).
+pub const AGGREGATE_TYPE: &str = "order";
+
+/// A new order, priced and validated.
+#[derive(Debug, Clone)]
+pub struct NewOrder<'a> {
+    pub id: OrderId,
+    pub customer_id: &'a str,
+    pub total: Money,
+    pub lines: &'a [PricedLine],
+}
+
+/// Inserts `order` (state PENDING) with its lines, its first history row and the
+/// `checkout.order.placed` event.
+pub async fn insert(conn: &mut PgConnection, order: &NewOrder<'_>) -> Result<(), PgError> {
+    sqlx::query(
+        "INSERT INTO orders (id, customer_id, currency, total_minor, state)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(order.id.0)
+    .bind(order.customer_id)
+    .bind(order.total.currency.as_str())
+    .bind(order.total.minor)
+    .bind(OrderState::Pending.as_str())
+    .execute(&mut *conn)
+    .await?;
+    let line_nos: Vec<i32> = (0..).take(order.lines.len()).collect();
+    let skus: Vec<&str> = order.lines.iter().map(|l| l.sku.as_str()).collect();
+    let quantities: Vec<i32> = order.lines.iter().map(|l| l.quantity).collect();
+    let prices: Vec<i64> = order.lines.iter().map(|l| l.unit_price.minor).collect();
+    sqlx::query(
+        "INSERT INTO order_lines (order_id, line_no, sku, quantity, unit_price_minor)
+         SELECT $1, l.line_no, l.sku, l.quantity, l.price
+           FROM unnest($2::int[], $3::text[], $4::int[], $5::bigint[])
+                AS l(line_no, sku, quantity, price)",
+    )
+    .bind(order.id.0)
+    .bind(&line_nos)
+    .bind(&skus)
+    .bind(&quantities)
+    .bind(&prices)
+    .execute(&mut *conn)
+    .await?;
+    let event = OrderEvent {
+        order_id: order.id.0,
+        customer_id: order.customer_id.to_owned(),
+        state: OrderState::Pending.as_str().to_owned(),
+        total_minor: order.total.minor,
+        currency: order.total.currency.as_str().to_owned(),
+        reason: None,
+    };
+    record(conn, &event, OrderState::Pending).await
+}
+
+/// Moves order `id` to `to` (with `reason`), appends the history row and, for a final state,
+/// writes its event. Call inside the transaction of the step that caused the change.
+pub async fn change_state(
+    conn: &mut PgConnection,
+    id: OrderId,
+    to: OrderState,
+    reason: Option<&str>,
+) -> Result<(), PgError> {
+    // The UPDATE locks the order row before the event is inserted (see the module doc).
+    let (customer_id, total_minor, currency): (String, i64, String) = sqlx::query_as(
+        "UPDATE orders SET state = $2, reason = $3, updated_at = now() WHERE id = $1
+         RETURNING customer_id, total_minor, currency",
+    )
+    .bind(id.0)
+    .bind(to.as_str())
+    .bind(reason)
+    .fetch_one(&mut *conn)
+    .await?;
+    let event = OrderEvent {
+        order_id: id.0,
+        customer_id,
+        state: to.as_str().to_owned(),
+        total_minor,
+        currency: currency.trim().to_owned(),
+        reason: reason.map(str::to_owned),
+    };
+    record(conn, &event, to).await
+}
+
+async fn record(
+    conn: &mut PgConnection,
+    event: &OrderEvent,
+    to: OrderState,
+) -> Result<(), PgError> {
+    sqlx::query("INSERT INTO order_history (order_id, state, reason) VALUES ($1, $2, $3)")
+        .bind(event.order_id)
+        .bind(to.as_str())
+        .bind(event.reason.as_deref())
+        .execute(&mut *conn)
+        .await?;
+    if let Some(event_type) = to.event_type() {
+        let data = serde_json::to_value(event).map_err(|e| PgError::Encode(e.to_string()))?;
+        outbox::insert(
+            conn,
+            &NewEvent {
+                aggregate_type: AGGREGATE_TYPE,
+                aggregate_id: &event.order_id.to_string(),
+                event_type,
+                data,
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// An order as `GET /v1/orders/{id}` shows it (and `POST` answers).
+#[derive(Debug, Clone, Serialize)]
+pub struct OrderView {
+    pub id: OrderId,
+    pub customer_id: String,
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub total: Money,
+    pub lines: Vec<LineView>,
+    /// Every state change, oldest first.
+    pub history: Vec<HistoryEntry>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One line of an order.
+#[derive(Debug, Clone, Serialize)]
+pub struct LineView {
+    pub sku: String,
+    pub quantity: i32,
+    pub unit_price: Money,
+    pub line_total: Money,
+}
+
+/// One state change.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct OrderRow {
+    customer_id: String,
+    currency: String,
+    total_minor: i64,
+    state: String,
+    reason: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+/// Loads order `id` with its lines and history; `None` if there is no such order.
+pub async fn load(conn: &mut PgConnection, id: OrderId) -> Result<Option<OrderView>, sqlx::Error> {
+    let Some(row): Option<OrderRow> = sqlx::query_as(
+        "SELECT customer_id, currency, total_minor, state, reason, created_at, updated_at
+           FROM orders WHERE id = $1",
+    )
+    .bind(id.0)
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    // The column's CHECK constraint guarantees the format.
+    let currency = Currency::parse(row.currency.trim()).ok_or_else(|| {
+        sqlx::Error::Decode(format!("bad currency on order {id}: {:?}", row.currency).into())
+    })?;
+    let money = |minor| Money { minor, currency };
+    let lines: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT sku, quantity, unit_price_minor FROM order_lines
+          WHERE order_id = $1 ORDER BY line_no",
+    )
+    .bind(id.0)
+    .fetch_all(&mut *conn)
+    .await?;
+    let history: Vec<(String, Option<String>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT state, reason, at FROM order_history WHERE order_id = $1 ORDER BY id",
+    )
+    .bind(id.0)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Some(OrderView {
+        id,
+        customer_id: row.customer_id,
+        state: row.state,
+        reason: row.reason,
+        total: money(row.total_minor),
+        lines: lines
+            .into_iter()
+            .map(|(sku, quantity, price)| LineView {
+                sku,
+                quantity,
+                unit_price: money(price),
+                // Cannot overflow: the total (their sum) was checked when the order was placed.
+                line_total: money(price.saturating_mul(i64::from(quantity))),
+            })
+            .collect(),
+        history: history
+            .into_iter()
+            .map(|(state, reason, at)| HistoryEntry { state, reason, at })
+            .collect(),
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    }))
+}
