@@ -8,7 +8,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SERVICES := checkout billing notification psp-sim
 
-.PHONY: help dev down status deps build tools test lint fmt bench
+.PHONY: help dev down status demo deps build tools test lint fmt bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -25,6 +25,9 @@ dev: deps build ## the whole stack natively; returns once every service answers 
 down: ## stop everything `make dev` started, and nothing else
 	infra/dev/services.sh stop
 	infra/dev/stack.sh down
+
+demo: ## against `make dev`: every kind of order, their final states, then `keelctl audit`
+	infra/dev/services.sh demo
 
 status: ## what runs where
 	infra/dev/stack.sh status
@@ -49,6 +52,7 @@ bench: deps ## release build; prints Keel-vs-baseline ratios and writes target/b
 	@# the same profile and features as the bench itself, nothing is compiled twice.
 	$(CARGO) build --profile bench --workspace --bins --example bare_axum
 	$(CARGO) bench --workspace --bench keel
+	$(CARGO) bench --workspace --bench journey
 
 fmt: ## format the code
 	$(CARGO) fmt --all

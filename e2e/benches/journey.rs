@@ -133,9 +133,11 @@ async fn relay_drain(pool: &sqlx::PgPool, amqp_url: &str) -> f64 {
         "bench",
         stop.clone(),
     );
-    eventually(Duration::from_secs(10), "relay broker connected", || async {
-        broker.is_connected().await.then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "relay broker connected",
+        || async { broker.is_connected().await.then_some(()) },
+    )
     .await;
     let config = RelayConfig {
         batch_size: BATCH as u32,
@@ -183,7 +185,10 @@ async fn relay_row() -> Row {
         .unwrap();
     let (mut keel, mut raw) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        sqlx::query("DELETE FROM outbox").execute(&pool).await.unwrap();
+        sqlx::query("DELETE FROM outbox")
+            .execute(&pool)
+            .await
+            .unwrap();
         let bodies = fill_outbox(&pool).await;
         raw.push(raw_publish(&ch, &bodies).await);
         ch.queue_purge(QUEUE.into(), QueuePurgeOptions::default())
@@ -199,7 +204,10 @@ async fn relay_row() -> Row {
         v[v.len() / 2]
     };
     let ratios: Vec<f64> = keel.iter().zip(&raw).map(|(k, r)| k / r).collect();
-    println!("relay/raw per-round ratios: {:?}", ratios.iter().map(|r| round(*r, 3)).collect::<Vec<_>>());
+    println!(
+        "relay/raw per-round ratios: {:?}",
+        ratios.iter().map(|r| round(*r, 3)).collect::<Vec<_>>()
+    );
     let ratio = median(ratios);
     Row {
         name: "relay_publish_rate".into(),

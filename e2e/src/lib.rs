@@ -48,8 +48,9 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             saga_deadline: Duration::from_secs(20),
-            call_timeout: Duration::from_secs(3),
-            saga_lease: Duration::from_secs(2),
+            call_timeout: Duration::from_secs(2),
+            // Must exceed call_timeout (checkout refuses a lease shorter than one call).
+            saga_lease: Duration::from_secs(3),
         }
     }
 }
@@ -65,7 +66,10 @@ fn reserve_port() -> u16 {
 }
 
 fn kv(pairs: &[(&str, String)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect()
 }
 
 /// One journey's processes and resources; everything is stopped and dropped with it.
@@ -173,10 +177,14 @@ impl Journey {
     }
 
     async fn wait_ready(&self, base: &str) {
-        eventually(Duration::from_secs(20), &format!("{base}/readyz is 200"), || async {
-            let r = self.http.get(format!("{base}/readyz")).send().await.ok()?;
-            (r.status() == 200).then_some(())
-        })
+        eventually(
+            Duration::from_secs(20),
+            &format!("{base}/readyz is 200"),
+            || async {
+                let r = self.http.get(format!("{base}/readyz")).send().await.ok()?;
+                (r.status() == 200).then_some(())
+            },
+        )
         .await;
     }
 

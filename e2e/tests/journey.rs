@@ -28,7 +28,9 @@ async fn scalar_i64(url: &str, query: &str, id: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_path_order_is_confirmed_captured_and_notified() {
     let j = Journey::start(Options::default()).await;
-    let id = j.place("tok_approve", &[("KEEL-MUG", 2), ("KEEL-BOOK", 1)]).await;
+    let id = j
+        .place("tok_approve", &[("KEEL-MUG", 2), ("KEEL-BOOK", 1)])
+        .await;
     assert_eq!(j.final_state(&id, SETTLE).await, "CONFIRMED");
     // The provider's capture webhook reaches billing and the payment ends captured.
     eventually(SETTLE, "payment captured", || async {
@@ -56,7 +58,10 @@ async fn out_of_stock_order_is_rejected_and_reserves_nothing() {
             .await
             .unwrap();
     let id = j
-        .place("tok_approve", &[(&sku, u32::try_from(available).unwrap() + 1)])
+        .place(
+            "tok_approve",
+            &[(&sku, u32::try_from(available).unwrap() + 1)],
+        )
         .await;
     assert_eq!(j.final_state(&id, SETTLE).await, "REJECTED");
     let order = j.order(&id).await;
@@ -75,7 +80,9 @@ async fn out_of_stock_order_is_rejected_and_reserves_nothing() {
 async fn declined_card_ends_payment_declined_with_stock_released() {
     let j = Journey::start(Options::default()).await;
     let declined = j.place("tok_decline", &[("KEEL-HOODIE", 1)]).await;
-    let broke = j.place("tok_insufficient_funds", &[("KEEL-HOODIE", 1)]).await;
+    let broke = j
+        .place("tok_insufficient_funds", &[("KEEL-HOODIE", 1)])
+        .await;
     assert_eq!(j.final_state(&declined, SETTLE).await, "PAYMENT_DECLINED");
     assert_eq!(j.final_state(&broke, SETTLE).await, "PAYMENT_DECLINED");
     assert_eq!(j.order(&broke).await["reason"], "insufficient_funds");
@@ -174,7 +181,10 @@ async fn checkout_killed_mid_saga_resumes_without_double_reservation_or_charge()
         &id,
     )
     .await;
-    assert!(attempts >= 2, "the saga was resumed by a new claim, not finished before the kill");
+    assert!(
+        attempts >= 2,
+        "the saga was resumed by a new claim, not finished before the kill"
+    );
     j.notified(&id).await;
     // The audit checks one payment of the order's amount and conserved stock.
     j.assert_audit_passes().await;
@@ -261,7 +271,10 @@ async fn replayed_webhook_has_no_second_effect() {
         .to_owned();
     let r = j
         .http
-        .post(format!("{}/admin/webhooks/{hook}/redeliver", j.psp.base_url()))
+        .post(format!(
+            "{}/admin/webhooks/{hook}/redeliver",
+            j.psp.base_url()
+        ))
         .send()
         .await
         .unwrap();
@@ -290,7 +303,10 @@ async fn replayed_webhook_has_no_second_effect() {
             .then_some(())
     })
     .await;
-    assert_eq!(scalar_i64(&j.billing_db.admin_url(), captured, &id).await, 1);
+    assert_eq!(
+        scalar_i64(&j.billing_db.admin_url(), captured, &id).await,
+        1
+    );
     j.assert_audit_passes().await;
 }
 
@@ -301,13 +317,20 @@ async fn broker_connections_dropped_mid_flow_lose_and_double_nothing() {
     for i in 0..12 {
         ids.push(j.place("tok_approve", &[("KEEL-STICKERS", 1)]).await);
         if i % 4 == 1 {
-            assert!(j.drop_broker_connections().await > 0, "services were connected");
+            assert!(
+                j.drop_broker_connections().await > 0,
+                "services were connected"
+            );
         }
     }
     for id in &ids {
         assert_eq!(j.final_state(id, SETTLE).await, "CONFIRMED");
         let n = j.notified(id).await;
-        assert_eq!(n["notifications"].as_array().unwrap().len(), 1, "one notification for {id}");
+        assert_eq!(
+            n["notifications"].as_array().unwrap().len(),
+            1,
+            "one notification for {id}"
+        );
     }
     j.assert_audit_passes().await;
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts, stops and reports Keel's four services natively (`make dev` / `make down`).
 #
-#   infra/dev/services.sh start|stop|status
+#   infra/dev/services.sh start|stop|status|demo|keelctl <args>
 #
 # Services run the debug binaries from target/debug (the same artifacts the tests use, so
 # `make dev` after `make test` builds nothing). Each one gets its ports and dependency URLs
@@ -46,10 +46,33 @@ service_env() {
       echo "KEEL_DATABASE__MIGRATE_URL=postgres://${svc}_owner:${svc}_owner_dev@127.0.0.1:${PG_PORT}/keel_${svc}"
       ;;
   esac
+  local amqp="amqp://guest:guest@127.0.0.1:${AMQP_PORT}/keel"
   case "$svc" in
-    billing) echo "KEEL_GRPC__PORT=$BILLING_GRPC_PORT" ;;
-    notification) echo "KEEL_AMQP__URL=amqp://guest:guest@127.0.0.1:${AMQP_PORT}/keel" ;;
+    checkout)
+      echo "KEEL_AMQP__URL=$amqp"
+      echo "KEEL_BILLING__GRPC_URL=http://127.0.0.1:${BILLING_GRPC_PORT}"
+      ;;
+    billing)
+      echo "KEEL_GRPC__PORT=$BILLING_GRPC_PORT"
+      echo "KEEL_AMQP__URL=$amqp"
+      echo "KEEL_PSP__BASE_URL=http://127.0.0.1:${PSP_SIM_HTTP_PORT}"
+      ;;
+    notification) echo "KEEL_AMQP__URL=$amqp" ;;
+    psp-sim) echo "KEEL_WEBHOOK__URL=http://127.0.0.1:${BILLING_HTTP_PORT}/v1/webhooks/psp" ;;
   esac
+}
+
+# keelctl's environment: the same databases (runtime roles, through pgbouncer), the broker's
+# management API and the services' URLs.
+keelctl_env() {
+  local svc
+  for svc in checkout billing notification; do
+    echo "KEEL_${svc^^}__URL=postgres://${svc}_app:${svc}_app_dev@127.0.0.1:${PGBOUNCER_PORT}/keel_${svc}"
+  done
+  echo "KEEL_RABBITMQ__MANAGEMENT_URL=http://127.0.0.1:${AMQP_MGMT_PORT}"
+  echo "KEEL_DEMO__CHECKOUT_URL=http://127.0.0.1:${CHECKOUT_HTTP_PORT}"
+  echo "KEEL_DEMO__NOTIFICATION_URL=http://127.0.0.1:${NOTIFICATION_HTTP_PORT}"
+  echo "KEEL_DEMO__PSP_URL=http://127.0.0.1:${PSP_SIM_HTTP_PORT}"
 }
 
 # Replaces the calling (sub)shell with the service binary, so `$!` of a background call is
@@ -58,7 +81,11 @@ exec_with_env() {
   local svc="$1"
   shift
   local -a vars
-  mapfile -t vars < <(service_env "$svc")
+  if [[ "$svc" == keelctl ]]; then
+    mapfile -t vars < <(keelctl_env)
+  else
+    mapfile -t vars < <(service_env "$svc")
+  fi
   # env -i would drop PATH/HOME; instead remove any stray KEEL_* from the caller's shell so
   # the service sees exactly this configuration (unknown KEEL_* keys are rejected).
   local -a unset_args=()
@@ -137,8 +164,11 @@ Keel is up. Every service answers /readyz.
 Each serves /livez, /readyz and /metrics. Logs (JSON): .keel/logs/<service>.log
 
 Next:
+  make demo       every kind of order (approved, out of stock, declined, flaky, timeout,
+                  duplicate key, replayed webhook), their final states, then keelctl audit
   curl -s localhost:${CHECKOUT_HTTP_PORT}/v1/products
-  curl -s localhost:${CHECKOUT_HTTP_PORT}/metrics | grep http_requests_total
+  curl -s localhost:${CHECKOUT_HTTP_PORT}/openapi.yaml
+  infra/dev/services.sh keelctl jobs     the saga job queue (keelctl with this stack's config)
   make status     what runs where
   make test       the whole test suite
   make down       stop everything make dev started
@@ -171,6 +201,15 @@ stop() {
   done
 }
 
+# `make demo`: keelctl places every kind of order against the running stack, then audits.
+demo() {
+  [[ -x "$BIN/keelctl" ]] || { log "missing $BIN/keelctl: run \`cargo build --bins\`"; exit 1; }
+  for svc in "${SERVICES[@]}"; do
+    running_pid "$svc" >/dev/null || { log "$svc is not running: \`make dev\` first"; exit 1; }
+  done
+  (exec_with_env keelctl "$BIN/keelctl" "$@")
+}
+
 status() {
   for svc in "${SERVICES[@]}"; do
     local pid port ready
@@ -188,5 +227,7 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 64 ;;
+  demo) demo demo ;;
+  keelctl) shift; demo_args=("$@"); (exec_with_env keelctl "$BIN/keelctl" "${demo_args[@]}") ;;
+  *) echo "usage: $0 start|stop|status|demo|keelctl <args>" >&2; exit 64 ;;
 esac

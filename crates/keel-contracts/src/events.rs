@@ -25,7 +25,8 @@ pub struct Envelope {
     pub schema_version: u32,
     /// The aggregate the event is about (an order id, a payment id).
     pub aggregate_id: String,
-    /// RFC 3339, when the state change committed.
+    /// RFC 3339, when the producer wrote the event (its clock, inside the transaction that
+    /// changed the state; commit follows within that transaction's duration).
     pub occurred_at: String,
     /// The event's own fields; see the `*Event` types below.
     pub data: serde_json::Value,

@@ -24,6 +24,8 @@ pub struct Config {
     pub saga: SagaConfig,
     pub orders: OrdersConfig,
     pub maintenance: MaintenanceConfig,
+    pub amqp: keel_amqp::AmqpConfig,
+    pub relay: keel_amqp::RelayConfig,
 }
 
 /// `[billing]`: how the saga reaches billing's `PaymentService` over gRPC.
@@ -211,6 +213,8 @@ impl Validate for Config {
         self.saga.validate()?;
         self.orders.validate()?;
         self.maintenance.validate()?;
+        self.amqp.validate()?;
+        self.relay.validate()?;
         // A request waiting for a concurrent holder of its key must get its 409 before the
         // server's request timeout turns it into a 503.
         if self.orders.idempotency_wait >= self.http.request_timeout {

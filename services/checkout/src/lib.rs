@@ -12,6 +12,10 @@
 //! - [`maintenance`]: the recurring purge of expired idempotency keys.
 //!
 //! The HTTP API is described in `openapi.yaml` (served at `GET /openapi.yaml`).
+//!
+//! Order events leave through the outbox (P02): every state change writes its event in its
+//! own transaction, and `keel_amqp::relay` publishes them to `keel.events`. RabbitMQ is not a
+//! readiness check: while it is down orders are still taken and events wait in the outbox.
 
 pub mod catalogue;
 pub mod config;
@@ -28,6 +32,7 @@ use std::net::SocketAddr;
 use axum::Router;
 use axum::routing::get;
 use http::header;
+use keel_amqp::Broker;
 use keel_http::shutdown::Drained;
 use keel_http::{Health, Lifecycle};
 use keel_telemetry::LagMonitor;
@@ -92,6 +97,9 @@ pub struct App {
     saga: Saga,
     run_saga_worker: bool,
     maintenance: Maintenance,
+    broker: Broker,
+    relay: keel_amqp::RelayConfig,
+    relay_stop: tokio_util::sync::CancellationToken,
 }
 
 /// This process's name in the job queue's `locked_by` (host, pid, random suffix).
@@ -122,6 +130,10 @@ impl App {
             async move { keel_pg::ping(&db).await }
         });
 
+        // The relay and its broker connection outlive the listener and the workers: the events
+        // of the last sagas finished during shutdown are still published.
+        let relay_stop = tokio_util::sync::CancellationToken::new();
+        let broker = Broker::spawn(config.amqp.clone(), "checkout", relay_stop.clone());
         let billing = Billing::connect_lazy(&config.billing)?;
         let saga = Saga::new(pool.clone(), billing, config.saga.clone());
         let maintenance = Maintenance::new(
@@ -151,6 +163,9 @@ impl App {
             saga,
             run_saga_worker: config.saga.run_worker,
             maintenance,
+            broker,
+            relay: config.relay.clone(),
+            relay_stop,
         })
     }
 
@@ -179,9 +194,12 @@ impl App {
             "maintenance worker",
             tokio::spawn(self.maintenance.run_worker(worker, stop.clone())),
         ));
-        // NOTE(lead): the outbox relay (keel_amqp::relay) goes here: spawn it with
-        // `self.pool.clone()`, the broker connection and `stop.clone()`, and push its handle
-        // onto `workers` so shutdown waits for it like the others.
+        let relay = keel_amqp::relay::spawn(
+            self.pool.clone(),
+            self.broker.clone(),
+            self.relay.clone(),
+            self.relay_stop.clone(),
+        );
 
         let drained = self
             .lifecycle
@@ -195,6 +213,12 @@ impl App {
             })
             .await;
         }
+        self.relay_stop.cancel();
+        keel_http::shutdown::close_within("outbox relay", async {
+            let _ = relay.await;
+        })
+        .await;
+        keel_http::shutdown::close_within("rabbitmq connection", self.broker.close()).await;
         keel_http::shutdown::close_within("postgres pool", self.pool.close()).await;
         tracing::info!(?drained, "stopped");
         Ok(drained)
