@@ -300,19 +300,31 @@ impl Journey {
 
     /// Closes every AMQP connection of this journey's vhost (and only those) through the
     /// management API: the broker "drops" the services, which must reconnect.
+    ///
+    /// Waits (bounded) until the management API lists the services' connections: its view
+    /// lags a freshly opened connection by a moment.
     pub async fn drop_broker_connections(&self) -> usize {
         let stack = keel_testkit::Stack::load();
         let base = stack.amqp_mgmt_base();
-        let conns: Vec<Value> = self
-            .http
-            .get(format!("{base}/api/vhosts/{}/connections", self.vhost.name))
-            .basic_auth("guest", Some("guest"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let conns: Vec<Value> = eventually(
+            Duration::from_secs(20),
+            "the services' AMQP connections are listed",
+            || async {
+                let conns: Vec<Value> = self
+                    .http
+                    .get(format!("{base}/api/vhosts/{}/connections", self.vhost.name))
+                    .basic_auth("guest", Some("guest"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                // checkout, billing and notification each hold one.
+                (conns.len() >= 3).then_some(conns)
+            },
+        )
+        .await;
         for c in &conns {
             let name = c["name"].as_str().unwrap();
             let _ = self

@@ -128,7 +128,7 @@ async fn billing_down_for_a_while_the_saga_retries_then_resumes() {
     eventually(Duration::from_secs(20), "saga retried twice", || async {
         let attempts = scalar_i64(
             &j.checkout_db.admin_url(),
-            "SELECT COALESCE(max(attempts), 0)::int8 FROM jobs WHERE queue = 'saga' AND payload->>'order_id' = $1::text",
+            "SELECT COALESCE(max(j.attempts), 0)::int8 FROM jobs j JOIN sagas s ON s.id = j.id WHERE s.order_id = $1",
             &id,
         )
         .await;
@@ -152,8 +152,26 @@ async fn billing_down_past_the_deadline_compensates() {
     .await;
     j.billing_link.cut();
     let id = j.place("tok_approve", &[("KEEL-MUG", 1)]).await;
-    assert_eq!(j.final_state(&id, SETTLE).await, "PAYMENT_FAILED");
+    // Past the deadline the saga gives up forward progress and compensates. Whether the
+    // authorization reached billing is unknown, so compensation must void by order, and it
+    // retries (without a deadline) until billing answers.
+    eventually(SETTLE, "saga compensating", || async {
+        let n = scalar_i64(
+            &j.checkout_db.admin_url(),
+            "SELECT count(*) FROM sagas WHERE order_id = $1 AND state = 'COMPENSATING'",
+            &id,
+        )
+        .await;
+        (n == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        j.order(&id).await["state"],
+        "RESERVED",
+        "not final while it cannot void"
+    );
     j.billing_link.restore();
+    assert_eq!(j.final_state(&id, SETTLE).await, "PAYMENT_FAILED");
     j.notified(&id).await;
     j.assert_audit_passes().await;
 }
@@ -177,7 +195,7 @@ async fn checkout_killed_mid_saga_resumes_without_double_reservation_or_charge()
     assert_eq!(j.final_state(&id, SETTLE).await, "CONFIRMED");
     let attempts = scalar_i64(
         &j.checkout_db.admin_url(),
-        "SELECT max(attempts)::int8 FROM jobs WHERE queue = 'saga' AND payload->>'order_id' = $1::text",
+        "SELECT max(j.attempts)::int8 FROM jobs j JOIN sagas s ON s.id = j.id WHERE s.order_id = $1",
         &id,
     )
     .await;
@@ -317,10 +335,7 @@ async fn broker_connections_dropped_mid_flow_lose_and_double_nothing() {
     for i in 0..12 {
         ids.push(j.place("tok_approve", &[("KEEL-STICKERS", 1)]).await);
         if i % 4 == 1 {
-            assert!(
-                j.drop_broker_connections().await > 0,
-                "services were connected"
-            );
+            j.drop_broker_connections().await;
         }
     }
     for id in &ids {

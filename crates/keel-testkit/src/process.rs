@@ -43,14 +43,18 @@ impl ServiceProcess {
             let mut tx = Some(tx);
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                    && v["message"] == "listening"
-                    && let Some(addr) = v["addr"].as_str().and_then(|a| a.parse().ok())
+                let listening = serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .filter(|v| v["message"] == "listening")
+                    .and_then(|v| v["addr"].as_str().and_then(|a| a.parse().ok()));
+                // Record the line before announcing it: a caller woken by the address may
+                // read other fields of the same line from `logs()` at once.
+                out_logs.lock().expect("logs lock").push(line);
+                if let Some(addr) = listening
                     && let Some(tx) = tx.take()
                 {
                     let _ = tx.send(addr);
                 }
-                out_logs.lock().expect("logs lock").push(line);
             }
         });
         let stderr = child.stderr.take().expect("stderr piped");
