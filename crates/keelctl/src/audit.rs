@@ -65,14 +65,14 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{:<58} {:>8} {:>10}  result",
+            "{:<66} {:>8} {:>10}  result",
             "check", "checked", "violations"
         )?;
         for c in &self.checks {
             let result = if c.passed() { "ok" } else { "FAIL" };
             writeln!(
                 f,
-                "{:<58} {:>8} {:>10}  {result}",
+                "{:<66} {:>8} {:>10}  {result}",
                 c.name, c.checked, c.violations
             )?;
             for e in &c.examples {
