@@ -89,21 +89,21 @@ pub async fn begin(
     request_hash: &[u8],
     timing: Timing,
 ) -> Result<Begin, PgError> {
-    // Bound the wait behind a concurrent holder of the same key; reset afterwards so the
-    // caller's own statements keep the server's default.
-    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-        .bind(format!("{}ms", millis(timing.wait).max(1)))
-        .execute(&mut *conn)
-        .await?;
+    // Bound the wait behind a concurrent holder of the same key, in the same statement as
+    // the insert (one round trip, not three): the CTE sets `lock_timeout` for this
+    // transaction before the INSERT can wait on the key. The bound then stays for the rest
+    // of the transaction, which suits the short write transactions idempotency wraps.
     let inserted = sqlx::query(
-        "INSERT INTO idempotency_keys (scope, key, request_hash, expires_at)
-         VALUES ($1, $2, $3, now() + make_interval(secs => $4::float8 / 1000))
+        "WITH bound AS (SELECT set_config('lock_timeout', $5, true))
+         INSERT INTO idempotency_keys (scope, key, request_hash, expires_at)
+         SELECT $1, $2, $3, now() + make_interval(secs => $4::float8 / 1000) FROM bound
          ON CONFLICT DO NOTHING",
     )
     .bind(scope)
     .bind(key)
     .bind(request_hash)
     .bind(millis(timing.ttl))
+    .bind(format!("{}ms", millis(timing.wait).max(1)))
     .execute(&mut *conn)
     .await;
     let inserted = match inserted {
@@ -114,9 +114,6 @@ pub async fn begin(
         }
         Err(e) => return Err(e.into()),
     };
-    sqlx::query("SELECT set_config('lock_timeout', '0', true)")
-        .execute(&mut *conn)
-        .await?;
     if inserted {
         return Ok(Begin::New);
     }

@@ -120,6 +120,35 @@ async fn place(
         max_quantity: state.orders.max_quantity,
     };
     let order = request::parse(&body, limits)?;
+    match place_order(&state, &order, key).await? {
+        Placed::New(body) => {
+            metrics::counter!("orders_placed_total").increment(1);
+            Ok(accepted(StatusCode::ACCEPTED, body, false))
+        }
+        Placed::Replay(status, body) => {
+            metrics::counter!("orders_idempotent_replays_total").increment(1);
+            Ok(accepted(status, body, true))
+        }
+    }
+}
+
+/// What [`place_order`] did.
+#[derive(Debug, Clone)]
+pub enum Placed {
+    /// A new order; its representation (state PENDING).
+    New(serde_json::Value),
+    /// The key was used before with the same request: the stored answer.
+    Replay(StatusCode, serde_json::Value),
+}
+
+/// The placement transaction (steps 1–3 of the module doc) for a parsed `order` under
+/// idempotency `key`. Public so `make bench` can measure it against a bare insert on the
+/// same pool.
+pub async fn place_order(
+    state: &OrdersState,
+    order: &request::PlaceOrder,
+    key: &str,
+) -> Result<Placed, ApiError> {
     let timing = Timing {
         ttl: state.orders.idempotency_ttl,
         wait: state.orders.idempotency_wait,
@@ -144,19 +173,18 @@ async fn place(
             response,
         } => {
             tx.rollback().await?;
-            metrics::counter!("orders_idempotent_replays_total").increment(1);
             let status = StatusCode::from_u16(u16::try_from(status_code).unwrap_or(500))
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            return Ok(accepted(status, response, true));
+            return Ok(Placed::Replay(status, response));
         }
         Begin::Mismatch => return Err(ApiError::IdempotencyMismatch),
         Begin::InProgress => return Err(ApiError::IdempotencyInProgress),
     }
 
     let prices = catalogue::prices(&mut tx, &order.skus()).await?;
-    let (lines, total) = request::price(&order, &prices)?;
+    let (lines, total) = request::price(order, &prices)?;
     let id = OrderId::new();
-    store::insert(
+    let view = store::insert(
         &mut tx,
         &NewOrder {
             id,
@@ -167,23 +195,18 @@ async fn place(
     )
     .await?;
     saga::store::create(&mut tx, id, &order.payment_token, &state.saga).await?;
-    let view = store::load(&mut tx, id)
-        .await?
-        .ok_or(sqlx::Error::RowNotFound)?;
     let body = serde_json::to_value(&view).map_err(|e| keel_pg::PgError::Encode(e.to_string()))?;
-    let status = StatusCode::ACCEPTED;
     idempotency::complete(
         &mut tx,
         IDEMPOTENCY_SCOPE,
         key,
-        i32::from(status.as_u16()),
+        i32::from(StatusCode::ACCEPTED.as_u16()),
         &body,
     )
     .await?;
     tx.commit().await?;
-    metrics::counter!("orders_placed_total").increment(1);
     tracing::info!(order_id = %id, total_minor = total.minor, "order placed");
-    Ok(accepted(status, body, false))
+    Ok(Placed::New(body))
 }
 
 async fn get_order(

@@ -22,7 +22,7 @@ pub mod store;
 use serde::Serialize;
 use uuid::Uuid;
 
-pub use api::{OrdersState, routes};
+pub use api::{OrdersState, Placed, place_order, routes};
 
 /// The routes this module serves (method, path), as documented in `openapi.yaml`.
 pub const ROUTES: &[(&str, &str)] = &[("POST", "/v1/orders"), ("GET", "/v1/orders/{id}")];

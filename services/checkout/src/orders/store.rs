@@ -32,35 +32,41 @@ pub struct NewOrder<'a> {
 }
 
 /// Inserts `order` (state PENDING) with its lines, its first history row and the
-/// `checkout.order.placed` event.
-pub async fn insert(conn: &mut PgConnection, order: &NewOrder<'_>) -> Result<(), PgError> {
-    sqlx::query(
-        "INSERT INTO orders (id, customer_id, currency, total_minor, state)
-         VALUES ($1, $2, $3, $4, $5)",
+/// `checkout.order.placed` event, and returns the order as `POST` answers it.
+///
+/// Order, lines and history go in one statement (data-modifying CTEs): placement is the
+/// hot path, and each statement through pgbouncer is a network round trip. The view is
+/// built from what was written; `now()` is the transaction's start, so `created_at`,
+/// `updated_at` and the history row's `at` are the same instant the database stored.
+pub async fn insert(conn: &mut PgConnection, order: &NewOrder<'_>) -> Result<OrderView, PgError> {
+    let line_nos: Vec<i32> = (0..).take(order.lines.len()).collect();
+    let skus: Vec<&str> = order.lines.iter().map(|l| l.sku.as_str()).collect();
+    let quantities: Vec<i32> = order.lines.iter().map(|l| l.quantity).collect();
+    let prices: Vec<i64> = order.lines.iter().map(|l| l.unit_price.minor).collect();
+    let created_at: DateTime<Utc> = sqlx::query_scalar(
+        "WITH o AS (
+             INSERT INTO orders (id, customer_id, currency, total_minor, state)
+             VALUES ($1, $2, $3, $4, $5)
+             RETURNING id, created_at),
+         l AS (
+             INSERT INTO order_lines (order_id, line_no, sku, quantity, unit_price_minor)
+             SELECT o.id, l.line_no, l.sku, l.quantity, l.price
+               FROM o, unnest($6::int[], $7::text[], $8::int[], $9::bigint[])
+                       AS l(line_no, sku, quantity, price)),
+         h AS (
+             INSERT INTO order_history (order_id, state) SELECT o.id, $5 FROM o)
+         SELECT created_at FROM o",
     )
     .bind(order.id.0)
     .bind(order.customer_id)
     .bind(order.total.currency.as_str())
     .bind(order.total.minor)
     .bind(OrderState::Pending.as_str())
-    .execute(&mut *conn)
-    .await?;
-    let line_nos: Vec<i32> = (0..).take(order.lines.len()).collect();
-    let skus: Vec<&str> = order.lines.iter().map(|l| l.sku.as_str()).collect();
-    let quantities: Vec<i32> = order.lines.iter().map(|l| l.quantity).collect();
-    let prices: Vec<i64> = order.lines.iter().map(|l| l.unit_price.minor).collect();
-    sqlx::query(
-        "INSERT INTO order_lines (order_id, line_no, sku, quantity, unit_price_minor)
-         SELECT $1, l.line_no, l.sku, l.quantity, l.price
-           FROM unnest($2::int[], $3::text[], $4::int[], $5::bigint[])
-                AS l(line_no, sku, quantity, price)",
-    )
-    .bind(order.id.0)
     .bind(&line_nos)
     .bind(&skus)
     .bind(&quantities)
     .bind(&prices)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
     let event = OrderEvent {
         order_id: order.id.0,
@@ -70,7 +76,35 @@ pub async fn insert(conn: &mut PgConnection, order: &NewOrder<'_>) -> Result<(),
         currency: order.total.currency.as_str().to_owned(),
         reason: None,
     };
-    record(conn, &event, OrderState::Pending).await
+    publish(conn, &event, OrderState::Pending).await?;
+    let money = |minor| Money {
+        minor,
+        currency: order.total.currency,
+    };
+    Ok(OrderView {
+        id: order.id,
+        customer_id: order.customer_id.to_owned(),
+        state: OrderState::Pending.as_str().to_owned(),
+        reason: None,
+        total: order.total,
+        lines: order
+            .lines
+            .iter()
+            .map(|l| LineView {
+                sku: l.sku.clone(),
+                quantity: l.quantity,
+                unit_price: l.unit_price,
+                line_total: money(l.unit_price.minor.saturating_mul(i64::from(l.quantity))),
+            })
+            .collect(),
+        history: vec![HistoryEntry {
+            state: OrderState::Pending.as_str().to_owned(),
+            reason: None,
+            at: created_at,
+        }],
+        created_at,
+        updated_at: created_at,
+    })
 }
 
 /// Moves order `id` to `to` (with `reason`), appends the history row and, for a final state,
@@ -113,6 +147,15 @@ async fn record(
         .bind(event.reason.as_deref())
         .execute(&mut *conn)
         .await?;
+    publish(conn, event, to).await
+}
+
+/// Writes the outbox event of a change to `to`, if that state has one (first and final).
+async fn publish(
+    conn: &mut PgConnection,
+    event: &OrderEvent,
+    to: OrderState,
+) -> Result<(), PgError> {
     if let Some(event_type) = to.event_type() {
         let data = serde_json::to_value(event).map_err(|e| PgError::Encode(e.to_string()))?;
         outbox::insert(
