@@ -581,6 +581,10 @@ impl Saga {
         // still holds money; nothing is a success).
         let (step, void_needed) = match from {
             SagaState::Authorized => ("capture", true),
+            // The step log records an Authorize only once its answer came back; a worker
+            // that died inside the call left no trace, yet billing may have authorized. From
+            // RESERVED an Authorize may always have started, so always void by order.
+            SagaState::Reserved => ("authorize", true),
             _ => (
                 "authorize",
                 store::attempted(&mut tx, id, "authorize").await?,
