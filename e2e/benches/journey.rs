@@ -387,6 +387,6 @@ async fn latency_rows() -> Vec<Row> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mut rows = vec![placement_row().await, relay_row().await];
-    rows.extend(latency_rows().await);
+    rows.extend(Box::pin(latency_rows()).await);
     keel_testkit::bench::record(&rows);
 }

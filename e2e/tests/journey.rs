@@ -178,33 +178,52 @@ async fn billing_down_past_the_deadline_compensates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkout_killed_mid_saga_resumes_without_double_reservation_or_charge() {
-    let mut j = Journey::start(Options::default()).await;
-    // tok_slow holds the authorization for a while: the saga is mid-flight when we kill it.
+    // The provider holds tok_slow for 4 s, well inside the call timeout: the saga is provably
+    // inside Authorize when checkout dies, and the only way it can finish is another claim
+    // after the lease expires.
+    let mut j = Journey::start(Options {
+        psp_slow_delay: Duration::from_secs(4),
+        call_timeout: Duration::from_secs(8),
+        saga_lease: Duration::from_secs(9),
+        ..Options::default()
+    })
+    .await;
     let id = j.place("tok_slow", &[("KEEL-TEE-L", 2)]).await;
-    eventually(Duration::from_secs(10), "stock reserved", || async {
-        let n = scalar_i64(
-            &j.checkout_db.admin_url(),
-            "SELECT count(*) FROM reservations WHERE order_id = $1",
-            &id,
-        )
-        .await;
-        (n > 0).then_some(())
+    let claim = "SELECT j.locked_by FROM jobs j JOIN sagas s ON s.id = j.id WHERE s.order_id = $1";
+    let first: String = eventually(Duration::from_secs(10), "saga inside Authorize", || async {
+        let mut c = sql(&j.checkout_db.admin_url()).await;
+        let reserved: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM reservations WHERE order_id = $1")
+                .bind(uuid::Uuid::parse_str(&id).unwrap())
+                .fetch_one(&mut c)
+                .await
+                .ok()?;
+        let holder: Option<String> = sqlx::query_scalar(claim)
+            .bind(uuid::Uuid::parse_str(&id).unwrap())
+            .fetch_one(&mut c)
+            .await
+            .ok()?;
+        (reserved > 0).then_some(holder).flatten()
     })
     .await;
     j.kill_and_restart_checkout().await;
     assert_eq!(j.final_state(&id, SETTLE).await, "CONFIRMED");
-    let attempts = scalar_i64(
-        &j.checkout_db.admin_url(),
-        "SELECT max(j.attempts)::int8 FROM jobs j JOIN sagas s ON s.id = j.id WHERE s.order_id = $1",
-        &id,
+    let mut c = sql(&j.checkout_db.admin_url()).await;
+    let (attempts, last): (i32, String) = sqlx::query_as(
+        "SELECT j.attempts, j.locked_by FROM jobs j JOIN sagas s ON s.id = j.id WHERE s.order_id = $1",
     )
-    .await;
+    .bind(uuid::Uuid::parse_str(&id).unwrap())
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
     assert!(
         attempts >= 2,
-        "the saga was resumed by a new claim, not finished before the kill"
+        "resumed by a second claim (attempts {attempts})"
     );
+    assert_ne!(first, last, "the restarted process finished the saga");
     j.notified(&id).await;
-    // The audit checks one payment of the order's amount and conserved stock.
+    // The audit checks one payment of the order's amount, captured, and conserved stock with
+    // the reservations sold exactly once.
     j.assert_audit_passes().await;
 }
 

@@ -126,7 +126,10 @@ pub async fn begin(
         expired: bool,
         stale: bool,
     }
-    let row: Row = sqlx::query_as(
+    // The row may be locked by a caller deciding about it (taking over an expired key), or
+    // have been purged since our insert found it: both are answered as "in progress", and
+    // the client's retry finds a settled key.
+    let row: Option<Row> = match sqlx::query_as(
         "SELECT request_hash, status_code, response,
                 expires_at < now() AS expired,
                 created_at < now() - make_interval(secs => $3::float8 / 1000) AS stale
@@ -136,8 +139,18 @@ pub async fn begin(
     .bind(scope)
     .bind(key)
     .bind(millis(timing.stale_after))
-    .fetch_one(&mut *conn)
-    .await?;
+    .fetch_optional(&mut *conn)
+    .await
+    {
+        Ok(row) => row,
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+            return Ok(Begin::InProgress);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let Some(row) = row else {
+        return Ok(Begin::InProgress);
+    };
 
     let abandoned = row.status_code.is_none() && row.stale;
     if row.expired || abandoned {

@@ -178,8 +178,12 @@ pub async fn run(config: &Config) -> Result<Report, AuditError> {
         stuck,
     ));
 
-    // 2. Stock is conserved per SKU and matches the reservations.
+    // 2. Stock is conserved per SKU and matches the reservations, and every final order's
+    //    reservations ended as its state says.
     report.checks.push(stock_conserved(&mut checkout).await?);
+    report
+        .checks
+        .push(reservations_settled(&mut checkout).await?);
 
     // 3 and 4. Payments agree with final order states.
     let payments: Vec<Payment> =
@@ -209,6 +213,11 @@ pub async fn run(config: &Config) -> Result<Report, AuditError> {
         .filter_map(|o| {
             let held = holding(o);
             match held.as_slice() {
+                // Settled: the provider's capture webhook has long had time to arrive.
+                [p] if o.settled && p.status != "CAPTURED" => Some(format!(
+                    "order {} confirmed but payment {} is still {}",
+                    o.id, p.payment_id, p.status
+                )),
                 [p] if p.amount_minor == o.total_minor && p.currency == o.currency => None,
                 [p] => Some(format!(
                     "order {} total {} {} but payment {} is {} {}",
@@ -219,7 +228,7 @@ pub async fn run(config: &Config) -> Result<Report, AuditError> {
         })
         .collect();
     report.checks.push(check(
-        "confirmed orders have exactly one payment of their amount",
+        "confirmed orders have one payment of their amount (captured once settled)",
         confirmed.len() as i64,
         unpaid,
     ));
@@ -255,25 +264,36 @@ pub async fn run(config: &Config) -> Result<Report, AuditError> {
             .push(outbox_drained(service, conn, config.audit.outbox_within.as_secs_f64()).await?);
     }
 
-    // 6. Every settled final order has its customer notification.
-    let notified: Vec<Uuid> = sqlx::query_scalar("SELECT DISTINCT order_id FROM notifications")
+    // 6. Every settled final order has exactly one customer notification, announcing the
+    //    state it ended in (a duplicate is the failure the inbox prevents).
+    let notes: Vec<(Uuid, String)> = sqlx::query_as("SELECT order_id, kind FROM notifications")
         .fetch_all(&mut notification)
         .await
         .map_err(db("notification"))?;
-    let notified: std::collections::HashSet<Uuid> = notified.into_iter().collect();
+    let mut kinds: HashMap<Uuid, Vec<String>> = HashMap::new();
+    for (order, kind) in notes {
+        kinds.entry(order).or_default().push(kind);
+    }
     let settled_final: Vec<&Order> = orders
         .iter()
         .filter(|o| o.settled && is_final(&o.state))
         .collect();
-    let silent = settled_final
+    let wrong = settled_final
         .iter()
-        .filter(|o| !notified.contains(&o.id))
-        .map(|o| format!("order {} ({}) has no notification", o.id, o.state))
+        .filter_map(|o| match kinds.get(&o.id).map(Vec::as_slice) {
+            Some([kind]) if *kind == o.state => None,
+            Some([kind]) => Some(format!(
+                "order {} is {} but was announced {kind}",
+                o.id, o.state
+            )),
+            Some(many) => Some(format!("order {} has {} notifications", o.id, many.len())),
+            None => Some(format!("order {} ({}) has no notification", o.id, o.state)),
+        })
         .collect();
     report.checks.push(check(
-        "settled final orders have their notification",
+        "settled final orders have exactly one notification of their state",
         settled_final.len() as i64,
-        silent,
+        wrong,
     ));
 
     // 7. Jobs: none given up on.
@@ -332,6 +352,45 @@ async fn stock_conserved(conn: &mut PgConnection) -> Result<Check, AuditError> {
         "stock conserved per SKU (available + reserved + sold = initial)",
         rows.len() as i64,
         broken,
+    ))
+}
+
+async fn reservations_settled(conn: &mut PgConnection) -> Result<Check, AuditError> {
+    let finals = FINAL_STATES.map(str::to_owned).to_vec();
+    let checked: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE state = ANY($1)")
+        .bind(&finals)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db("checkout"))?;
+    // A CONFIRMED order sold every line, exactly; any other final order holds nothing and
+    // sold nothing.
+    let broken: Vec<(Uuid, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT o.id, o.state, l.sku, r.state
+           FROM orders o
+           JOIN order_lines l ON l.order_id = o.id
+           LEFT JOIN reservations r ON r.order_id = o.id AND r.sku = l.sku
+          WHERE (o.state = 'CONFIRMED'
+                 AND (r.state IS DISTINCT FROM 'sold' OR r.quantity <> l.quantity))
+             OR (o.state = ANY($1) AND o.state <> 'CONFIRMED'
+                 AND r.state IN ('reserved', 'sold'))
+          ORDER BY o.created_at",
+    )
+    .bind(&finals)
+    .fetch_all(conn)
+    .await
+    .map_err(db("checkout"))?;
+    Ok(check(
+        "final orders' reservations match their state",
+        checked,
+        broken
+            .into_iter()
+            .map(|(id, state, sku, r)| {
+                format!(
+                    "order {id} is {state} but {sku} is {}",
+                    r.as_deref().unwrap_or("not reserved")
+                )
+            })
+            .collect(),
     ))
 }
 

@@ -11,7 +11,7 @@
 //! | RESERVED     | `Authorize` (gRPC)            | AUTHORIZED  | declined → COMPENSATING → PAYMENT_DECLINED         |
 //! |              |                               |             | final error / deadline → COMPENSATING → PAYMENT_FAILED |
 //! | AUTHORIZED   | `Capture` (gRPC), then commit stock reserved → sold | CONFIRMED | final error / deadline → COMPENSATING (void) → PAYMENT_FAILED |
-//! | COMPENSATING | `Void` if an authorization may exist, then release stock | the target final state | retried until it succeeds (no deadline) |
+//! | COMPENSATING | `Void` if an authorization may exist, then release stock | the target final state | retried with backoff, no deadline, within `saga.max_attempts` |
 //!
 //! Retryable errors (billing down, timeouts) do not change the state: the job is rescheduled
 //! with backoff ([`Outcome::RetryAfter`]) while the saga's deadline (`saga.deadline` from the
@@ -385,7 +385,8 @@ impl Saga {
                 return self.retry(id, "authorize", &e, left, attempt).await;
             }
             Err(e @ CallError::Final { .. }) => {
-                // Billing refused the request itself: no authorization exists to void.
+                // Billing refused this request, but an earlier attempt (before a timeout)
+                // may have reached it: void by order, which succeeds when there is nothing.
                 let Some(mut tx) = self.begin_from(id, SagaState::Reserved).await? else {
                     return Ok(Step::Continue);
                 };
@@ -394,7 +395,7 @@ impl Saga {
                     id,
                     OrderState::PaymentFailed,
                     "payment_error",
-                    false,
+                    true,
                     None,
                 )
                 .await?;
