@@ -77,10 +77,20 @@ pub struct RelayConfig {
     /// How often the backlog gauges are refreshed.
     #[serde(with = "keel_config::duration", default = "default_backlog_interval")]
     pub backlog_interval: Duration,
+    /// Batches in flight at once in this process, each in its own transaction on its own
+    /// channel. While one batch waits for its confirms the next is claimed and sent, so the
+    /// database round trips of one overlap the broker's of the other. `SKIP LOCKED` keeps
+    /// their rows apart and the claim's per-aggregate rule keeps each aggregate's order.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
 }
 
 fn default_backlog_interval() -> Duration {
     Duration::from_secs(5)
+}
+
+fn default_concurrency() -> u32 {
+    1
 }
 
 impl Validate for RelayConfig {
@@ -101,6 +111,7 @@ impl Validate for RelayConfig {
             60_000,
         )?;
         ensure_range("relay.max_backoff (ms)", ms(self.max_backoff), 100, 300_000)?;
+        ensure_range("relay.concurrency", self.concurrency, 1, 16)?;
         ensure_range(
             "relay.backlog_interval (ms)",
             ms(self.backlog_interval),
@@ -142,13 +153,30 @@ pub fn spawn(
     tokio::spawn(run(pool, broker, config, stop))
 }
 
-/// The relay loop (see the module docs); returns when `stop` is cancelled.
+/// The relay (see the module docs): `relay.concurrency` batch loops and the backlog gauges;
+/// returns when `stop` is cancelled and every loop has finished its batch.
 pub async fn run(pool: PgPool, broker: Broker, config: RelayConfig, stop: CancellationToken) {
     let backlog = tokio::spawn(watch_backlog(
         pool.clone(),
         config.backlog_interval,
         stop.clone(),
     ));
+    let mut loops = tokio::task::JoinSet::new();
+    for _ in 0..config.concurrency.max(1) {
+        loops.spawn(relay_loop(
+            pool.clone(),
+            broker.clone(),
+            config.clone(),
+            stop.clone(),
+        ));
+    }
+    while loops.join_next().await.is_some() {}
+    let _ = backlog.await;
+    tracing::info!("outbox relay stopped");
+}
+
+/// One batch loop: claim, publish, confirm, mark, commit; back off on failure.
+async fn relay_loop(pool: PgPool, broker: Broker, config: RelayConfig, stop: CancellationToken) {
     let mut publisher = Publisher::new(broker, config.publish_timeout);
     let mut backoff = Backoff::new(Duration::from_millis(100), config.max_backoff);
     let limit = i64::from(config.batch_size);
@@ -192,8 +220,6 @@ pub async fn run(pool: PgPool, broker: Broker, config: RelayConfig, stop: Cancel
         }
     }
     publisher.discard().await;
-    let _ = backlog.await;
-    tracing::info!("outbox relay stopped");
 }
 
 /// One iteration: returns how many events were confirmed and marked sent.

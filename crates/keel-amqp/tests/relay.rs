@@ -32,6 +32,7 @@ fn relay_config() -> RelayConfig {
         publish_timeout: Duration::from_secs(2),
         max_backoff: Duration::from_millis(300),
         backlog_interval: Duration::from_millis(100),
+        concurrency: 1,
     }
 }
 
