@@ -343,7 +343,10 @@ impl Journey {
             let name = c["name"].as_str().unwrap();
             let _ = self
                 .http
-                .delete(format!("{base}/api/connections/{}", encode(name)))
+                .delete(format!(
+                    "{base}/api/connections/{}",
+                    keelctl::audit::urlencode(name)
+                ))
                 .basic_auth("guest", Some("guest"))
                 .header("X-Reason", "keel e2e: broker drops connections")
                 .send()
@@ -366,17 +369,6 @@ pub fn order_body(token: &str, lines: &[(&str, u32)]) -> Value {
 
 fn secs(d: Duration) -> String {
     format!("{}ms", d.as_millis())
-}
-
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 fn logged_addr(p: &ServiceProcess, field: &str) -> std::net::SocketAddr {

@@ -469,8 +469,9 @@ async fn queues(config: &Config) -> Result<Vec<Check>, AuditError> {
     Ok(checks)
 }
 
-/// Percent-encodes a path segment (vhost names may contain `/`).
-fn urlencode(s: &str) -> String {
+/// Percent-encodes a path segment of the management API (vhost and connection names may
+/// contain `/`, spaces and other reserved characters).
+pub fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
