@@ -275,7 +275,9 @@ async fn a_final_billing_error_compensates_to_payment_failed_without_retrying() 
         1,
         "final errors are not retried"
     );
-    assert!(billing.calls("void").is_empty(), "nothing was authorized");
+    // An earlier attempt could have reached billing before a timeout, so compensation voids
+    // by order anyway; with nothing authorized that is a no-op success.
+    assert_eq!(billing.calls("void").len(), 1, "voided by order, once");
     assert_eq!(app.stock("KEEL-MUG").await, (1000, 0, 0));
     app.stop().await;
 }
