@@ -36,9 +36,7 @@ pub struct AmqpConfig {
     pub max_backoff: Duration,
 }
 
-pub(crate) fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
+pub(crate) use keel_config::millis as ms;
 
 impl Validate for AmqpConfig {
     fn validate(&self) -> Result<(), ConfigError> {

@@ -62,6 +62,12 @@ pub trait Validate {
     fn validate(&self) -> Result<(), ConfigError>;
 }
 
+/// A duration as whole milliseconds, saturating: how bounds on durations are range-checked
+/// (`ensure_range("http.request_timeout (ms)", millis(d), 1, 300_000)`).
+pub fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Fails with the key's name unless `min <= value <= max`.
 pub fn ensure_range<T>(key: &str, value: T, min: T, max: T) -> Result<(), ConfigError>
 where

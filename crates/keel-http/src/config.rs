@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use keel_config::{ConfigError, Validate, ensure_range};
+use keel_config::{ConfigError, Validate, ensure_range, millis as ms};
 use serde::Deserialize;
 
 /// Server settings. Durations are human strings in files and env (`"5s"`, `"250ms"`).
@@ -37,10 +37,6 @@ impl HttpConfig {
     pub fn addr(&self) -> std::net::SocketAddr {
         (self.host, self.port).into()
     }
-}
-
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Validate for HttpConfig {

@@ -37,6 +37,7 @@ use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
 
 use crate::PgError;
+use crate::millis;
 
 /// The outcome of [`begin`].
 #[derive(Debug, Clone, PartialEq)]
@@ -74,10 +75,6 @@ pub fn fingerprint(parts: &[&[u8]]) -> Vec<u8> {
         h.update(p);
     }
     h.finalize().to_vec()
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Claims `key` in `scope` for a request with fingerprint `request_hash`. Call inside a

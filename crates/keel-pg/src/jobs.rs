@@ -50,10 +50,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::PgError;
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
+use crate::millis;
 
 /// A job to enqueue.
 #[derive(Debug, Clone)]

@@ -16,6 +16,12 @@ pub mod outbox;
 
 pub use sqlx;
 
+/// A duration as whole milliseconds for SQL, saturating: the `$n` of
+/// `make_interval(secs => $n::float8 / 1000)`, how Keel's queries take durations.
+pub fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// `[database]` section of a service's configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

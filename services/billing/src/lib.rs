@@ -31,7 +31,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use keel_amqp::{AmqpConfig, Broker, RelayConfig};
-use keel_config::{ConfigError, Validate, ensure_range};
+use keel_config::{ConfigError, Validate, ensure_range, millis as ms};
 use keel_contracts::billing_v1::payment_service_server::PaymentServiceServer;
 use keel_contracts::grpc_health_v1::health_server::HealthServer;
 use keel_http::shutdown::Drained;
@@ -69,10 +69,6 @@ pub struct GrpcConfig {
     /// so billing answers DEADLINE_EXCEEDED itself before the caller gives up.
     #[serde(with = "keel_config::duration")]
     pub deadline_reserve: Duration,
-}
-
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Validate for GrpcConfig {

@@ -18,7 +18,7 @@
 
 use std::time::Duration;
 
-use keel_config::{ConfigError, Validate, ensure_range};
+use keel_config::{ConfigError, Validate, ensure_range, millis as ms};
 use reqwest::StatusCode;
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -43,10 +43,6 @@ pub struct PspConfig {
     /// Cap on one backoff.
     #[serde(with = "keel_config::duration")]
     pub max_backoff: Duration,
-}
-
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Validate for PspConfig {

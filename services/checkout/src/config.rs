@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use keel_config::{ConfigError, Validate, ensure_range};
+use keel_config::{ConfigError, Validate, ensure_range, millis as ms};
 use keel_http::HttpConfig;
 use keel_pg::DatabaseConfig;
 use keel_telemetry::TelemetryConfig;
@@ -105,10 +105,6 @@ pub struct MaintenanceConfig {
     /// Lease of a maintenance job.
     #[serde(with = "keel_config::duration")]
     pub lease: Duration,
-}
-
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 const HOUR_MS: u64 = 3_600_000;

@@ -52,9 +52,7 @@ pub struct FaultsConfig {
     pub max_latency: Duration,
 }
 
-pub(crate) fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
+pub(crate) use keel_config::millis as ms;
 
 impl Validate for FaultsConfig {
     fn validate(&self) -> Result<(), ConfigError> {

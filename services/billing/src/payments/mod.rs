@@ -37,7 +37,7 @@ pub mod grpc;
 
 use std::time::Duration;
 
-use keel_config::{ConfigError, Validate, ensure_range};
+use keel_config::{ConfigError, Validate, ensure_range, millis as ms};
 use keel_pg::idempotency::{self, Begin, Timing};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -113,10 +113,6 @@ pub fn spawn_purge(
 }
 
 use serde::Deserialize;
-
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
 
 impl Validate for IdempotencyConfig {
     fn validate(&self) -> Result<(), ConfigError> {

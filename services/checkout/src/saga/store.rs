@@ -10,16 +10,13 @@ use std::time::Duration;
 
 use keel_pg::PgError;
 use keel_pg::jobs::{self, NewJob};
+use keel_pg::millis;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{SAGA_QUEUE, SagaId, SagaState};
 use crate::config::SagaConfig;
 use crate::orders::{OrderId, OrderState};
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
 
 /// Creates the saga of order `order_id` (state PENDING, deadline `config.deadline` from now)
 /// and enqueues its job. The job's id is the saga's id: one job per saga, and operators find
