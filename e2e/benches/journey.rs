@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use keel_amqp::RelayConfig;
 use keel_pg::outbox::{self, NewEvent};
-use keel_testkit::bench::{Row, round};
+use keel_testkit::bench::{Row, paired_ratio_row, round};
 use keel_testkit::{TestDb, TestVhost, eventually};
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
@@ -211,25 +211,7 @@ async fn relay_row() -> Row {
             .await
             .unwrap();
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let ratios: Vec<f64> = keel.iter().zip(&raw).map(|(k, r)| k / r).collect();
-    println!(
-        "relay/raw per-round ratios: {:?}",
-        ratios.iter().map(|r| round(*r, 3)).collect::<Vec<_>>()
-    );
-    let ratio = median(ratios);
-    Row {
-        name: "relay_publish_rate".into(),
-        unit: "events/s".into(),
-        keel: round(median(keel), 0),
-        baseline: round(median(raw), 0),
-        ratio: round(ratio, 3),
-        goal: ">= 0.8 (ratio)".into(),
-        met: ratio >= 0.8,
-    }
+    paired_ratio_row("relay_publish_rate", "events/s", &keel, &raw, 0.8)
 }
 
 const PLACE_CALLERS: usize = 16;
@@ -315,26 +297,8 @@ async fn placement_row() -> Row {
             .await,
         );
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let ratios: Vec<f64> = keel.iter().zip(&bare).map(|(k, b)| k / b).collect();
-    println!(
-        "placement/bare per-round ratios: {:?}",
-        ratios.iter().map(|r| round(*r, 3)).collect::<Vec<_>>()
-    );
-    let ratio = median(ratios);
     pool.close().await;
-    Row {
-        name: "order_placement_rate".into(),
-        unit: "orders/s".into(),
-        keel: round(median(keel), 0),
-        baseline: round(median(bare), 0),
-        ratio: round(ratio, 3),
-        goal: ">= 0.5 (ratio)".into(),
-        met: ratio >= 0.5,
-    }
+    paired_ratio_row("order_placement_rate", "orders/s", &keel, &bare, 0.5)
 }
 
 const LATENCY_RATE: u64 = 10; // orders per second

@@ -36,6 +36,41 @@ pub fn round(v: f64, digits: i32) -> f64 {
     (v * f).round() / f
 }
 
+/// The median of `values` (the upper one of an even count).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// A throughput row from paired rounds: `keel[i]` and `baseline[i]` ran back to back, so a
+/// slow phase of the machine hits both alike. The ratio is the median of the per-pair
+/// ratios (printed), the figures the medians of each side; `met` when it is at least
+/// `min_ratio`.
+pub fn paired_ratio_row(
+    name: &str,
+    unit: &str,
+    keel: &[f64],
+    baseline: &[f64],
+    min_ratio: f64,
+) -> Row {
+    let ratios: Vec<f64> = keel.iter().zip(baseline).map(|(k, b)| k / b).collect();
+    println!(
+        "{name}: per-pair ratios {:?}",
+        ratios.iter().map(|r| round(*r, 3)).collect::<Vec<_>>()
+    );
+    let ratio = median(&ratios);
+    Row {
+        name: name.to_owned(),
+        unit: unit.to_owned(),
+        keel: round(median(keel), 0),
+        baseline: round(median(baseline), 0),
+        ratio: round(ratio, 3),
+        goal: format!(">= {min_ratio} (ratio)"),
+        met: ratio >= min_ratio,
+    }
+}
+
 /// Merges `rows` into the report (same name: replaced), writes it, prints the whole table.
 pub fn record(rows: &[Row]) {
     let path = path();

@@ -167,29 +167,13 @@ async fn main() {
                 .unwrap(),
         );
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let ratios: Vec<f64> = keel.iter().zip(&bare).map(|(k, b)| k / b).collect();
-    println!(
-        "per-pair ratios: {:?}",
-        ratios
-            .iter()
-            .map(|r| (r * 1000.0).round() / 1000.0)
-            .collect::<Vec<_>>()
-    );
-    let ratio = median(ratios);
-    let (k, b) = (median(keel), median(bare));
-    rows.push(Row {
-        name: "products_rps".into(),
-        unit: "requests/s".into(),
-        keel: k.round(),
-        baseline: b.round(),
-        ratio: (ratio * 1000.0).round() / 1000.0,
-        goal: ">= 0.8 (ratio)".into(),
-        met: ratio >= 0.8,
-    });
+    rows.push(keel_testkit::bench::paired_ratio_row(
+        "products_rps",
+        "requests/s",
+        &keel,
+        &bare,
+        0.8,
+    ));
 
     // --- idle_rss_* ----------------------------------------------------------------------
     let stack = Stack::load();
