@@ -214,31 +214,25 @@ impl Journey {
         v["id"].as_str().unwrap().to_owned()
     }
 
+    /// `GET url` as JSON; `None` if the request or the body failed (a service restarting,
+    /// a poll that did not see its condition yet).
+    pub async fn get_json(&self, url: &str) -> Option<Value> {
+        self.http.get(url).send().await.ok()?.json().await.ok()
+    }
+
     /// `GET /v1/orders/{id}`.
     pub async fn order(&self, id: &str) -> Value {
-        self.http
-            .get(format!("{}/v1/orders/{id}", self.checkout.base_url()))
-            .send()
+        let url = format!("{}/v1/orders/{id}", self.checkout.base_url());
+        self.get_json(&url)
             .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+            .unwrap_or_else(|| panic!("GET {url} answered"))
     }
 
     /// Waits until order `id` is in a final state; returns that state.
     pub async fn final_state(&self, id: &str, deadline: Duration) -> String {
+        let url = format!("{}/v1/orders/{id}", self.checkout.base_url());
         eventually(deadline, &format!("order {id} final"), || async {
-            // A failed poll (checkout restarting) is a poll that did not see it yet.
-            let o: Value = self
-                .http
-                .get(format!("{}/v1/orders/{id}", self.checkout.base_url()))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let o = self.get_json(&url).await?;
             let state = o["state"].as_str()?.to_owned();
             keelctl::audit::FINAL_STATES
                 .contains(&state.as_str())
@@ -249,22 +243,15 @@ impl Journey {
 
     /// Waits until notification recorded order `id`'s final state.
     pub async fn notified(&self, id: &str) -> Value {
+        let url = format!(
+            "{}/v1/notifications?order_id={id}",
+            self.notification.base_url()
+        );
         eventually(
             Duration::from_secs(20),
             &format!("notification for {id}"),
             || async {
-                let v: Value = self
-                    .http
-                    .get(format!(
-                        "{}/v1/notifications?order_id={id}",
-                        self.notification.base_url()
-                    ))
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
+                let v = self.get_json(&url).await?;
                 (!v["notifications"].as_array()?.is_empty()).then_some(v)
             },
         )

@@ -293,15 +293,8 @@ async fn replayed_webhook_has_no_second_effect() {
         (scalar_i64(&j.billing_db.admin_url(), captured, &id).await == 1).then_some(())
     })
     .await;
-    let hooks: Value = j
-        .http
-        .get(format!("{}/admin/webhooks", j.psp.base_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let hooks_url = format!("{}/admin/webhooks", j.psp.base_url());
+    let hooks = j.get_json(&hooks_url).await.unwrap();
     let hook = hooks["webhooks"].as_array().unwrap()[0]["id"]
         .as_str()
         .unwrap()
@@ -318,15 +311,7 @@ async fn replayed_webhook_has_no_second_effect() {
     assert!(r.status().is_success(), "redeliver: {}", r.status());
     // The replay is delivered (psp-sim records a 2xx for it) and changes nothing.
     eventually(Duration::from_secs(10), "replay delivered", || async {
-        let hooks: Value = j
-            .http
-            .get(format!("{}/admin/webhooks", j.psp.base_url()))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let hooks = j.get_json(&hooks_url).await?;
         let h = hooks["webhooks"]
             .as_array()?
             .iter()
