@@ -196,7 +196,6 @@ pub struct App {
     purge_interval: Duration,
     broker: Broker,
     relay: RelayConfig,
-    relay_stop: tokio_util::sync::CancellationToken,
 }
 
 impl App {
@@ -216,8 +215,7 @@ impl App {
         });
         // The relay and the broker connection outlive the listeners: events written by the
         // last in-flight requests are still published before the process exits.
-        let relay_stop = tokio_util::sync::CancellationToken::new();
-        let broker = Broker::spawn(config.amqp.clone(), "billing", relay_stop.clone());
+        let broker = Broker::spawn(config.amqp.clone(), "billing", Default::default());
         let psp = PspClient::new(&config.psp)?;
         let payments = PaymentApi::new(
             Payments::new(pool.clone(), psp, config.idempotency.clone()),
@@ -238,7 +236,6 @@ impl App {
             purge_interval: config.idempotency.purge_interval,
             broker,
             relay: config.relay.clone(),
-            relay_stop,
         })
     }
 
@@ -275,15 +272,17 @@ impl App {
             self.purge_interval,
             self.lifecycle.stop_token(),
         );
+        // Its own token: the relay stops after the work that writes outbox rows.
+        let relay_stop = tokio_util::sync::CancellationToken::new();
         let relay = keel_amqp::relay::spawn(
             self.pool.clone(),
             self.broker.clone(),
             self.relay.clone(),
-            self.relay_stop.clone(),
+            relay_stop.clone(),
         );
         self.lifecycle.drain_on(signal).await;
         let drained = self.lifecycle.finish(vec![http, grpc, purge]).await;
-        self.relay_stop.cancel();
+        relay_stop.cancel();
         keel_http::shutdown::close_within("outbox relay", async {
             let _ = relay.await;
         })

@@ -99,7 +99,6 @@ pub struct App {
     maintenance: Maintenance,
     broker: Broker,
     relay: keel_amqp::RelayConfig,
-    relay_stop: tokio_util::sync::CancellationToken,
 }
 
 /// This process's name in the job queue's `locked_by` (host, pid, random suffix).
@@ -132,8 +131,7 @@ impl App {
 
         // The relay and its broker connection outlive the listener and the workers: the events
         // of the last sagas finished during shutdown are still published.
-        let relay_stop = tokio_util::sync::CancellationToken::new();
-        let broker = Broker::spawn(config.amqp.clone(), "checkout", relay_stop.clone());
+        let broker = Broker::spawn(config.amqp.clone(), "checkout", Default::default());
         let billing = Billing::connect_lazy(&config.billing)?;
         let saga = Saga::new(pool.clone(), billing, config.saga.clone());
         let maintenance = Maintenance::new(
@@ -165,7 +163,6 @@ impl App {
             maintenance,
             broker,
             relay: config.relay.clone(),
-            relay_stop,
         })
     }
 
@@ -194,11 +191,13 @@ impl App {
             "maintenance worker",
             tokio::spawn(self.maintenance.run_worker(worker, stop.clone())),
         ));
+        // Its own token: the relay stops after the work that writes outbox rows.
+        let relay_stop = tokio_util::sync::CancellationToken::new();
         let relay = keel_amqp::relay::spawn(
             self.pool.clone(),
             self.broker.clone(),
             self.relay.clone(),
-            self.relay_stop.clone(),
+            relay_stop.clone(),
         );
 
         let drained = self
@@ -213,7 +212,7 @@ impl App {
             })
             .await;
         }
-        self.relay_stop.cancel();
+        relay_stop.cancel();
         keel_http::shutdown::close_within("outbox relay", async {
             let _ = relay.await;
         })
