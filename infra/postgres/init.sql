@@ -27,7 +27,11 @@ INSERT INTO keel_roles VALUES
     ('billing_owner',      'billing_owner_dev'),
     ('billing_app',        'billing_app_dev'),
     ('notification_owner', 'notification_owner_dev'),
-    ('notification_app',   'notification_app_dev');
+    ('notification_app',   'notification_app_dev'),
+    -- Platform crates' own tests (keel-pg, keel-amqp): same owner/app split,
+    -- no database here (keel_testkit::TestDb creates per-test databases).
+    ('platform_owner',     'platform_owner_dev'),
+    ('platform_app',       'platform_app_dev');
 
 CREATE TEMP TABLE keel_services (service text PRIMARY KEY);
 INSERT INTO keel_services VALUES ('checkout'), ('billing'), ('notification');
