@@ -6,7 +6,6 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 CARGO ?= cargo
-SERVICES := checkout billing notification psp-sim
 
 .PHONY: help dev down status demo deps build tools test lint fmt bench
 
@@ -19,7 +18,7 @@ deps: ## dependencies only: Postgres, pgbouncer, RabbitMQ, Redis (reused or proj
 build: ## debug build of every binary and test (the same artifacts `make test` uses)
 	$(CARGO) build --workspace --all-targets
 
-dev: deps build ## the whole stack natively; returns once every service answers /readyz
+dev: deps build ## every service in infra/services.toml, natively; returns once each is ready
 	infra/dev/services.sh start
 
 down: ## stop everything `make dev` started, and nothing else

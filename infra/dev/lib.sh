@@ -34,13 +34,14 @@ fi
 # Export so child processes (psql wrappers, services) see the same values.
 export PG_PORT PG_LOCAL_PORT PGBOUNCER_PORT REDIS_PORT REDIS_LOCAL_PORT \
     AMQP_PORT AMQP_LOCAL_PORT AMQP_MGMT_PORT AMQP_LOCAL_MGMT_PORT \
-    AMQP_LOCAL_DIST_PORT CHECKOUT_HTTP_PORT BILLING_GRPC_PORT \
-    BILLING_HTTP_PORT NOTIFICATION_HTTP_PORT PSP_SIM_HTTP_PORT
+    AMQP_LOCAL_DIST_PORT
 
-# Services that own a database. The dev passwords follow "<role>_dev" and are
-# spelled out in infra/postgres/init.sql; keep both in sync.
-# shellcheck disable=SC2034 # used by the scripts that source this file
-KEELDEV_DB_SERVICES=(checkout billing notification)
+# The services: infra/services.toml, read by registry.sh. It sets KEELDEV_SERVICES,
+# KEELDEV_DB_SERVICES (those that own a database; roles "<name>_owner"/"<name>_app",
+# dev passwords "<role>_dev"), KEELDEV_ROLE_PREFIXES and one exported
+# <NAME>_<KIND>_PORT per service port (the environment's value wins).
+# shellcheck source=registry.sh
+. "$KEELDEV_ROOT/infra/dev/registry.sh"
 
 log() { printf '[keel] %s\n' "$*" >&2; }
 warn() { printf '[keel] WARNING: %s\n' "$*" >&2; }

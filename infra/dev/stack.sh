@@ -177,8 +177,13 @@ CONF
 }
 
 run_init_sql() {
-    # On stdin: psql may run as the postgres OS user (see psql_admin in lib.sh).
-    psql_admin "$R_PG_PORT" -f - <"$INIT_SQL" >/dev/null ||
+    # The roles and databases are the registry's (infra/services.toml): init.sql is generic
+    # and takes the lists as psql variables. On stdin: psql may run as the postgres OS user
+    # (see psql_admin in lib.sh).
+    local services extra
+    services=$(IFS=,; echo "${KEELDEV_DB_SERVICES[*]}")
+    extra=$(IFS=,; echo "${KEELDEV_ROLE_PREFIXES[*]}")
+    psql_admin "$R_PG_PORT" -v services="$services" -v extra_roles="$extra" -f - <"$INIT_SQL" >/dev/null ||
         die "infra/postgres/init.sql failed on port $R_PG_PORT"
 }
 
@@ -520,11 +525,14 @@ up_pgbouncer() {
 }
 
 check_pgbouncer_path() {
-    # The path the services use: an app role, through PgBouncer, with SCRAM.
-    local out
-    out=$(PGPASSWORD=checkout_app_dev PGCONNECT_TIMEOUT=5 psql -X -q -tA \
-        -h 127.0.0.1 -p "$R_PGBOUNCER_PORT" -U checkout_app -d keel_checkout -c 'select 1' 2>&1) ||
-        die "checkout_app cannot query keel_checkout through pgbouncer: $out"
+    # The path the services use: an app role, through PgBouncer, with SCRAM. Every registered
+    # database's: one query each, and a missing role or grant shows up here, not in a service.
+    local out s
+    for s in "${KEELDEV_DB_SERVICES[@]}"; do
+        out=$(PGPASSWORD="${s}_app_dev" PGCONNECT_TIMEOUT=5 psql -X -q -tA \
+            -h 127.0.0.1 -p "$R_PGBOUNCER_PORT" -U "${s}_app" -d "keel_${s}" -c 'select 1' 2>&1) ||
+            die "${s}_app cannot query keel_${s} through pgbouncer: $out"
+    done
 }
 
 down_pgbouncer() {
@@ -542,6 +550,16 @@ down_pgbouncer() {
 
 # ---------------------------------------------------------------- commands --
 
+# service_ports: NAME_KIND_PORT=port for every port of every registered service.
+service_ports() {
+    local s kind
+    for s in "${KEELDEV_SERVICES[@]}"; do
+        for kind in $(reg_get "$s" ports); do
+            printf '%s=%s\n' "$(reg_port_var "$s" "$kind")" "$(reg_port "$s" "$kind")"
+        done
+    done
+}
+
 write_resolved_env() {
     local tmp
     tmp=$(mktemp "$KEELDEV_HOME/.stack.env.XXXXXX")
@@ -556,11 +574,7 @@ PGBOUNCER_PORT=$R_PGBOUNCER_PORT
 REDIS_PORT=$R_REDIS_PORT
 AMQP_PORT=$R_AMQP_PORT
 AMQP_MGMT_PORT=$R_AMQP_MGMT_PORT
-CHECKOUT_HTTP_PORT=$CHECKOUT_HTTP_PORT
-BILLING_GRPC_PORT=$BILLING_GRPC_PORT
-BILLING_HTTP_PORT=$BILLING_HTTP_PORT
-NOTIFICATION_HTTP_PORT=$NOTIFICATION_HTTP_PORT
-PSP_SIM_HTTP_PORT=$PSP_SIM_HTTP_PORT
+$(service_ports)
 ENV
     chmod 0644 "$tmp"
     # Rewrite only on change (mtime stays meaningful); mv is atomic for readers.

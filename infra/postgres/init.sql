@@ -1,40 +1,56 @@
--- Keel: roles and databases for local development and CI.
+-- Keel: roles and databases for local development and CI, for every service in the registry
+-- (infra/services.toml). This file names no service: the lists come in as psql variables.
 --
--- Run by a superuser against the `postgres` database, e.g.
---   psql -X -v ON_ERROR_STOP=1 -h 127.0.0.1 -p 5432 -U postgres -d postgres -f infra/postgres/init.sql
--- (infra/dev/stack.sh up does this on every run).
+-- Run by a superuser against the `postgres` database (infra/dev/stack.sh up does this on every
+-- run, with the lists from infra/dev/registry.sh), e.g.
+--   psql -X -h 127.0.0.1 -p 5432 -U postgres -d postgres \
+--        $(infra/dev/registry.sh psql-vars) -f infra/postgres/init.sql
+-- where psql-vars prints `-v services=checkout,billing,... -v extra_roles=platform`.
 --
 -- Idempotent: CREATE statements are generated only for what is missing
 -- (\gexec runs each row of the preceding query as a statement), and the ALTER /
 -- GRANT / REVOKE statements converge existing objects to the state below, so a
--- re-run also repairs drift.
+-- re-run also repairs drift. (A service removed from the registry keeps its
+-- roles and database: dropping data is never a side effect of `make dev`.)
 --
--- The passwords are DEVELOPMENT SECRETS for this local/CI stack only; they are
--- checked in on purpose. infra/dev/stack.sh writes the same "<role>_dev"
--- passwords into the PgBouncer auth file; keep the two in sync.
+-- The passwords are DEVELOPMENT SECRETS for this local/CI stack only, "<role>_dev"
+-- by convention; infra/dev/stack.sh writes the same passwords into the PgBouncer
+-- auth file, from the same registry.
 --
--- Per service <s> in checkout, billing, notification:
---   <s>_owner  owns database keel_<s>; the service's migrations run as it.
+-- Per service <s> in :services (registry entries with `database = true`):
+--   keel_<s>   its database, owned by <s>_owner.
+--   <s>_owner  runs the service's migrations.
 --   <s>_app    what the running service connects as; gets CONNECT/TEMPORARY
 --              here, schema/table privileges from the service's first migration.
+-- Per prefix <p> in :extra_roles (the registry's [[roles]]): <p>_owner and <p>_app,
+-- with the same attributes and no database (e.g. `platform`: the platform crates'
+-- own tests, whose per-test databases keel_testkit::TestDb creates).
 
 \set ON_ERROR_STOP on
 
-CREATE TEMP TABLE keel_roles (rolname text PRIMARY KEY, password text NOT NULL);
-INSERT INTO keel_roles VALUES
-    ('checkout_owner',     'checkout_owner_dev'),
-    ('checkout_app',       'checkout_app_dev'),
-    ('billing_owner',      'billing_owner_dev'),
-    ('billing_app',        'billing_app_dev'),
-    ('notification_owner', 'notification_owner_dev'),
-    ('notification_app',   'notification_app_dev'),
-    -- Platform crates' own tests (keel-pg, keel-amqp): same owner/app split,
-    -- no database here (keel_testkit::TestDb creates per-test databases).
-    ('platform_owner',     'platform_owner_dev'),
-    ('platform_app',       'platform_app_dev');
+-- Both lists are required (either may be empty): without them this script would
+-- silently create nothing.
+\if :{?services}
+\else
+DO $$ BEGIN RAISE EXCEPTION 'init.sql needs -v services=a,b,... (see infra/dev/registry.sh psql-vars)'; END $$;
+\endif
+\if :{?extra_roles}
+\else
+DO $$ BEGIN RAISE EXCEPTION 'init.sql needs -v extra_roles=a,b,... (see infra/dev/registry.sh psql-vars)'; END $$;
+\endif
 
-CREATE TEMP TABLE keel_services (service text PRIMARY KEY);
-INSERT INTO keel_services VALUES ('checkout'), ('billing'), ('notification');
+CREATE TEMP TABLE keel_services AS
+SELECT DISTINCT trim(s) AS service
+FROM unnest(string_to_array(:'services', ',')) AS s
+WHERE trim(s) <> '';
+
+CREATE TEMP TABLE keel_roles AS
+SELECT p.prefix || r.suffix AS rolname, p.prefix || r.suffix || '_dev' AS password
+FROM (SELECT service AS prefix FROM keel_services
+      UNION
+      SELECT trim(x) FROM unnest(string_to_array(:'extra_roles', ',')) AS x
+      WHERE trim(x) <> '') AS p
+CROSS JOIN (VALUES ('_owner'), ('_app')) AS r (suffix);
 
 -- Roles: create the missing ones ...
 SELECT format('CREATE ROLE %I LOGIN', r.rolname)
