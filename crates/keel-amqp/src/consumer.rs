@@ -9,9 +9,11 @@
 //!   at most `concurrency` handlers run at once. Raising either does not make a saturated
 //!   dependency faster; the bounds keep its load, and this process's memory, fixed (P05).
 //! - **Transient failures wait, they do not spin.** [`Outcome::Retry`] keeps the message (and
-//!   its concurrency slot) and calls the handler again after a capped, jittered backoff. A
-//!   database outage therefore slows consumption down to nothing instead of burning the
-//!   queue's delivery limit in a tight redelivery loop; the limit is for poison messages.
+//!   its concurrency slot) and calls the handler again after a capped, jittered backoff
+//!   (`keel_resilience::backoff`, P24: every instance's consumers that a database outage
+//!   stalled at once do not all retry at once). A database outage therefore slows
+//!   consumption down to nothing instead of burning the queue's delivery limit in a tight
+//!   redelivery loop; the limit is for poison messages.
 //! - **Survives reconnects.** When the channel or connection is lost, the consumer waits for
 //!   the [`Broker`] supervisor to reconnect, re-declares its queue and bindings and
 //!   subscribes again. Unacked messages of the lost channel go back to the queue; handlers
@@ -30,7 +32,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keel_config::{ConfigError, Validate, ensure_range};
-use keel_contracts::events::Envelope;
+use keel_events::Envelope;
+use keel_resilience::backoff::BackoffPolicy;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -45,7 +48,6 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::backoff::Backoff;
 use crate::broker::ms;
 use crate::topology::{self, QueueSpec};
 use crate::{AmqpError, Broker};
@@ -241,7 +243,8 @@ pub async fn run<H, Fut>(
         retry_max_backoff: config.retry_max_backoff,
     };
     let mut tasks = JoinSet::new();
-    let mut reconnect = Backoff::new(Duration::from_millis(100), config.retry_max_backoff);
+    let mut reconnect =
+        BackoffPolicy::new(Duration::from_millis(100), config.retry_max_backoff).backoff();
     let mut failing = false;
     while !stop.is_cancelled() {
         match subscribe(&broker, &queue, config.prefetch).await {
@@ -272,7 +275,7 @@ pub async fn run<H, Fut>(
                 failing = true;
             }
             Err(e) => {
-                let pause = reconnect.next_delay();
+                let pause = reconnect.next_delay_without_deadline();
                 if failing {
                     tracing::debug!(queue = %queue.name, error = %e, "consumer still cannot subscribe");
                 } else {
@@ -426,13 +429,14 @@ where
             in_flight.increment(1.0);
             async {
                 let started = Instant::now();
-                let mut backoff = Backoff::new(Duration::from_millis(50), retry_max_backoff);
+                let mut backoff =
+                    BackoffPolicy::new(Duration::from_millis(50), retry_max_backoff).backoff();
                 let outcome = loop {
                     match handler(incoming.clone()).await {
                         Outcome::Retry => {
                             metrics::counter!("amqp_handler_retries_total", "queue" => queue.to_string())
                                 .increment(1);
-                            let pause = backoff.next_delay();
+                            let pause = backoff.next_delay_without_deadline();
                             tokio::select! {
                                 () = incoming.cancelled() => break Outcome::Requeue,
                                 () = tokio::time::sleep(pause) => {}

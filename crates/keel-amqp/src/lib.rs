@@ -1,6 +1,5 @@
 #![doc = include_str!("../README.md")]
 
-mod backoff;
 mod broker;
 pub mod consumer;
 pub mod publisher;

@@ -7,7 +7,7 @@
 //! channel error or the deadline is a failure of *that* message; the caller (the relay)
 //! marks only the confirmed ones as sent.
 //!
-//! Properties follow the conventions in `keel_contracts::events`: `message_id` = event id,
+//! Properties follow the conventions in `keel_events`: `message_id` = event id,
 //! `type` = event type, `timestamp` (unix seconds), `content_type = application/json`,
 //! `delivery_mode = 2` (persistent), header `traceparent`; routing key = event type.
 //!
@@ -34,7 +34,7 @@ pub struct Outgoing {
     pub id: Uuid,
     /// `<service>.<aggregate>.<event>`: AMQP `type` and the routing key.
     pub event_type: String,
-    /// The JSON body (a serialized `keel_contracts::events::Envelope`).
+    /// The JSON body (a serialized `keel_events::Envelope`).
     pub body: Vec<u8>,
     /// W3C `traceparent`; when `None` a fresh one is generated so every message carries one.
     pub traceparent: Option<String>,

@@ -12,7 +12,8 @@
 //!     mark_sent(confirmed ones)  -- never a row the broker did not confirm
 //!   COMMIT
 //!   on failure: ROLLBACK, record_failure in its own short transaction, back off (capped,
-//!               jittered) and go on; rows stay in the table and drain when the broker returns
+//!               full jitter: keel_resilience, P24) and go on; rows stay in the table and
+//!               drain when the broker returns
 //!   idle: wait `poll_interval`
 //! ```
 //!
@@ -48,13 +49,13 @@ use std::time::{Duration, Instant};
 
 use keel_config::{ConfigError, Validate, ensure_range};
 use keel_pg::outbox;
+use keel_resilience::backoff::BackoffPolicy;
 use serde::Deserialize;
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::backoff::Backoff;
 use crate::broker::ms;
 use crate::publisher::{Outgoing, Publisher};
 use crate::{AmqpError, Broker};
@@ -178,7 +179,7 @@ pub async fn run(pool: PgPool, broker: Broker, config: RelayConfig, stop: Cancel
 /// One batch loop: claim, publish, confirm, mark, commit; back off on failure.
 async fn relay_loop(pool: PgPool, broker: Broker, config: RelayConfig, stop: CancellationToken) {
     let mut publisher = Publisher::new(broker, config.publish_timeout);
-    let mut backoff = Backoff::new(Duration::from_millis(100), config.max_backoff);
+    let mut backoff = BackoffPolicy::new(Duration::from_millis(100), config.max_backoff).backoff();
     let limit = i64::from(config.batch_size);
     let mut failing = false;
     loop {
@@ -203,7 +204,7 @@ async fn relay_loop(pool: PgPool, broker: Broker, config: RelayConfig, stop: Can
                 config.poll_interval
             }
             Err(e) => {
-                let pause = backoff.next_delay();
+                let pause = backoff.next_delay_without_deadline();
                 // Logged where handled, once per outage at warn; the repeats are debug.
                 if failing {
                     tracing::debug!(error = %e, backoff_ms = ms(pause), "outbox relay still failing");

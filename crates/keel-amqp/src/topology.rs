@@ -23,7 +23,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 use crate::AmqpError;
 
-pub use keel_contracts::events::EXCHANGE;
+pub use keel_events::EXCHANGE;
 
 pub(crate) fn short(s: &str) -> Result<ShortString, AmqpError> {
     ShortString::try_new(s).map_err(|_| AmqpError::InvalidName(s.chars().take(64).collect()))

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use keel_amqp::topology::{self, QueueSpec};
 use keel_amqp::{AmqpConfig, Broker, RelayConfig};
-use keel_contracts::events::Envelope;
+use keel_events::Envelope;
 use keel_pg::outbox::{self, NewEvent};
 use keel_testkit::{FaultProxy, TestDb, TestVhost, eventually};
 use lapin::options::BasicConsumeOptions;

@@ -43,7 +43,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rand::Rng;
+use keel_resilience::backoff::BackoffPolicy;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -216,15 +216,15 @@ pub async fn renew(conn: &mut PgConnection, job: &Job, lease: Duration) -> Resul
     Ok(done.rows_affected() == 1)
 }
 
-/// Exponential backoff with full jitter: uniform in `[0, min(max, base · 2^(attempt-1))]`.
-/// Jitter spreads the retries of many jobs that failed together (one outage) over time.
+/// The pause before retrying a job whose attempt number `attempt` (from 1) failed: Keel's
+/// one backoff (`keel_resilience::backoff`, P24), exponential from `base`, capped at `max`,
+/// with full jitter, uniform in `[0, min(max, base · 2^(attempt-1))]`. A pure function of the
+/// attempt number, because that is all the `jobs` row keeps: the retry of a job may be
+/// computed by another worker after a crash. Jitter spreads the retries of many jobs that
+/// failed together (one outage) over time.
 pub fn backoff(attempt: i32, base: Duration, max: Duration) -> Duration {
-    let exp = u32::try_from(attempt.saturating_sub(1))
-        .unwrap_or(0)
-        .min(20);
-    let cap = base.saturating_mul(1 << exp).min(max);
-    let ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
-    Duration::from_millis(rand::rng().random_range(0..=ms))
+    let failures = u32::try_from(attempt).unwrap_or(1);
+    BackoffPolicy::new(base, max).delay(failures)
 }
 
 /// One row of `keelctl jobs`.

@@ -17,14 +17,14 @@
 //! Must not break: [`insert`] takes the caller's connection (its transaction), never a pool.
 
 use chrono::{DateTime, Utc};
-use keel_contracts::events::Envelope;
+use keel_events::Envelope;
 use sqlx::{FromRow, PgConnection};
 use uuid::Uuid;
 
 use crate::PgError;
 
-/// Version of [`Envelope`] this crate writes.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version of [`Envelope`] this crate writes: the one `keel_events` decodes.
+pub use keel_events::SCHEMA_VERSION;
 
 /// An event to publish once the surrounding transaction commits.
 #[derive(Debug, Clone)]
@@ -34,7 +34,7 @@ pub struct NewEvent<'a> {
     pub aggregate_id: &'a str,
     /// `<service>.<aggregate>.<event>`: the `type` and the routing key.
     pub event_type: &'a str,
-    /// The event's fields (a `keel_contracts::events::*Event` as JSON).
+    /// The event's fields (a `keel_events` payload as JSON, from `JourneyEvent::data`).
     pub data: serde_json::Value,
 }
 
@@ -49,7 +49,7 @@ pub async fn insert(conn: &mut PgConnection, event: &NewEvent<'_>) -> Result<Uui
         event_type: event.event_type.to_owned(),
         schema_version: SCHEMA_VERSION,
         aggregate_id: event.aggregate_id.to_owned(),
-        occurred_at: Utc::now().to_rfc3339(),
+        occurred_at: Utc::now(),
         data: event.data.clone(),
     };
     let payload = serde_json::to_value(&envelope).map_err(|e| PgError::Encode(e.to_string()))?;
