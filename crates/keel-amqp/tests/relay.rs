@@ -2,6 +2,9 @@
 //! RabbitMQ vhost per test. Each test reads like the pattern's argument: committed events are
 //! published with the conventional properties; rolled-back ones never; two relays at once lose
 //! and reorder nothing; a broker outage only delays events.
+//!
+//! Each test's database holds the platform's tables only (`keel_pg::PLATFORM_MIGRATOR`) and
+//! belongs to the platform-only roles `platform_owner`/`platform_app`: no service is involved.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{HashMap, HashSet};
@@ -20,8 +23,6 @@ use sqlx::PgPool;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("tests/migrations");
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -184,7 +185,7 @@ fn is_valid_traceparent(tp: &str) -> bool {
 
 #[tokio::test]
 async fn relay_publishes_committed_events_with_conventional_properties() {
-    let db = TestDb::create("notification", &MIGRATOR).await;
+    let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
     let vhost = TestVhost::create().await;
     let pool = pool(&db).await;
     let collector = Collector::start(&vhost).await;
@@ -268,7 +269,7 @@ async fn relay_publishes_committed_events_with_conventional_properties() {
 
 #[tokio::test]
 async fn rolled_back_events_are_never_published() {
-    let db = TestDb::create("notification", &MIGRATOR).await;
+    let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
     let vhost = TestVhost::create().await;
     let pool = pool(&db).await;
     let collector = Collector::start(&vhost).await;
@@ -318,7 +319,7 @@ async fn rolled_back_events_are_never_published() {
 async fn two_relays_publish_every_event_and_keep_per_aggregate_order() {
     const AGGREGATES: usize = 20;
     const EVENTS: usize = 5;
-    let db = TestDb::create("notification", &MIGRATOR).await;
+    let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
     let vhost = TestVhost::create().await;
     let pool = pool(&db).await;
     let collector = Collector::start(&vhost).await;
@@ -408,7 +409,7 @@ async fn two_relays_publish_every_event_and_keep_per_aggregate_order() {
 #[tokio::test]
 async fn events_accumulate_while_the_broker_is_unreachable_and_drain_after() {
     const N: usize = 25;
-    let db = TestDb::create("notification", &MIGRATOR).await;
+    let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
     let vhost = TestVhost::create().await;
     let pool = pool(&db).await;
     let collector = Collector::start(&vhost).await;

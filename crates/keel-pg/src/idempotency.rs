@@ -2,21 +2,9 @@
 //!
 //! A client that retries after a timeout cannot know whether its first request took effect.
 //! With an idempotency key the server remembers the first answer and gives it again, so a
-//! retry never creates or charges twice. Table (in each service's migrations):
-//!
-//! ```sql
-//! CREATE TABLE idempotency_keys (
-//!     scope        text NOT NULL,   -- the caller (API key, customer, RPC method)
-//!     key          text NOT NULL,
-//!     request_hash bytea NOT NULL,  -- fingerprint of the request: same key + other body = misuse
-//!     status_code  int,             -- NULL while in progress (two-phase use only)
-//!     response     jsonb,
-//!     created_at   timestamptz NOT NULL DEFAULT now(),
-//!     expires_at   timestamptz NOT NULL,
-//!     PRIMARY KEY (scope, key)
-//! );
-//! CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at);
-//! ```
+//! retry never creates or charges twice. The `idempotency_keys` table is a platform table
+//! (`crates/keel-pg/migrations/0005_idempotency_keys.sql`): every service's database gets it
+//! from [`crate::migrate`], see [`crate::schema`].
 //!
 //! Two ways to use it:
 //! - **one transaction** (checkout's `POST /v1/orders`): [`begin`], write the effect,

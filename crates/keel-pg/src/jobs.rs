@@ -17,26 +17,9 @@
 //!   can retry (`keelctl jobs`).
 //!
 //! Handlers must be idempotent: a job whose worker died after the effect but before
-//! [`complete`] runs again (at-least-once). Table, in the using service's migrations:
-//!
-//! ```sql
-//! CREATE TABLE jobs (
-//!     id               uuid PRIMARY KEY,
-//!     queue            text NOT NULL,
-//!     payload          jsonb NOT NULL,
-//!     state            text NOT NULL DEFAULT 'queued'
-//!                      CHECK (state IN ('queued', 'running', 'succeeded', 'failed')),
-//!     attempts         int NOT NULL DEFAULT 0,
-//!     max_attempts     int NOT NULL CHECK (max_attempts > 0),
-//!     run_at           timestamptz NOT NULL DEFAULT now(),
-//!     lease_expires_at timestamptz,
-//!     locked_by        text,
-//!     last_error       text,
-//!     created_at       timestamptz NOT NULL DEFAULT now(),
-//!     finished_at      timestamptz
-//! );
-//! CREATE INDEX jobs_claimable ON jobs (queue, run_at) WHERE state IN ('queued', 'running');
-//! ```
+//! [`complete`] runs again (at-least-once). The `jobs` table is a platform table
+//! (`crates/keel-pg/migrations/0004_jobs.sql`): every service's database gets it from
+//! [`crate::migrate`], see [`crate::schema`].
 
 use std::future::Future;
 use std::sync::Arc;

@@ -13,7 +13,9 @@ pub mod idempotency;
 pub mod inbox;
 pub mod jobs;
 pub mod outbox;
+pub mod schema;
 
+pub use schema::{PLATFORM_MIGRATOR, PLATFORM_TABLES};
 pub use sqlx;
 
 /// A duration as whole milliseconds for SQL, saturating: the `$n` of
@@ -95,8 +97,9 @@ pub fn runtime_pool(config: &DatabaseConfig, app: &str) -> Result<PgPool, PgErro
         .connect_lazy_with(options))
 }
 
-/// Runs `migrator` on a direct connection as the owner role. Migrations take locks and may
-/// use session state, so they never go through the transaction pooler.
+/// Applies the platform's tables ([`schema`]) and then `migrator`, the service's own
+/// migrations, on a direct connection as the owner role. Migrations take locks and may use
+/// session state, so they never go through the transaction pooler.
 pub async fn migrate(
     config: &DatabaseConfig,
     app: &str,
@@ -104,8 +107,12 @@ pub async fn migrate(
 ) -> Result<(), PgError> {
     let options = options("database.migrate_url", &config.migrate_url, app)?;
     let mut conn = options.connect().await?;
-    migrator.run(&mut conn).await?;
-    tracing::info!(migrations = migrator.iter().count(), "migrations applied");
+    schema::apply(&mut conn, migrator).await?;
+    tracing::info!(
+        platform_migrations = PLATFORM_MIGRATOR.iter().count(),
+        service_migrations = migrator.iter().count(),
+        "migrations applied"
+    );
     Ok(())
 }
 

@@ -4,6 +4,9 @@
 //! jobs and run them twice. Then the pattern: `FOR UPDATE SKIP LOCKED` claims with leases run
 //! every job exactly once, a dead worker's job comes back when its lease expires, and a job
 //! that keeps failing ends `failed`, visible and retryable.
+//!
+//! Each test's database holds the platform's tables only (`keel_pg::PLATFORM_MIGRATOR`) and
+//! belongs to the platform-only roles `platform_owner`/`platform_app`: no service is involved.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
@@ -16,8 +19,6 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("tests/migrations");
 
 async fn pool(db: &TestDb) -> PgPool {
     PgPoolOptions::new()
@@ -66,7 +67,7 @@ fn worker(name: &str, queue: &str) -> WorkerConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn naive_select_then_update_claims_run_jobs_twice() {
-    let db = TestDb::create("checkout", &MIGRATOR).await;
+    let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
     let pool = pool(&db).await;
     enqueue_many(&pool, "naive", 200, 3).await;
     let runs: Runs = Arc::default();
@@ -109,7 +110,7 @@ async fn naive_select_then_update_claims_run_jobs_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn skip_locked_workers_run_every_job_exactly_once() {
-    let db = TestDb::create("checkout", &MIGRATOR).await;
+    let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
     let pool = pool(&db).await;
     let ids = enqueue_many(&pool, "hammer", 400, 3).await;
     let runs: Runs = Arc::default();
@@ -149,7 +150,7 @@ async fn skip_locked_workers_run_every_job_exactly_once() {
 
 #[tokio::test]
 async fn a_dead_workers_job_is_retried_after_its_lease_expires_and_its_late_outcome_is_fenced() {
-    let db = TestDb::create("checkout", &MIGRATOR).await;
+    let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
     let pool = pool(&db).await;
     let id = enqueue_many(&pool, "lease", 1, 3).await[0];
 
@@ -199,7 +200,7 @@ async fn a_dead_workers_job_is_retried_after_its_lease_expires_and_its_late_outc
 
 #[tokio::test]
 async fn a_job_that_keeps_failing_ends_failed_and_an_operator_retry_requeues_it() {
-    let db = TestDb::create("checkout", &MIGRATOR).await;
+    let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
     let pool = pool(&db).await;
     let id = enqueue_many(&pool, "flaky", 1, 3).await[0];
     let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));

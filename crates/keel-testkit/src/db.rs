@@ -1,8 +1,10 @@
 //! A database per test, cloned from a migrated template (the crates.io pattern).
 //!
 //! Cloning a template is a file copy inside Postgres (tens of milliseconds); running every
-//! migration per test would be seconds. The template's name carries a hash of the
-//! migrations, so changing a migration builds a new template instead of reusing a stale one.
+//! migration per test would be seconds. A template is migrated exactly as `<svc> migrate`
+//! migrates a real database: the platform's tables first, then the service's own
+//! (`keel_pg::schema::apply`). Its name carries a hash of both sets of migrations, so
+//! changing either builds a new template instead of reusing a stale one.
 
 use std::time::Duration;
 
@@ -36,9 +38,10 @@ async fn exec(conn: &mut PgConnection, sql: String) -> Result<(), sqlx::Error> {
 }
 
 fn template_name(service: &str, migrator: &Migrator) -> String {
-    // FNV-1a over every migration's version and checksum: stable, dependency-free.
+    // FNV-1a over every migration's version and checksum, platform's then service's:
+    // stable, dependency-free.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for m in migrator.iter() {
+    for m in keel_pg::schema::migrations(migrator) {
         for b in m.version.to_le_bytes().iter().chain(m.checksum.iter()) {
             hash ^= u64::from(*b);
             hash = hash.wrapping_mul(0x0100_0000_01b3);
@@ -48,9 +51,13 @@ fn template_name(service: &str, migrator: &Migrator) -> String {
 }
 
 impl TestDb {
-    /// Creates a fresh, migrated database for `service` (`checkout`, `billing`, …), with the
-    /// same ownership and grants as the real one: owned by `<service>_owner`, CONNECT only
-    /// for `<service>_app`.
+    /// Creates a fresh database for `service` (`checkout`, `billing`, …) with the platform's
+    /// tables and `migrator`'s, and the same ownership and grants as the real one: owned by
+    /// `<service>_owner`, CONNECT only for `<service>_app`.
+    ///
+    /// Platform crates' own tests use `TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR)`:
+    /// the platform tables only, with the platform-only roles `platform_owner` and
+    /// `platform_app` (infra/postgres/init.sql), so no platform test depends on a service.
     pub async fn create(service: &str, migrator: &Migrator) -> Self {
         let stack = Stack::load();
         let owner = format!("{service}_owner");
@@ -96,7 +103,9 @@ impl TestDb {
                 ))
                 .await
                 .expect("connect to template as owner");
-                migrator.run(&mut conn).await.expect("migrate template");
+                keel_pg::schema::apply(&mut conn, migrator)
+                    .await
+                    .expect("migrate template (platform, then service)");
                 conn.close().await.expect("close template connection");
             }
             exec(

@@ -1,0 +1,317 @@
+//! Proofs for the platform's own schema (`keel_pg::schema`) and its least privilege (P14).
+//!
+//! The platform's migrations run before a service's, in a history table of their own, and
+//! grant the runtime role rows on each platform table and nothing more. These tests use the
+//! platform-only roles (`platform_owner`, `platform_app`), as a service's database uses its
+//! `<svc>_owner` / `<svc>_app`; the comparison with every real service's database is
+//! `e2e/tests/schema_drift.rs`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use keel_pg::{DatabaseConfig, PLATFORM_MIGRATOR, PLATFORM_TABLES, schema};
+use keel_testkit::{Stack, TestDb};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{Connection, PgConnection, SqlSafeStr};
+
+async fn connect(url: &str) -> PgConnection {
+    PgConnection::connect(url).await.unwrap()
+}
+
+fn denied<T: std::fmt::Debug>(what: &str, result: Result<T, sqlx::Error>) {
+    let err = result.expect_err(what);
+    let code = err
+        .as_database_error()
+        .and_then(|e| e.code())
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        code, "42501",
+        "{what}: insufficient_privilege expected, got {err}"
+    );
+}
+
+/// How to exercise each platform table with the app role: one row in, changed, deleted.
+struct RowProbe {
+    table: &'static str,
+    insert: &'static str,
+    update: &'static str,
+}
+
+const PROBES: &[RowProbe] = &[
+    RowProbe {
+        table: "outbox",
+        // `seq` is an identity column: no grant on its sequence is needed, nor given.
+        insert: "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload)
+                 VALUES (gen_random_uuid(), 'probe', '1', 'probe.created', '{}')",
+        update: "UPDATE outbox SET attempts = attempts + 1",
+    },
+    RowProbe {
+        table: "inbox",
+        insert: "INSERT INTO inbox (consumer, message_id) VALUES ('probe', 'm-1')",
+        update: "UPDATE inbox SET received_at = now()",
+    },
+    RowProbe {
+        table: "jobs",
+        insert: "INSERT INTO jobs (id, queue, payload, max_attempts)
+                 VALUES (gen_random_uuid(), 'probe', '{}', 1)",
+        update: "UPDATE jobs SET attempts = attempts + 1",
+    },
+    RowProbe {
+        table: "idempotency_keys",
+        insert: "INSERT INTO idempotency_keys (scope, key, request_hash, expires_at)
+                 VALUES ('probe', 'k-1', '\\x00', now())",
+        update: "UPDATE idempotency_keys SET status_code = 200",
+    },
+];
+
+async fn exec(conn: &mut PgConnection, sql: &str) -> Result<u64, sqlx::Error> {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(conn)
+        .await
+        .map(|r| r.rows_affected())
+}
+
+#[tokio::test]
+async fn platform_tables_are_exactly_the_declared_ones() {
+    let db = TestDb::create("platform", &PLATFORM_MIGRATOR).await;
+    let mut owner = connect(&db.owner_url()).await;
+    let mut tables: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+    )
+    .fetch_all(&mut owner)
+    .await
+    .unwrap();
+    tables.retain(|t| t != schema::PLATFORM_MIGRATIONS_TABLE);
+    let mut declared: Vec<&str> = PLATFORM_TABLES.to_vec();
+    declared.sort_unstable();
+    assert_eq!(
+        tables, declared,
+        "PLATFORM_TABLES must list what the migrations create"
+    );
+    // And the probes below cover every one of them.
+    let mut probed: Vec<&str> = PROBES.iter().map(|p| p.table).collect();
+    probed.sort_unstable();
+    assert_eq!(probed, declared);
+}
+
+#[tokio::test]
+async fn app_role_can_use_rows_of_every_platform_table() {
+    let db = TestDb::create("platform", &PLATFORM_MIGRATOR).await;
+    // Through pgbouncer, as a running service connects.
+    let mut app = connect(&db.app_url()).await;
+    for probe in PROBES {
+        assert_eq!(
+            exec(&mut app, probe.insert).await.unwrap(),
+            1,
+            "{}",
+            probe.insert
+        );
+        assert_eq!(
+            exec(&mut app, probe.update).await.unwrap(),
+            1,
+            "{}",
+            probe.update
+        );
+        let delete = format!("DELETE FROM {}", probe.table);
+        assert_eq!(exec(&mut app, &delete).await.unwrap(), 1, "{delete}");
+    }
+}
+
+#[tokio::test]
+async fn app_role_cannot_alter_truncate_or_drop_platform_tables() {
+    let db = TestDb::create("platform", &PLATFORM_MIGRATOR).await;
+    let mut app = connect(&db.app_url()).await;
+    for table in PLATFORM_TABLES {
+        for sql in [
+            format!("ALTER TABLE {table} ADD COLUMN evil text"),
+            format!("CREATE INDEX evil ON {table} ((1))"),
+            format!("TRUNCATE {table}"),
+            format!("DROP TABLE {table}"),
+        ] {
+            denied(&sql, exec(&mut app, &sql).await);
+        }
+    }
+    // Positive control: the owner may; the denials above are the role's doing.
+    let mut owner = connect(&db.owner_url()).await;
+    exec(&mut owner, "ALTER TABLE outbox ADD COLUMN fine text")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn app_role_cannot_read_the_platform_migration_history() {
+    let db = TestDb::create("platform", &PLATFORM_MIGRATOR).await;
+    let mut owner = connect(&db.owner_url()).await;
+    let applied: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}",
+        schema::PLATFORM_MIGRATIONS_TABLE
+    )))
+    .fetch_one(&mut owner)
+    .await
+    .unwrap();
+    assert_eq!(
+        applied,
+        i64::try_from(PLATFORM_MIGRATOR.iter().count()).unwrap()
+    );
+
+    let mut app = connect(&db.app_url()).await;
+    let sql = format!("SELECT * FROM {}", schema::PLATFORM_MIGRATIONS_TABLE);
+    denied(&sql, exec(&mut app, &sql).await);
+}
+
+/// A service's own migrations, as `sqlx::migrate!` would embed them: numbered from 1, like
+/// the platform's, which is the point of keeping the two histories apart.
+fn service_migrator() -> Migrator {
+    Migrator::with_migrations(vec![
+        Migration::new(
+            1,
+            "grants".into(),
+            MigrationType::Simple,
+            "ALTER DEFAULT PRIVILEGES IN SCHEMA public
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO platform_app"
+                .into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            2,
+            "widgets".into(),
+            MigrationType::Simple,
+            // A service table may reference a platform table: the platform's ran first.
+            "CREATE TABLE widgets (
+                 id uuid PRIMARY KEY,
+                 job_id uuid REFERENCES jobs (id)
+             )"
+            .into_sql_str(),
+            false,
+        ),
+    ])
+}
+
+#[tokio::test]
+async fn migrate_applies_platform_then_service_in_separate_histories() {
+    // A database with nothing in it but the roles' grants: what `<svc> migrate` meets first.
+    let db = ScratchDb::create("platform_owner").await;
+    let config = DatabaseConfig {
+        url: db.url("platform_app").into(),
+        migrate_url: db.url("platform_owner").into(),
+        max_connections: 1,
+        acquire_timeout: Duration::from_secs(5),
+    };
+    let service = service_migrator();
+    keel_pg::migrate(&config, "keel-pg-test", &service)
+        .await
+        .unwrap();
+    // Running again finds everything applied: a no-op, not an error.
+    keel_pg::migrate(&config, "keel-pg-test", &service)
+        .await
+        .unwrap();
+
+    let mut owner = connect(&db.url("platform_owner")).await;
+    let platform: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT version FROM {} ORDER BY version",
+        schema::PLATFORM_MIGRATIONS_TABLE
+    )))
+    .fetch_all(&mut owner)
+    .await
+    .unwrap();
+    let expected: Vec<i64> = PLATFORM_MIGRATOR.iter().map(|m| m.version).collect();
+    assert_eq!(platform, expected);
+    let own: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY 1")
+        .fetch_all(&mut owner)
+        .await
+        .unwrap();
+    assert_eq!(
+        own,
+        vec![1, 2],
+        "the service's history holds only its own versions"
+    );
+
+    // The app role uses both kinds of table, and neither history.
+    let mut app = connect(&db.url("platform_app")).await;
+    exec(
+        &mut app,
+        "INSERT INTO jobs (id, queue, payload, max_attempts)
+         VALUES ('00000000-0000-0000-0000-000000000001', 'q', '{}', 1);
+         INSERT INTO widgets VALUES (gen_random_uuid(), '00000000-0000-0000-0000-000000000001')",
+    )
+    .await
+    .unwrap();
+    for history in ["_sqlx_migrations", schema::PLATFORM_MIGRATIONS_TABLE] {
+        let sql = format!("SELECT * FROM {history}");
+        denied(&sql, exec(&mut app, &sql).await);
+    }
+}
+
+#[tokio::test]
+async fn platform_migrations_refuse_a_role_that_is_not_a_service_owner() {
+    // Migrating as the superuser would create the tables but grant them to nobody useful
+    // (there is no `postgres_app`): the first platform migration stops it, by name.
+    let db = ScratchDb::create("platform_owner").await;
+    let mut superuser = connect(&Stack::load().admin_url(&db.name)).await;
+    let err = PLATFORM_MIGRATOR.run(&mut superuser).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("<service>_owner"), "{msg}");
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename = 'outbox'",
+    )
+    .fetch_one(&mut superuser)
+    .await
+    .unwrap();
+    assert_eq!(tables, 0, "the failed migration left nothing behind");
+}
+
+/// An empty database owned by `owner`, for what a template cannot show (the first migration
+/// ever run on a database). Named like TestDb's, so the stale-database sweep knows it.
+struct ScratchDb {
+    name: String,
+    stack: Stack,
+}
+
+impl ScratchDb {
+    async fn create(owner: &str) -> Self {
+        let stack = Stack::load();
+        let name = format!(
+            "keel_t_platform_scratch_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let mut admin = connect(&stack.admin_url("postgres")).await;
+        let app = owner.replace("_owner", "_app");
+        for sql in [
+            format!(r#"CREATE DATABASE "{name}" OWNER "{owner}" TEMPLATE template0"#),
+            format!(r#"REVOKE ALL ON DATABASE "{name}" FROM PUBLIC"#),
+            format!(r#"GRANT CONNECT, TEMPORARY ON DATABASE "{name}" TO "{app}""#),
+        ] {
+            exec(&mut admin, &sql).await.unwrap();
+        }
+        Self { name, stack }
+    }
+
+    /// Direct URL for `role`, whose password is the development one.
+    fn url(&self, role: &str) -> String {
+        format!(
+            "postgres://{role}:{role}_dev@127.0.0.1:{}/{}",
+            self.stack.pg_port, self.name
+        )
+    }
+}
+
+impl Drop for ScratchDb {
+    fn drop(&mut self) {
+        let admin = self.stack.admin_url("postgres");
+        let sql = format!(r#"DROP DATABASE IF EXISTS "{}" WITH (FORCE)"#, self.name);
+        // Drop runs inside the test's runtime: do the async work on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                if let Ok(mut conn) = PgConnection::connect(&admin).await {
+                    let _ = exec(&mut conn, &sql).await;
+                }
+            });
+            Ok::<_, std::io::Error>(())
+        })
+        .join();
+    }
+}
