@@ -104,7 +104,7 @@ impl Journey {
             let mut env = db.env();
             env.extend(kv(&[
                 ("KEEL_HTTP__PORT", "0".into()),
-                ("KEEL_HTTP__DRAIN_DELAY", "0s".into()),
+                ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s".into()),
             ]));
             env
         };
@@ -125,7 +125,7 @@ impl Journey {
             &kv(&[
                 ("KEEL_HTTP__PORT", psp_port.to_string()),
                 ("KEEL_FAULTS__SLOW_DELAY", secs(options.psp_slow_delay)),
-                ("KEEL_HTTP__DRAIN_DELAY", "0s".into()),
+                ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s".into()),
                 (
                     "KEEL_WEBHOOK__URL",
                     format!("{}/v1/webhooks/psp", billing.base_url()),

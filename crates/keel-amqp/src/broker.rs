@@ -56,23 +56,40 @@ impl Validate for AmqpConfig {
 pub struct Broker {
     conn: Arc<RwLock<Option<Connection>>>,
     stop: CancellationToken,
-    connect_timeout: Duration,
+    config: Arc<AmqpConfig>,
+    service: &'static str,
 }
 
 impl Broker {
-    /// Starts the supervisor task: connect, watch, reconnect with backoff, until `stop`.
-    pub fn spawn(config: AmqpConfig, service: &'static str, stop: CancellationToken) -> Self {
-        let broker = Self {
+    /// A broker handle that is not connected yet: nothing runs until [`Broker::supervise`]
+    /// is awaited (the service runtime starts it when the service runs).
+    pub fn new(config: AmqpConfig, service: &'static str) -> Self {
+        Self {
             conn: Arc::new(RwLock::new(None)),
-            stop,
-            connect_timeout: config.connect_timeout,
-        };
+            stop: CancellationToken::new(),
+            config: Arc::new(config),
+            service,
+        }
+    }
+
+    /// [`Broker::new`] with its supervisor spawned at once, stopping on `stop` as well as on
+    /// [`Broker::close`] (tests and tools).
+    pub fn spawn(config: AmqpConfig, service: &'static str, stop: CancellationToken) -> Self {
+        let broker = Self::new(config, service);
         let b = broker.clone();
-        tokio::spawn(async move { b.supervise(config, service).await });
+        let own = broker.stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = b.supervise() => {}
+                () = stop.cancelled() => own.cancel(),
+            }
+        });
         broker
     }
 
-    async fn supervise(&self, config: AmqpConfig, service: &'static str) {
+    /// The supervisor: connect, watch, reconnect with backoff, until [`Broker::close`].
+    pub async fn supervise(self) {
+        let (config, service) = (self.config.clone(), self.service);
         let mut backoff = Duration::from_millis(100);
         // How often a healthy connection is looked at; a dropped one is noticed within this.
         let watch_every = Duration::from_millis(500);
@@ -147,7 +164,7 @@ impl Broker {
             return Err(AmqpError::NotConnected);
         };
         // Bounded: a connection that died a moment ago may never answer channel.open.
-        tokio::time::timeout(self.connect_timeout, conn.create_channel())
+        tokio::time::timeout(self.config.connect_timeout, conn.create_channel())
             .await
             .map_err(|_| AmqpError::Timeout("channel.open"))?
             .map_err(AmqpError::from)
@@ -156,7 +173,7 @@ impl Broker {
     /// The bound of one broker operation that must answer promptly (opening a channel,
     /// declaring topology): `amqp.connect_timeout`.
     pub fn operation_timeout(&self) -> Duration {
-        self.connect_timeout
+        self.config.connect_timeout
     }
 
     /// Stops the supervisor and closes the connection (last step of graceful shutdown).

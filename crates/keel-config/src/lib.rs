@@ -109,6 +109,40 @@ where
     T: DeserializeOwned + Validate,
     I: IntoIterator<Item = (String, String)>,
 {
+    load_effective_from(defaults_toml, env).map(|(config, _)| config)
+}
+
+/// Like [`load_from`], and also every effective setting as `key = value` lines, sorted by key,
+/// with secrets redacted (what `<service> check-config` prints): a value under a key whose
+/// last part names a secret (`password`, `secret`, `secrets`, `token`, `api_key`…) is replaced
+/// whole; a URL keeps everything but its password.
+pub fn load_effective_from<T, I>(
+    defaults_toml: &str,
+    env: I,
+) -> Result<(T, Vec<(String, String)>), ConfigError>
+where
+    T: DeserializeOwned + Validate,
+    I: IntoIterator<Item = (String, String)>,
+{
+    let (figment, origins) = layered(defaults_toml, env)?;
+    let config: T = figment
+        .extract_lossy()
+        .map_err(|e| to_config_error(&e, &origins))?;
+    config.validate()?;
+    let mut effective = Vec::new();
+    if let Ok(value) = figment.extract::<figment::value::Value>() {
+        flatten("", &value, &mut effective);
+    }
+    effective.sort();
+    Ok((config, effective))
+}
+
+/// The defaults, an optional `KEEL_CONFIG_FILE`, `KEEL_*` overrides and `*_FILE` secrets, in
+/// that order of precedence (later wins), plus which variable set which key.
+fn layered<I>(defaults_toml: &str, env: I) -> Result<(Figment, Vec<(String, String)>), ConfigError>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
     let env: Vec<(String, String)> = env
         .into_iter()
         .filter(|(k, _)| k.starts_with(ENV_PREFIX))
@@ -119,8 +153,8 @@ where
         figment = figment.merge(Toml::file_exact(PathBuf::from(path)));
     }
 
-    // Plain KEEL_* overrides, kept as strings; `extract_lossy` below turns `8080` into a
-    // number only where the field is a number, so a numeric password stays a string.
+    // Plain KEEL_* overrides, kept as strings; `extract_lossy` turns `8080` into a number
+    // only where the field is a number, so a numeric password stays a string.
     // `*_FILE` variables are handled below, so they are not keys themselves.
     let mut origins: Vec<(String, String)> = Vec::new();
     for (var, value) in env
@@ -147,12 +181,72 @@ where
         figment = figment.merge((key.clone(), value));
         origins.push((key, var.clone()));
     }
+    Ok((figment, origins))
+}
 
-    let config: T = figment
-        .extract_lossy()
-        .map_err(|e| to_config_error(&e, &origins))?;
-    config.validate()?;
-    Ok(config)
+/// Key parts that name a secret: their values are never printed.
+const SECRET_KEYS: &[&str] = &["password", "secret", "secrets", "token", "api_key", "key"];
+
+fn flatten(prefix: &str, value: &figment::value::Value, out: &mut Vec<(String, String)>) {
+    use figment::value::Value;
+    let last = prefix.rsplit('.').next().unwrap_or(prefix);
+    match value {
+        Value::Dict(_, dict) => {
+            for (k, v) in dict {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        _ if SECRET_KEYS
+            .iter()
+            .any(|s| last == *s || last.ends_with(&format!("_{s}"))) =>
+        {
+            out.push((prefix.to_owned(), "<redacted>".to_owned()));
+        }
+        Value::String(_, s) => out.push((prefix.to_owned(), redact_url(s))),
+        Value::Array(_, items) => {
+            let items: Vec<String> = items
+                .iter()
+                .map(|v| match v {
+                    Value::String(_, s) => format!("{:?}", redact_url(s)),
+                    other => display(other),
+                })
+                .collect();
+            out.push((prefix.to_owned(), format!("[{}]", items.join(", "))));
+        }
+        other => out.push((prefix.to_owned(), display(other))),
+    }
+}
+
+fn display(value: &figment::value::Value) -> String {
+    use figment::value::Value;
+    match value {
+        Value::String(_, s) => s.clone(),
+        Value::Char(_, c) => c.to_string(),
+        Value::Bool(_, b) => b.to_string(),
+        Value::Num(_, n) => n
+            .to_i128()
+            .map(|i| i.to_string())
+            .or_else(|| n.to_f64().map(|f| f.to_string()))
+            .unwrap_or_default(),
+        Value::Empty(..) => String::new(),
+        Value::Dict(..) | Value::Array(..) => "…".to_owned(),
+    }
+}
+
+/// `postgres://app:pw@host/db` -> `postgres://app:<redacted>@host/db`; anything else as is.
+fn redact_url(s: &str) -> String {
+    match url::Url::parse(s) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("<redacted>"));
+            u.to_string()
+        }
+        _ => s.to_owned(),
+    }
 }
 
 /// Loads the configuration or ends the process with exit code 78 and one line naming the key.
@@ -241,4 +335,9 @@ fn actual_kind(actual: &figment::error::Actual) -> String {
         Actual::Bool(_) => "a boolean".to_owned(),
         other => other.to_string(),
     }
+}
+
+/// Parses a human duration (`"250ms"`, `"30s"`, `"1m 30s"`) as config files spell them.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, impl std::error::Error + use<>> {
+    humantime_serde::re::humantime::parse_duration(s)
 }

@@ -167,3 +167,54 @@ fn a_numeric_secret_from_the_environment_stays_a_string() {
         "while a numeric field still parses from text"
     );
 }
+
+#[test]
+fn effective_settings_are_listed_with_secrets_redacted() {
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct C {
+        db: Db,
+        webhook: Hook,
+    }
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Db {
+        url: keel_config::SecretString,
+        max: u32,
+    }
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Hook {
+        secrets: Vec<keel_config::SecretString>,
+        api_key: keel_config::SecretString,
+    }
+    impl keel_config::Validate for C {
+        fn validate(&self) -> Result<(), keel_config::ConfigError> {
+            Ok(())
+        }
+    }
+    let defaults = r#"
+        [db]
+        url = "postgres://app:hunter2@127.0.0.1:6432/keel"
+        max = 10
+        [webhook]
+        secrets = ["whsec_AAAA", "whsec_BBBB"]
+        api_key = "sk_live_123"
+    "#;
+    let env = [("KEEL_DB__MAX".to_owned(), "12".to_owned())];
+    let (_, effective) = keel_config::load_effective_from::<C, _>(defaults, env).unwrap();
+    let text: String = effective
+        .iter()
+        .map(|(k, v)| format!("{k} = {v}\n"))
+        .collect();
+    for secret in ["hunter2", "whsec_AAAA", "sk_live_123"] {
+        assert!(!text.contains(secret), "{secret} leaked: {text}");
+    }
+    assert!(
+        text.contains("db.url = postgres://app:%3Credacted%3E@127.0.0.1:6432/keel")
+            || text.contains("db.url = postgres://app:<redacted>@127.0.0.1:6432/keel"),
+        "{text}"
+    );
+    assert!(text.contains("db.max = 12"), "{text}");
+    assert!(text.contains("webhook.secrets = <redacted>"), "{text}");
+}

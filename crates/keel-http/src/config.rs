@@ -23,13 +23,6 @@ pub struct HttpConfig {
     /// Deadline for each readiness check (`/readyz`).
     #[serde(with = "keel_config::duration")]
     pub readiness_timeout: Duration,
-    /// After SIGTERM, how long `/readyz` reports draining before the listener closes, so load
-    /// balancers and Kubernetes endpoints stop sending new traffic first.
-    #[serde(with = "keel_config::duration")]
-    pub drain_delay: Duration,
-    /// After the listener closes, how long in-flight requests may take to finish.
-    #[serde(with = "keel_config::duration")]
-    pub grace_period: Duration,
 }
 
 impl HttpConfig {
@@ -58,17 +51,6 @@ impl Validate for HttpConfig {
             ms(self.readiness_timeout),
             1,
             30_000,
-        )?;
-        ensure_range("http.drain_delay (ms)", ms(self.drain_delay), 0, 120_000)?;
-        ensure_range("http.grace_period (ms)", ms(self.grace_period), 0, 300_000)?;
-        // Every in-flight request must end (done, or cut by its timeout) within the grace
-        // period; otherwise shutdown would cut requests the timeout still allows.
-        if self.grace_period < self.request_timeout {
-            return Err(ConfigError::invalid(
-                "http.grace_period",
-                "must be at least http.request_timeout",
-            ));
-        }
-        Ok(())
+        )
     }
 }

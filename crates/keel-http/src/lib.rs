@@ -4,10 +4,8 @@ pub mod config;
 pub mod health;
 pub mod metrics;
 pub mod problem;
-pub mod shutdown;
 pub mod stack;
 
 pub use config::HttpConfig;
-pub use health::Health;
+pub use health::{Readiness, ReadinessProbe};
 pub use problem::Problem;
-pub use shutdown::{Lifecycle, shutdown_signal};

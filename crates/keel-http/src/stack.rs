@@ -23,7 +23,7 @@ use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::HttpConfig;
-use crate::health::{self, Health};
+use crate::health::{self, ReadinessProbe};
 use crate::metrics;
 use crate::problem::{self, Problem};
 
@@ -41,12 +41,12 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 /// outermost and sees every request first and every response last. (One `Router::layer` per
 /// layer, rather than one `ServiceBuilder`, because axum converts each layer's response back
 /// into its own `Response` type, so layers that change body types compose.)
-pub fn build(routes: Router, health: Health, config: &HttpConfig) -> Router {
+pub fn build(routes: Router, readiness: ReadinessProbe, config: &HttpConfig) -> Router {
     let metrics_handle = keel_telemetry::metrics_handle();
     let request_id = http::HeaderName::from_static(REQUEST_ID);
     routes
         .route("/livez", get(health::livez))
-        .route("/readyz", get(health::readyz).with_state(health))
+        .route("/readyz", get(health::readyz).with_state(readiness))
         .route("/metrics", get(metrics::render).with_state(metrics_handle))
         // Unknown paths get the same problem document as every other error.
         .fallback(not_found)

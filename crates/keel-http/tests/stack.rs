@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::routing::{get, post};
 use http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
-use keel_http::{Health, HttpConfig};
+use keel_http::{HttpConfig, ReadinessProbe};
 use tower::ServiceExt;
 
 fn config() -> HttpConfig {
@@ -20,12 +20,10 @@ fn config() -> HttpConfig {
         body_limit_bytes: 1024,
         request_timeout: Duration::from_millis(200),
         readiness_timeout: Duration::from_millis(200),
-        drain_delay: Duration::ZERO,
-        grace_period: Duration::from_secs(1),
     }
 }
 
-fn app(health: Health) -> Router {
+fn app(readiness: ReadinessProbe) -> Router {
     let routes = Router::new()
         .route("/echo", post(|body: String| async move { body }))
         .route("/ok", get(|| async { "ok" }))
@@ -46,7 +44,7 @@ fn app(health: Health) -> Router {
                 "unreachable"
             }),
         );
-    keel_http::stack::build(routes, health, &config())
+    keel_http::stack::build(routes, readiness, &config())
 }
 
 async fn send(router: Router, request: Request<Body>) -> (StatusCode, http::HeaderMap, String) {
@@ -75,7 +73,7 @@ fn assert_problem(headers: &http::HeaderMap, body: &str, status: StatusCode, slu
 
 #[tokio::test]
 async fn request_id_is_generated_when_absent_and_echoed_when_given() {
-    let router = app(Health::new(Duration::from_secs(1)));
+    let router = app(ReadinessProbe::always_ready());
     let (status, headers, _) = send(router.clone(), get_req("/ok")).await;
     assert_eq!(status, StatusCode::OK);
     let generated = headers["x-request-id"].to_str().unwrap();
@@ -100,7 +98,7 @@ async fn request_id_is_generated_when_absent_and_echoed_when_given() {
 
 #[tokio::test]
 async fn oversized_body_is_413_problem_before_the_handler_runs() {
-    let router = app(Health::new(Duration::from_secs(1)));
+    let router = app(ReadinessProbe::always_ready());
     let ok = Request::post("/echo")
         .body(Body::from("x".repeat(1024)))
         .unwrap();
@@ -137,7 +135,7 @@ fn futures_stream(chunks: Vec<Vec<u8>>) -> Body {
 
 #[tokio::test]
 async fn slow_handler_is_cut_off_with_503_problem() {
-    let router = app(Health::new(Duration::from_secs(1)));
+    let router = app(ReadinessProbe::always_ready());
     let started = std::time::Instant::now();
     let (status, headers, body) = send(router, get_req("/slow")).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -150,7 +148,7 @@ async fn slow_handler_is_cut_off_with_503_problem() {
 
 #[tokio::test]
 async fn panic_is_500_problem_without_internal_details() {
-    let router = app(Health::new(Duration::from_secs(1)));
+    let router = app(ReadinessProbe::always_ready());
     let (status, headers, body) = send(router, get_req("/panic")).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_problem(&headers, &body, status, "internal");
@@ -162,7 +160,7 @@ async fn panic_is_500_problem_without_internal_details() {
 
 #[tokio::test]
 async fn unknown_route_is_404_and_wrong_method_is_405_problem() {
-    let router = app(Health::new(Duration::from_secs(1)));
+    let router = app(ReadinessProbe::always_ready());
     let (status, headers, body) = send(router.clone(), get_req("/nope")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_problem(&headers, &body, status, "not-found");
@@ -180,7 +178,7 @@ async fn extractor_rejection_keeps_its_client_facing_detail() {
         "/json",
         post(|axum::Json(v): axum::Json<serde_json::Value>| async move { v.to_string() }),
     );
-    let router = keel_http::stack::build(routes, Health::new(Duration::from_secs(1)), &config());
+    let router = keel_http::stack::build(routes, ReadinessProbe::always_ready(), &config());
     let req = Request::post("/json")
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from("{not json"))
@@ -193,56 +191,8 @@ async fn extractor_rejection_keeps_its_client_facing_detail() {
 }
 
 #[tokio::test]
-async fn livez_ignores_dependencies_while_readyz_reports_them() {
-    let health = Health::new(Duration::from_millis(100));
-    health.add_check("database", || async { Err("unreachable".to_owned()) });
-    health.add_check("hangs", std::future::pending::<Result<(), String>>);
-    let router = app(health);
-
-    let (status, _, _) = send(router.clone(), get_req("/livez")).await;
-    assert_eq!(
-        status,
-        StatusCode::OK,
-        "liveness never depends on the database"
-    );
-
-    let started = std::time::Instant::now();
-    let (status, headers, body) = send(router, get_req("/readyz")).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_problem(&headers, &body, status, "not-ready");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["checks"]["database"], "unreachable");
-    assert!(
-        v["checks"]["hangs"]
-            .as_str()
-            .unwrap()
-            .starts_with("no answer within")
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "a hanging check is bounded"
-    );
-}
-
-#[tokio::test]
-async fn readyz_turns_false_when_draining() {
-    let health = Health::new(Duration::from_millis(100));
-    health.add_check("database", || async { Ok(()) });
-    let router = app(health.clone());
-    assert_eq!(
-        send(router.clone(), get_req("/readyz")).await.0,
-        StatusCode::OK
-    );
-    health.set_draining();
-    let (status, _, body) = send(router.clone(), get_req("/readyz")).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(body.contains("\"draining\":true"), "{body}");
-    assert_eq!(send(router, get_req("/livez")).await.0, StatusCode::OK);
-}
-
-#[tokio::test]
 async fn metrics_count_requests_per_route_template_and_status() {
-    let router = app(Health::new(Duration::from_secs(1)));
+    let router = app(ReadinessProbe::always_ready());
     send(router.clone(), get_req("/ok")).await;
     send(router.clone(), get_req("/nope/12345")).await;
     let (status, headers, body) = send(router, get_req("/metrics")).await;

@@ -27,38 +27,41 @@ pub struct LagMonitor {
 }
 
 impl LagMonitor {
-    /// Spawns the probe on the current runtime; it stops when `stop` is cancelled.
+    /// Spawns [`LagMonitor::run`] on the current runtime (tests and tools; services register
+    /// the probe with their runtime instead, which starts it when the service runs).
     pub fn spawn(interval: Duration, stop: CancellationToken) -> Self {
         let monitor = Self::default();
-        let samples = monitor.samples.clone();
+        tokio::spawn(monitor.clone().run(interval, stop));
+        monitor
+    }
+
+    /// The probe: wakes every `interval` and records how late it woke, until `stop`.
+    pub async fn run(self, interval: Duration, stop: CancellationToken) {
         // Exported from the start (recorder first, or the value goes nowhere), so dashboards
         // and alerts never see the series missing.
         crate::metrics_handle();
         metrics::gauge!(LAG_GAUGE).set(0.0);
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            // After a stall, measure the next tick from now instead of firing a burst.
-            ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            let mut expected = Instant::now() + interval;
-            ticker.tick().await; // the first tick completes immediately
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    _ = ticker.tick() => {}
-                }
-                let now = Instant::now();
-                let lag = now.saturating_duration_since(expected);
-                expected = now + interval;
-                if let Ok(mut s) = samples.lock() {
-                    if s.len() == WINDOW {
-                        s.pop_front();
-                    }
-                    s.push_back(lag);
-                }
-                metrics::gauge!(LAG_GAUGE).set(lag.as_secs_f64());
+        let mut ticker = tokio::time::interval(interval);
+        // After a stall, measure the next tick from now instead of firing a burst.
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut expected = Instant::now() + interval;
+        ticker.tick().await; // the first tick completes immediately
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = ticker.tick() => {}
             }
-        });
-        monitor
+            let now = Instant::now();
+            let lag = now.saturating_duration_since(expected);
+            expected = now + interval;
+            if let Ok(mut s) = self.samples.lock() {
+                if s.len() == WINDOW {
+                    s.pop_front();
+                }
+                s.push_back(lag);
+            }
+            metrics::gauge!(LAG_GAUGE).set(lag.as_secs_f64());
+        }
     }
 
     /// The lag measured at the latest wake-up.

@@ -1,6 +1,6 @@
 //! `grpc.health.v1` for billing (P21 for gRPC).
 //!
-//! Answers from the same [`keel_http::Health`] as `/readyz`, so HTTP and gRPC probes never
+//! Answers from the same [`keel_service::Health`] as `/readyz`, so HTTP and gRPC probes never
 //! disagree: dependency checks within their deadline, and NOT_SERVING as soon as draining
 //! starts. Known service names are `""` (the whole server) and `billing`.
 
@@ -10,7 +10,7 @@ use std::time::Duration;
 use keel_contracts::grpc_health_v1::health_check_response::ServingStatus;
 use keel_contracts::grpc_health_v1::health_server::Health as HealthApi;
 use keel_contracts::grpc_health_v1::{HealthCheckRequest, HealthCheckResponse};
-use keel_http::Health;
+use keel_service::Health;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};

@@ -30,18 +30,15 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use keel_amqp::{AmqpConfig, Broker, RelayConfig};
+use keel_amqp::{AmqpConfig, RelayConfig};
 use keel_config::{ConfigError, Validate, ensure_range, millis as ms};
 use keel_contracts::billing_v1::payment_service_server::PaymentServiceServer;
 use keel_contracts::grpc_health_v1::health_server::HealthServer;
-use keel_http::shutdown::Drained;
-use keel_http::{Health, HttpConfig, Lifecycle};
+use keel_http::HttpConfig;
 use keel_pg::DatabaseConfig;
-use keel_telemetry::{LagMonitor, TelemetryConfig};
+use keel_service::{BrokerReadiness, Drained, Service, ServiceError, ShutdownConfig};
+use keel_telemetry::TelemetryConfig;
 use serde::Deserialize;
-use sqlx::PgPool;
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::payments::grpc::PaymentApi;
 use crate::payments::{IdempotencyConfig, Payments};
@@ -95,6 +92,7 @@ impl Validate for GrpcConfig {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub http: HttpConfig,
+    pub shutdown: ShutdownConfig,
     pub grpc: GrpcConfig,
     pub database: DatabaseConfig,
     pub psp: PspConfig,
@@ -118,6 +116,11 @@ impl Validate for Config {
             ));
         }
         self.grpc.validate()?;
+        self.shutdown.validate()?;
+        self.shutdown
+            .ensure_grace_covers("http.request_timeout", self.http.request_timeout)?;
+        // Not grpc.max_deadline (30 s, a slow provider's worst case): a call cut by the grace
+        // period is retried by the saga with the same idempotency key, and resumes once.
         self.database.validate()?;
         self.psp.validate()?;
         self.webhook.validate()?;
@@ -135,14 +138,11 @@ impl Validate for Config {
     }
 }
 
-/// Why the service could not start.
+/// Why billing could not start, or an operator command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("cannot bind {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Service(#[from] ServiceError),
     #[error(transparent)]
     Database(#[from] keel_pg::PgError),
     #[error(transparent)]
@@ -151,14 +151,6 @@ pub enum AppError {
     Config(#[from] ConfigError),
     #[error("payment provider client: {0}")]
     Psp(#[from] reqwest::Error),
-    #[error("I/O: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-/// Applies migrations as the owner role over a direct connection.
-pub async fn migrate(config: &Config) -> Result<(), AppError> {
-    keel_pg::migrate(&config.database, "billing-migrate", &MIGRATOR).await?;
-    Ok(())
 }
 
 /// Rebuilds the `payments` projection from `payment_events` (`billing rebuild-projections`),
@@ -177,119 +169,109 @@ pub async fn rebuild_projections(config: &Config) -> Result<ledger::Rebuilt, App
     Ok(rebuilt)
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind { addr, source })
-}
-
 /// A bound, not yet running billing.
 #[derive(Debug)]
 pub struct App {
-    http: TcpListener,
-    grpc: TcpListener,
-    router: axum::Router,
-    health: Health,
-    lifecycle: Lifecycle,
-    pool: PgPool,
-    payments: PaymentApi,
-    purge_interval: Duration,
-    broker: Broker,
-    relay: RelayConfig,
+    service: Service,
+    http: SocketAddr,
+    grpc: SocketAddr,
 }
 
 impl App {
-    /// Binds both listeners and wires the capabilities.
+    /// Binds both listeners and wires the capabilities; starts nothing.
     pub async fn build(config: Config) -> Result<Self, AppError> {
-        let http = bind(config.http.addr()).await?;
-        let grpc = bind((config.grpc.host, config.grpc.port).into()).await?;
-        let pool = keel_pg::runtime_pool(&config.database, "billing")?;
-        let health = Health::new(config.http.readiness_timeout);
-        let lifecycle = Lifecycle::new(health.clone(), &config.http);
-        let lag = LagMonitor::spawn(config.telemetry.lag_probe_interval, lifecycle.stop_token());
-        health.watch_runtime_lag(lag, config.telemetry.max_runtime_lag);
-        let db = pool.clone();
-        health.add_check("postgres", move || {
-            let db = db.clone();
-            async move { keel_pg::ping(&db).await }
+        let mut service =
+            Service::new("billing", &config.http, &config.shutdown, &config.telemetry);
+        let pool = service.postgres(&config.database)?;
+        // Payment events go through the outbox, whose rows wait for the broker: billing keeps
+        // taking payments while RabbitMQ is down, so it is no readiness check.
+        let broker = service.broker(&config.amqp, BrokerReadiness::NotRequired);
+        service.relay(&pool, &broker, &config.relay);
+
+        let (purge_pool, purge_interval) = (pool.clone(), config.idempotency.purge_interval);
+        service.worker("idempotency key purge", move |stop| async move {
+            if let Err(e) = payments::spawn_purge(purge_pool, purge_interval, stop).await {
+                tracing::error!(error = %e, "idempotency key purge task failed");
+            }
         });
-        // The relay and the broker connection outlive the listeners: events written by the
-        // last in-flight requests are still published before the process exits.
-        let broker = Broker::spawn(config.amqp.clone(), "billing", Default::default());
+
         let psp = PspClient::new(&config.psp)?;
         let payments = PaymentApi::new(
             Payments::new(pool.clone(), psp, config.idempotency.clone()),
             config.grpc.max_deadline,
             config.grpc.deadline_reserve,
         );
-        let routes = webhook::router(pool.clone(), Verifier::new(&config.webhook)?);
-        let router = keel_http::stack::build(routes, health.clone(), &config.http);
-        tracing::info!(addr = %http.local_addr()?, grpc_addr = %grpc.local_addr()?, "listening");
+        let grpc_health = grpc_health::GrpcHealth::new(service.health().clone());
+        let routes = tonic::service::Routes::new(HealthServer::new(grpc_health))
+            .add_service(PaymentServiceServer::new(payments));
+        let grpc = service
+            .grpc((config.grpc.host, config.grpc.port).into(), routes)
+            .await?;
+        let http = service
+            .http(webhook::router(pool, Verifier::new(&config.webhook)?))
+            .await?;
         Ok(Self {
+            service,
             http,
             grpc,
-            router,
-            health,
-            lifecycle,
-            pool,
-            payments,
-            purge_interval: config.idempotency.purge_interval,
-            broker,
-            relay: config.relay.clone(),
         })
     }
 
     /// The bound HTTP address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.http.local_addr()
+        Ok(self.http)
     }
 
     /// The bound gRPC address.
     pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
-        self.grpc.local_addr()
+        Ok(self.grpc)
     }
 
-    /// Serves both listeners and runs the outbox relay until `signal`, drains, then stops the
-    /// relay and closes the broker connection and the pool.
-    pub async fn run(self, signal: impl Future<Output = ()>) -> Result<Drained, AppError> {
-        let http = self.lifecycle.serve_http(self.http, self.router);
-        let stop = self.lifecycle.stop_token();
-        let grpc_health = grpc_health::GrpcHealth::new(self.health.clone());
-        let payments = self.payments;
-        let grpc = tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(HealthServer::new(grpc_health))
-                .add_service(PaymentServiceServer::new(payments))
-                .serve_with_incoming_shutdown(
-                    TcpListenerStream::new(self.grpc),
-                    stop.cancelled_owned(),
-                )
-                .await
-                .map_err(std::io::Error::other)
-        });
-        let purge = payments::spawn_purge(
-            self.pool.clone(),
-            self.purge_interval,
-            self.lifecycle.stop_token(),
-        );
-        // Its own token: the relay stops after the work that writes outbox rows.
-        let relay_stop = tokio_util::sync::CancellationToken::new();
-        let relay = keel_amqp::relay::spawn(
-            self.pool.clone(),
-            self.broker.clone(),
-            self.relay.clone(),
-            relay_stop.clone(),
-        );
-        self.lifecycle.drain_on(signal).await;
-        let drained = self.lifecycle.finish(vec![http, grpc, purge]).await;
-        relay_stop.cancel();
-        keel_http::shutdown::close_within("outbox relay", async {
-            let _ = relay.await;
-        })
-        .await;
-        keel_http::shutdown::close_within("rabbitmq connection", self.broker.close()).await;
-        keel_http::shutdown::close_within("postgres pool", self.pool.close()).await;
-        tracing::info!(?drained, "stopped");
-        Ok(drained)
+    /// Runs until `signal`, then stops in stages (keel_service): HTTP and gRPC together, the
+    /// purge worker, the relay (publishes the events in-flight calls wrote), broker, pool.
+    pub async fn run(self, signal: impl Future<Output = ()>) -> Result<Drained, ServiceError> {
+        self.service.run(signal).await
+    }
+}
+
+/// billing's command line (`billing serve|migrate|check-config|rebuild-projections`).
+#[derive(Debug)]
+pub struct Billing;
+
+impl keel_service::ServiceMain for Billing {
+    const NAME: &'static str = "billing";
+    const ABOUT: &'static str = "Keel billing: payments over gRPC on an event-sourced ledger";
+    const DEFAULT_CONFIG: &'static str = DEFAULT_CONFIG;
+    type Config = Config;
+
+    fn telemetry(config: &Config) -> &TelemetryConfig {
+        &config.telemetry
+    }
+
+    fn migrations(config: &Config) -> Option<(&DatabaseConfig, &'static sqlx::migrate::Migrator)> {
+        Some((&config.database, &MIGRATOR))
+    }
+
+    async fn serve(
+        config: Config,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        App::build(config).await?.run(signal).await?;
+        Ok(())
+    }
+
+    fn commands() -> Vec<clap::Command> {
+        vec![clap::Command::new("rebuild-projections").about(
+            "Rebuild the payments projection from the ledger's events (P10), in one \
+             transaction; safe while billing runs (writers wait, readers don't)",
+        )]
+    }
+
+    async fn command(name: &str, _: &clap::ArgMatches, config: Config) -> anyhow::Result<()> {
+        match name {
+            "rebuild-projections" => rebuild_projections(&config).await.map(|_| ())?,
+            other => anyhow::bail!("no such command: {other}"),
+        }
+        Ok(())
     }
 }

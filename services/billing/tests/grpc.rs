@@ -153,7 +153,7 @@ async fn provider_503_is_unavailable_and_a_retry_with_the_same_key_resumes_once(
     assert_eq!(attempts.len(), 3, "bounded by psp.max_attempts");
 
     // The payment waits, pending, for the retry.
-    let payment_id = billing::ledger::PaymentId::for_authorize_key(&request.idempotency_key);
+    let payment_id = billing::ledger::payment_id_for_authorize_key(&request.idempotency_key);
     let pending = b.get(&payment_id.to_string()).await.unwrap();
     assert_eq!(pending.status, pb::PaymentStatus::Unspecified as i32);
 
@@ -266,7 +266,7 @@ async fn void_of_an_authorization_that_never_completed_abandons_it_for_good() {
     b.psp.set_down(true);
     b.authorize_request(request.clone()).await.unwrap_err();
     let payment_id =
-        billing::ledger::PaymentId::for_authorize_key(&request.idempotency_key).to_string();
+        billing::ledger::payment_id_for_authorize_key(&request.idempotency_key).to_string();
     let voided = b.void(&key("void"), &payment_id).await.unwrap();
     assert_eq!(voided.status, pb::PaymentStatus::Voided as i32);
 

@@ -21,7 +21,7 @@ async fn grpc_health_serves_while_ready_and_stops_serving_while_draining() {
             ("KEEL_HTTP__PORT", "0"),
             ("KEEL_GRPC__PORT", "0"),
             ("KEEL_DATABASE__URL", &db.app_url()),
-            ("KEEL_HTTP__DRAIN_DELAY", "2s"),
+            ("KEEL_SHUTDOWN__DRAIN_DELAY", "2s"),
         ],
     );
     let app = App::build(config).await.unwrap();
@@ -69,7 +69,7 @@ async fn grpc_health_serves_while_ready_and_stops_serving_while_draining() {
     )
     .await;
     let drained = running.await.unwrap().unwrap();
-    assert_eq!(drained, keel_http::shutdown::Drained::Clean);
+    assert_eq!(drained, keel_service::Drained::Clean);
 }
 
 #[tokio::test]
@@ -81,7 +81,7 @@ async fn billing_binary_stops_cleanly_on_sigterm() {
     for (k, v) in [
         ("KEEL_HTTP__PORT", "0"),
         ("KEEL_GRPC__PORT", "0"),
-        ("KEEL_HTTP__DRAIN_DELAY", "0s"),
+        ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s"),
     ] {
         vars.push((k.to_owned(), v.to_owned()));
     }

@@ -33,7 +33,7 @@ async fn projection_rebuilt_from_events_equals_the_live_one() {
     b.psp.set_down(true);
     let abandoned = authorize_request(&key("a"), "tok_approve");
     b.authorize_request(abandoned.clone()).await.unwrap_err();
-    let abandoned_id = PaymentId::for_authorize_key(&abandoned.idempotency_key).to_string();
+    let abandoned_id = ledger::payment_id_for_authorize_key(&abandoned.idempotency_key).to_string();
     b.void(&key("v"), &abandoned_id).await.unwrap();
 
     let mut conn = b.pool.acquire().await.unwrap();

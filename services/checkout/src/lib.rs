@@ -1,8 +1,8 @@
 //! checkout: the orders API, saga orchestrator, stock and catalogue.
 //!
-//! [`App::build`] binds the listener (port 0 in tests) and wires every capability;
-//! [`App::run`] serves until the shutdown signal, runs the background workers, and then
-//! drains (P20). Tests start the `App` in-process; process-level tests start the real binary.
+//! [`App::build`] binds the listener (port 0 in tests) and wires every capability onto a
+//! `keel_service::Service`; [`App::run`] runs it until the shutdown signal and its staged
+//! shutdown (P20). Tests start the `App` in-process; process-level tests start the binary.
 //!
 //! Capabilities, one module each:
 //! - [`catalogue`]: `GET /v1/products`, read from Postgres through pgbouncer.
@@ -21,7 +21,6 @@ pub mod catalogue;
 pub mod config;
 pub mod error;
 pub mod maintenance;
-pub mod money;
 pub mod orders;
 pub mod saga;
 pub mod stock;
@@ -32,12 +31,7 @@ use std::net::SocketAddr;
 use axum::Router;
 use axum::routing::get;
 use http::header;
-use keel_amqp::Broker;
-use keel_http::shutdown::Drained;
-use keel_http::{Health, Lifecycle};
-use keel_telemetry::LagMonitor;
-use sqlx::PgPool;
-use tokio::net::TcpListener;
+use keel_service::{BrokerReadiness, Drained, Service, ServiceError};
 
 pub use config::Config;
 use maintenance::Maintenance;
@@ -65,40 +59,20 @@ pub fn routes() -> Vec<(&'static str, &'static str)> {
     all
 }
 
-/// Why the service could not start or stop cleanly.
+/// Why checkout could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("cannot bind {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
     #[error(transparent)]
-    Database(#[from] keel_pg::PgError),
+    Service(#[from] ServiceError),
     #[error("billing client: {0}")]
     Billing(#[from] tonic::transport::Error),
-    #[error("I/O: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-/// Applies migrations as the owner role over a direct connection.
-pub async fn migrate(config: &Config) -> Result<(), AppError> {
-    keel_pg::migrate(&config.database, "checkout-migrate", &MIGRATOR).await?;
-    Ok(())
 }
 
 /// A built, bound, not yet running checkout.
 #[derive(Debug)]
 pub struct App {
-    listener: TcpListener,
-    router: Router,
-    lifecycle: Lifecycle,
-    pool: PgPool,
-    saga: Saga,
-    run_saga_worker: bool,
-    maintenance: Maintenance,
-    broker: Broker,
-    relay: keel_amqp::RelayConfig,
+    service: Service,
+    addr: SocketAddr,
 }
 
 /// This process's name in the job queue's `locked_by` (host, pid, random suffix).
@@ -109,41 +83,47 @@ fn worker_name() -> String {
 }
 
 impl App {
-    /// Binds the listener and wires the capabilities. Connects to nothing yet: Postgres and
+    /// Wires the capabilities and binds the listener. Connects to nothing yet: Postgres and
     /// billing are reached lazily (Postgres is reported by `/readyz`; billing is not, because
     /// orders are accepted while it is down), so the process starts while a dependency is.
     pub async fn build(config: Config) -> Result<Self, AppError> {
-        let addr = config.http.addr();
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| AppError::Bind { addr, source })?;
-        let pool = keel_pg::runtime_pool(&config.database, "checkout")?;
+        let mut service = Service::new(
+            "checkout",
+            &config.http,
+            &config.shutdown,
+            &config.telemetry,
+        );
+        let pool = service.postgres(&config.database)?;
+        // Publishing only goes through the outbox, whose rows wait for the broker: orders are
+        // taken while RabbitMQ is down, so it is no readiness check.
+        let broker = service.broker(&config.amqp, BrokerReadiness::NotRequired);
+        service.relay(&pool, &broker, &config.relay);
 
-        let health = Health::new(config.http.readiness_timeout);
-        let lifecycle = Lifecycle::new(health.clone(), &config.http);
-        let lag = LagMonitor::spawn(config.telemetry.lag_probe_interval, lifecycle.stop_token());
-        health.watch_runtime_lag(lag, config.telemetry.max_runtime_lag);
-        let db = pool.clone();
-        health.add_check("postgres", move || {
-            let db = db.clone();
-            async move { keel_pg::ping(&db).await }
-        });
-
-        // The relay and its broker connection outlive the listener and the workers: the events
-        // of the last sagas finished during shutdown are still published.
-        let broker = Broker::spawn(config.amqp.clone(), "checkout", Default::default());
-        let billing = Billing::connect_lazy(&config.billing)?;
-        let saga = Saga::new(pool.clone(), billing, config.saga.clone());
+        // A saga job cut off at shutdown is safe: its lease expires and another instance
+        // resumes it from the persisted saga state.
+        let worker = worker_name();
+        if config.saga.run_worker {
+            let saga = Saga::new(
+                pool.clone(),
+                Billing::connect_lazy(&config.billing)?,
+                config.saga.clone(),
+            );
+            let name = worker.clone();
+            service.worker("saga worker", move |stop| saga.run_worker(name, stop));
+        }
         let maintenance = Maintenance::new(
             pool.clone(),
             config.orders.clone(),
             config.maintenance.clone(),
         );
+        service.worker("maintenance worker", move |stop| {
+            maintenance.run_worker(worker, stop)
+        });
 
         let routes = Router::new()
             .merge(catalogue::routes(pool.clone()))
             .merge(orders::routes(orders::OrdersState {
-                pool: pool.clone(),
+                pool,
                 orders: config.orders.clone(),
                 saga: config.saga.clone(),
             }))
@@ -151,75 +131,48 @@ impl App {
                 "/openapi.yaml",
                 get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI) }),
             );
-        let router = keel_http::stack::build(routes, health, &config.http);
-        tracing::info!(addr = %listener.local_addr()?, "listening");
-        Ok(Self {
-            listener,
-            router,
-            lifecycle,
-            pool,
-            saga,
-            run_saga_worker: config.saga.run_worker,
-            maintenance,
-            broker,
-            relay: config.relay.clone(),
-        })
+        let addr = service.http(routes).await?;
+        Ok(Self { service, addr })
     }
 
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        Ok(self.addr)
     }
 
-    /// Serves until `signal` and runs the background workers; then drains HTTP, lets the
-    /// workers finish their jobs in flight (bounded), and closes the pool.
-    pub async fn run(self, signal: impl Future<Output = ()>) -> Result<Drained, AppError> {
-        // The workers stop taking jobs when the listener stops accepting (the stop token);
-        // a job cut off by the bound below is safe: its lease expires and another instance
-        // resumes it from the persisted saga state.
-        let stop = self.lifecycle.stop_token();
-        let worker = worker_name();
-        let mut workers = Vec::new();
-        if self.run_saga_worker {
-            let saga = self.saga.clone();
-            workers.push((
-                "saga worker",
-                tokio::spawn(saga.run_worker(worker.clone(), stop.clone())),
-            ));
-        }
-        workers.push((
-            "maintenance worker",
-            tokio::spawn(self.maintenance.run_worker(worker, stop.clone())),
-        ));
-        // Its own token: the relay stops after the work that writes outbox rows.
-        let relay_stop = tokio_util::sync::CancellationToken::new();
-        let relay = keel_amqp::relay::spawn(
-            self.pool.clone(),
-            self.broker.clone(),
-            self.relay.clone(),
-            relay_stop.clone(),
-        );
+    /// Runs until `signal`, then stops in stages (keel_service): HTTP, the saga and
+    /// maintenance workers, the relay (publishes the events they wrote), broker, pool.
+    pub async fn run(self, signal: impl Future<Output = ()>) -> Result<Drained, ServiceError> {
+        self.service.run(signal).await
+    }
+}
 
-        let drained = self
-            .lifecycle
-            .run_http(self.listener, self.router, signal)
-            .await;
-        for (what, handle) in workers {
-            keel_http::shutdown::close_within(what, async {
-                if let Err(e) = handle.await {
-                    tracing::error!(what, error = %e, "worker task failed");
-                }
-            })
-            .await;
-        }
-        relay_stop.cancel();
-        keel_http::shutdown::close_within("outbox relay", async {
-            let _ = relay.await;
-        })
-        .await;
-        keel_http::shutdown::close_within("rabbitmq connection", self.broker.close()).await;
-        keel_http::shutdown::close_within("postgres pool", self.pool.close()).await;
-        tracing::info!(?drained, "stopped");
-        Ok(drained)
+/// checkout's command line (`checkout serve|migrate|check-config`).
+#[derive(Debug)]
+pub struct Checkout;
+
+impl keel_service::ServiceMain for Checkout {
+    const NAME: &'static str = "checkout";
+    const ABOUT: &'static str =
+        "Keel checkout: the orders API, saga orchestrator, stock and catalogue";
+    const DEFAULT_CONFIG: &'static str = DEFAULT_CONFIG;
+    type Config = Config;
+
+    fn telemetry(config: &Config) -> &keel_telemetry::TelemetryConfig {
+        &config.telemetry
+    }
+
+    fn migrations(
+        config: &Config,
+    ) -> Option<(&keel_pg::DatabaseConfig, &'static sqlx::migrate::Migrator)> {
+        Some((&config.database, &MIGRATOR))
+    }
+
+    async fn serve(
+        config: Config,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        App::build(config).await?.run(signal).await?;
+        Ok(())
     }
 }

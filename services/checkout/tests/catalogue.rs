@@ -19,7 +19,7 @@ async fn start(
         &[
             ("KEEL_HTTP__PORT", "0"),
             ("KEEL_DATABASE__URL", db_url),
-            ("KEEL_HTTP__DRAIN_DELAY", "0s"),
+            ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s"),
         ],
     );
     let app = App::build(config).await.unwrap();

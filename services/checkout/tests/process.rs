@@ -66,7 +66,7 @@ async fn config_errors_and_logs_never_show_secrets() {
         &env(&[
             ("KEEL_HTTP__PORT", "0"),
             ("KEEL_DATABASE__URL", url),
-            ("KEEL_HTTP__DRAIN_DELAY", "0s"),
+            ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s"),
         ]),
     )
     .await;
@@ -103,11 +103,11 @@ async fn sigterm_under_load_fails_no_request_and_finishes_in_flight_work() {
     let mut vars = db.env();
     vars.extend(env(&[
         ("KEEL_HTTP__PORT", "0"),
-        ("KEEL_HTTP__DRAIN_DELAY", "1s"),
+        ("KEEL_SHUTDOWN__DRAIN_DELAY", "1s"),
         // The slow request waits on a lock for as long as the test needs; the request
         // timeout must not cut it first on a busy machine.
         ("KEEL_HTTP__REQUEST_TIMEOUT", "60s"),
-        ("KEEL_HTTP__GRACE_PERIOD", "60s"),
+        ("KEEL_SHUTDOWN__GRACE_PERIOD", "60s"),
     ]));
     let mut p = ServiceProcess::spawn(BIN, &[], &vars).await;
     let base = p.base_url();

@@ -18,7 +18,7 @@ const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 fn base_env() -> Vec<(String, String)> {
     [
         ("KEEL_HTTP__PORT", "0"),
-        ("KEEL_HTTP__DRAIN_DELAY", "0s"),
+        ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s"),
         // The database is not needed to answer /livez.
         (
             "KEEL_DATABASE__URL",

@@ -1,200 +1,112 @@
 //! notification: turns journey events into customer notifications.
 //!
-//! One process, four parts sharing one lifecycle:
-//! - the idempotent consumer (P03, [`notifications::events`]) on its own durable quorum queue
-//!   bound to `checkout.order.*` and `billing.payment.*`;
-//! - the outbox relay (P02, `keel_amqp::relay`) publishing `notification.notification.recorded`;
-//! - the HTTP API (`GET /v1/notifications?order_id=`, [`notifications::api`]) on the Keel
-//!   stack (8082), with health and metrics;
-//! - a supervised RabbitMQ connection whose state is part of readiness (P21).
+//! Capabilities, one module each:
+//! - [`journey_events`]: the idempotent consumer (P03) on its own durable quorum queue, bound
+//!   to `checkout.order.*` and `billing.payment.*`: which events become notifications;
+//! - [`customer_notifications`]: what a customer is told, and the table it is kept in; each
+//!   one is announced as `notification.notification.recorded` through the outbox (P02);
+//! - [`api`]: `GET /v1/notifications?order_id=` on the Keel HTTP stack (8082), with health
+//!   and metrics; its failures are [`error::ApiError`] problem documents.
 //!
-//! Shutdown order (P20): stop accepting HTTP and stop consuming, let in-flight messages
-//! finish and settle, stop the relay, close the broker connection, close the pool.
-//! Deliveries of real emails and signed customer webhooks (P33) come in step 3.
+//! [`config`] is the typed configuration. The process itself (readiness, staged shutdown,
+//! command line) is `keel_service`'s: this file only says what notification has and how its
+//! parts connect, so a service made from this one starts by reading [`App::build`].
 
-pub mod notifications;
+pub mod api;
+pub mod config;
+pub mod customer_notifications;
+pub mod error;
+pub mod journey_events;
 
 use std::future::Future;
 use std::net::SocketAddr;
 
-use keel_amqp::{AmqpConfig, Broker, ConsumerConfig, RelayConfig};
-use keel_config::{ConfigError, Validate, ensure_range};
-use keel_http::shutdown::{Drained, close_within};
-use keel_http::{Health, HttpConfig, Lifecycle};
 use keel_pg::DatabaseConfig;
-use keel_telemetry::{LagMonitor, TelemetryConfig};
-use serde::Deserialize;
-use sqlx::PgPool;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use keel_service::{BrokerReadiness, Drained, Service, ServiceError};
+use keel_telemetry::TelemetryConfig;
 
-use crate::notifications::api::{self, ApiState};
-use crate::notifications::events;
+use crate::api::ApiState;
+pub use crate::config::Config;
 
-/// The checked-in defaults, embedded.
+/// The checked-in defaults (`config/default.toml`), embedded so the binary runs anywhere.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
 
-/// Migrations, embedded.
+/// notification's own migrations, embedded; `notification migrate` applies the platform's
+/// tables first (`keel_pg::migrate`), then these.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// notification's configuration.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Config {
-    pub http: HttpConfig,
-    pub database: DatabaseConfig,
-    pub amqp: AmqpConfig,
-    pub consumer: ConsumerConfig,
-    pub relay: RelayConfig,
-    pub api: ApiConfig,
-    pub telemetry: TelemetryConfig,
-}
-
-/// `[api]`: bounds of the HTTP API.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApiConfig {
-    /// Most notifications returned for one order.
-    pub list_limit: u16,
-}
-
-impl Validate for Config {
-    fn validate(&self) -> Result<(), ConfigError> {
-        self.http.validate()?;
-        self.database.validate()?;
-        self.amqp.validate()?;
-        self.consumer.validate()?;
-        self.relay.validate()?;
-        ensure_range("api.list_limit", self.api.list_limit, 1, 1000)?;
-        self.telemetry.validate()
-    }
-}
-
-/// Why the service could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum AppError {
-    #[error("cannot bind {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Database(#[from] keel_pg::PgError),
-    #[error("I/O: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-/// Applies migrations as the owner role over a direct connection.
-pub async fn migrate(config: &Config) -> Result<(), AppError> {
-    keel_pg::migrate(&config.database, "notification-migrate", &MIGRATOR).await?;
-    Ok(())
-}
-
-/// A bound, not yet running notification service.
+/// A built, not yet running notification service.
 #[derive(Debug)]
 pub struct App {
-    listener: TcpListener,
-    router: axum::Router,
-    lifecycle: Lifecycle,
-    pool: PgPool,
-    broker: Broker,
-    consumer: ConsumerConfig,
-    relay: RelayConfig,
+    service: Service,
+    addr: SocketAddr,
 }
 
 impl App {
-    /// Binds the listener, creates the lazy pool and starts the broker supervisor.
-    pub async fn build(config: Config) -> Result<Self, AppError> {
-        let addr = config.http.addr();
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| AppError::Bind { addr, source })?;
-        let pool = keel_pg::runtime_pool(&config.database, "notification")?;
-        let health = Health::new(config.http.readiness_timeout);
-        let lifecycle = Lifecycle::new(health.clone(), &config.http);
-        let lag = LagMonitor::spawn(config.telemetry.lag_probe_interval, lifecycle.stop_token());
-        health.watch_runtime_lag(lag, config.telemetry.max_runtime_lag);
-        let db = pool.clone();
-        health.add_check("postgres", move || {
-            let db = db.clone();
-            async move { keel_pg::ping(&db).await }
-        });
-        // The broker connection has its own stop token: it must outlive the HTTP listener
-        // (in-flight work may still publish or ack) and is closed last.
-        let broker = Broker::spawn(config.amqp.clone(), "notification", Default::default());
-        let b = broker.clone();
-        health.add_check("rabbitmq", move || {
-            let b = b.clone();
-            async move {
-                if b.is_connected().await {
-                    Ok(())
-                } else {
-                    Err("not connected".to_owned())
-                }
-            }
-        });
-        let routes = api::routes(ApiState {
-            pool: pool.clone(),
-            list_limit: i64::from(config.api.list_limit),
-        });
-        let router = keel_http::stack::build(routes, health, &config.http);
-        tracing::info!(addr = %listener.local_addr()?, "listening");
-        Ok(Self {
-            listener,
-            router,
-            lifecycle,
-            pool,
-            broker,
-            consumer: config.consumer,
-            relay: config.relay,
-        })
+    /// Wires the capabilities; binds the listener; starts nothing (see `keel_service`).
+    pub async fn build(config: Config) -> Result<Self, ServiceError> {
+        let mut service = Service::new(
+            "notification",
+            &config.http,
+            &config.shutdown,
+            &config.telemetry,
+        );
+        let pool = service.postgres(&config.database)?;
+        // A consumer is useless without the broker: it gates readiness.
+        let broker = service.broker(&config.amqp, BrokerReadiness::Required);
+        let consumer_pool = pool.clone();
+        service.amqp_consumer(
+            "journey events",
+            &broker,
+            &config.consumer,
+            &journey_events::BINDINGS,
+            move |msg| journey_events::handle(consumer_pool.clone(), msg),
+        );
+        service.relay(&pool, &broker, &config.relay);
+        let addr = service
+            .http(api::routes(ApiState {
+                pool,
+                list_limit: i64::from(config.api.list_limit),
+            }))
+            .await?;
+        Ok(Self { service, addr })
     }
 
-    /// The bound address.
+    /// The bound HTTP address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        Ok(self.addr)
     }
 
-    /// Starts the consumer and the relay, serves until `signal`, then shuts down in order:
-    /// HTTP and consuming stop together, in-flight messages settle, the relay stops, the
-    /// broker connection and the pool close.
-    pub async fn run(self, signal: impl Future<Output = ()>) -> Result<Drained, AppError> {
-        // Consuming stops when the listeners stop accepting (after the drain delay).
-        let stop = self.lifecycle.stop_token();
-        let pool = self.pool.clone();
-        let consumer = keel_amqp::consumer::spawn(
-            self.broker.clone(),
-            self.consumer,
-            &events::BINDINGS,
-            move |msg| events::handle(pool.clone(), msg),
-            stop,
-        );
-        // The relay stops only after the consumer: in-flight messages still write outbox rows
-        // (they would wait for the next start otherwise, which is safe but slower).
-        let relay_stop = CancellationToken::new();
-        let relay = keel_amqp::relay::spawn(
-            self.pool.clone(),
-            self.broker.clone(),
-            self.relay,
-            relay_stop.clone(),
-        );
+    /// Runs until `signal`, then stops in stages: HTTP, the consumer (in-flight messages
+    /// settle), the relay (publishes what they wrote), the broker, the pool.
+    pub async fn run(self, signal: impl Future<Output = ()>) -> Result<Drained, ServiceError> {
+        self.service.run(signal).await
+    }
+}
 
-        let drained = self
-            .lifecycle
-            .run_http(self.listener, self.router, signal)
-            .await;
-        close_within("amqp consumer", async {
-            let _ = consumer.await;
-        })
-        .await;
-        relay_stop.cancel();
-        close_within("outbox relay", async {
-            let _ = relay.await;
-        })
-        .await;
-        close_within("rabbitmq connection", self.broker.close()).await;
-        close_within("postgres pool", self.pool.close()).await;
-        tracing::info!(?drained, "stopped");
-        Ok(drained)
+/// notification's command line (`notification serve|migrate|check-config`).
+#[derive(Debug)]
+pub struct Notification;
+
+impl keel_service::ServiceMain for Notification {
+    const NAME: &'static str = "notification";
+    const ABOUT: &'static str = "Keel notification: journey events in, customer notifications out";
+    const DEFAULT_CONFIG: &'static str = DEFAULT_CONFIG;
+    type Config = Config;
+
+    fn telemetry(config: &Config) -> &TelemetryConfig {
+        &config.telemetry
+    }
+
+    fn migrations(config: &Config) -> Option<(&DatabaseConfig, &'static sqlx::migrate::Migrator)> {
+        Some((&config.database, &MIGRATOR))
+    }
+
+    async fn serve(
+        config: Config,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        App::build(config).await?.run(signal).await?;
+        Ok(())
     }
 }

@@ -32,7 +32,7 @@ impl Running {
     async fn start(db: &TestDb, amqp_url: &str, db_url: &str, extra: &[(&str, &str)]) -> Self {
         let mut vars = vec![
             ("KEEL_HTTP__PORT", "0"),
-            ("KEEL_HTTP__DRAIN_DELAY", "0s"),
+            ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s"),
             ("KEEL_DATABASE__URL", db_url),
             ("KEEL_AMQP__URL", amqp_url),
             ("KEEL_AMQP__MAX_BACKOFF", "200ms"),

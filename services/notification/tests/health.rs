@@ -15,7 +15,7 @@ async fn ready_when_postgres_and_rabbitmq_are_reachable_and_stops_on_sigterm() {
     let mut vars = db.env();
     for (k, v) in [
         ("KEEL_HTTP__PORT", "0".to_owned()),
-        ("KEEL_HTTP__DRAIN_DELAY", "0s".to_owned()),
+        ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s".to_owned()),
         ("KEEL_AMQP__URL", vhost.url()),
     ] {
         vars.push((k.to_owned(), v));
@@ -43,7 +43,7 @@ async fn rabbitmq_unreachable_fails_readiness_but_not_liveness() {
     let mut vars = db.env();
     for (k, v) in [
         ("KEEL_HTTP__PORT", "0"),
-        ("KEEL_HTTP__DRAIN_DELAY", "0s"),
+        ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s"),
         // Nothing listens on port 1: every connection attempt is refused.
         ("KEEL_AMQP__URL", "amqp://guest:guest@127.0.0.1:1/keel"),
     ] {

@@ -34,6 +34,7 @@ pub mod authorizations;
 pub mod error;
 pub mod faults;
 pub mod idempotency;
+pub mod model;
 pub mod store;
 pub mod webhooks;
 
@@ -42,12 +43,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use keel_config::{ConfigError, Validate};
-use keel_http::shutdown::{Drained, close_within};
-use keel_http::{Health, HttpConfig, Lifecycle};
-use keel_telemetry::{LagMonitor, TelemetryConfig};
+use keel_http::HttpConfig;
+use keel_service::{Drained, Service, ServiceError, ShutdownConfig};
+use keel_telemetry::TelemetryConfig;
 use serde::Deserialize;
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 use crate::faults::{Faults, FaultsConfig};
 use crate::store::StoreConfig;
@@ -61,6 +60,7 @@ pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub http: HttpConfig,
+    pub shutdown: ShutdownConfig,
     pub telemetry: TelemetryConfig,
     pub webhook: WebhookConfig,
     pub faults: FaultsConfig,
@@ -70,13 +70,16 @@ pub struct Config {
 impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.http.validate()?;
+        self.shutdown.validate()?;
+        self.shutdown
+            .ensure_grace_covers("http.request_timeout", self.http.request_timeout)?;
         self.telemetry.validate()?;
         self.webhook.validate()?;
         self.faults.validate()?;
         self.store.validate()?;
         // Each deliberate wait must end before the server's own request timeout would cut it
         // (with a bare 503): the simulator, not the timeout layer, decides how a held request
-        // ends. Raise `http.request_timeout` (and `http.grace_period` with it) to hold longer.
+        // ends. Raise `http.request_timeout` (and `shutdown.grace_period` with it) to hold longer.
         let limit = self.http.request_timeout;
         for (key, wait) in [
             ("faults.timeout_hold", self.faults.timeout_hold),
@@ -97,78 +100,73 @@ impl Validate for Config {
 /// Why the simulator could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("cannot bind {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Service(#[from] ServiceError),
     #[error(transparent)]
     Webhooks(#[from] WebhookError),
-    #[error("I/O: {0}")]
-    Io(#[from] std::io::Error),
 }
 
 /// A bound, not yet running simulator.
 #[derive(Debug)]
 pub struct App {
-    listener: TcpListener,
-    router: axum::Router,
-    lifecycle: Lifecycle,
-    webhook_sender: JoinHandle<()>,
+    service: Service,
+    addr: SocketAddr,
 }
 
 impl App {
-    /// Binds the listener, starts the webhook sender and builds the stack.
+    /// Binds the listener and wires the API; starts nothing.
     pub async fn build(config: Config) -> Result<Self, AppError> {
-        let addr = config.http.addr();
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| AppError::Bind { addr, source })?;
-        let health = Health::new(config.http.readiness_timeout);
-        let lifecycle = Lifecycle::new(health.clone(), &config.http);
-        let stop = lifecycle.stop_token();
-        let lag = LagMonitor::spawn(config.telemetry.lag_probe_interval, stop.clone());
-        health.watch_runtime_lag(lag, config.telemetry.max_runtime_lag);
-
-        let (webhooks, webhook_sender) =
-            Webhooks::spawn(&config.webhook, &config.store, stop.clone())?;
-        let faults = Arc::new(Faults::new(config.faults.clone(), stop));
+        let mut service =
+            Service::new("psp-sim", &config.http, &config.shutdown, &config.telemetry);
+        let (webhooks, sender) = Webhooks::new(&config.webhook, &config.store)?;
+        // Stopped with the workers, after in-flight requests (which enqueue webhooks) are done;
+        // what is still queued then is abandoned: this is a simulator.
+        service.worker("webhook sender", move |stop| sender.run(stop));
+        // Deliberate holds (timeouts, slow answers) end when listeners close.
+        let faults = Arc::new(Faults::new(
+            config.faults.clone(),
+            service.listeners_closed(),
+        ));
         let api =
             authorizations::Api::new(&config.store, Arc::clone(&faults), Arc::clone(&webhooks));
         let routes = axum::Router::new()
             .merge(authorizations::routes(api))
             .merge(faults::admin_routes(faults))
             .merge(webhooks::admin_routes(webhooks));
-        let router = keel_http::stack::build(routes, health, &config.http);
-        tracing::info!(addr = %listener.local_addr()?, "listening");
-        Ok(Self {
-            listener,
-            router,
-            lifecycle,
-            webhook_sender,
-        })
+        let addr = service.http(routes).await?;
+        Ok(Self { service, addr })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        Ok(self.addr)
     }
 
-    /// Serves until `signal`, then drains; the webhook sender stops with the listener.
-    pub async fn run(self, signal: impl Future<Output = ()>) -> Result<Drained, AppError> {
-        let drained = self
-            .lifecycle
-            .run_http(self.listener, self.router, signal)
-            .await;
-        // The stop token has fired: the sender is abandoning what is left and ends promptly.
-        let sender = self.webhook_sender;
-        close_within("webhook sender", async {
-            if let Err(e) = sender.await {
-                tracing::error!(error = %e, "webhook sender task failed");
-            }
-        })
-        .await;
-        tracing::info!(?drained, "stopped");
-        Ok(drained)
+    /// Serves until `signal`, then stops in stages (keel_service).
+    pub async fn run(self, signal: impl Future<Output = ()>) -> Result<Drained, ServiceError> {
+        self.service.run(signal).await
+    }
+}
+
+/// psp-sim's command line (`psp-sim serve|migrate|check-config`; it has no database).
+#[derive(Debug)]
+pub struct PspSim;
+
+impl keel_service::ServiceMain for PspSim {
+    const NAME: &'static str = "psp-sim";
+    const ABOUT: &'static str = "A stand-in payment service provider with fault knobs";
+    const DEFAULT_CONFIG: &'static str = DEFAULT_CONFIG;
+    type Config = Config;
+
+    fn telemetry(config: &Config) -> &TelemetryConfig {
+        &config.telemetry
+    }
+
+    async fn serve(
+        config: Config,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        App::build(config).await?.run(signal).await?;
+        Ok(())
     }
 }

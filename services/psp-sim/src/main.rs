@@ -1,18 +1,5 @@
-//! psp-sim's entry point: load config, install telemetry, serve until a shutdown signal.
+//! psp-sim's entry point: the shared Keel command line; everything else is in the library.
 
-use keel_http::shutdown_signal;
-use keel_telemetry::Telemetry;
-use psp_sim::{App, Config};
-
-const SERVICE: &str = "psp-sim";
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config: Config = keel_config::load_or_exit(SERVICE, psp_sim::DEFAULT_CONFIG);
-    // Signal handlers first: a SIGTERM during start-up is still a graceful stop.
-    let signal = shutdown_signal();
-    let telemetry = Telemetry::init_or_exit(SERVICE, &config.telemetry);
-    App::build(config).await?.run(signal).await?;
-    telemetry.shutdown();
-    Ok(())
+fn main() {
+    keel_service::cli::main::<psp_sim::PspSim>()
 }

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Receiver, authorize_body, start};
-use keel_http::shutdown::Drained;
+use keel_service::Drained;
 use keel_testkit::eventually;
 use serde_json::Value;
 

@@ -225,7 +225,7 @@ impl Billing {
         let mut vars = vec![
             ("KEEL_HTTP__PORT", "0"),
             ("KEEL_GRPC__PORT", "0"),
-            ("KEEL_HTTP__DRAIN_DELAY", "0s"),
+            ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s"),
             ("KEEL_DATABASE__URL", app_url.as_str()),
             ("KEEL_PSP__BASE_URL", psp.url.as_str()),
             ("KEEL_PSP__INITIAL_BACKOFF", "5ms"),
@@ -398,7 +398,9 @@ pub fn signed(id: &str, timestamp: i64, body: &str, secret: &str) -> Vec<(&'stat
         ("webhook-timestamp", timestamp.to_string()),
         (
             "webhook-signature",
-            billing::webhook::sign(secret, id, timestamp, body.as_bytes()).unwrap(),
+            keel_webhooks::SigningKey::parse(secret)
+                .unwrap()
+                .sign(id, timestamp, body.as_bytes()),
         ),
     ]
 }

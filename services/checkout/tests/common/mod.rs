@@ -21,7 +21,7 @@ use tonic::{Code, Request, Response, Status};
 /// Settings that make sagas quick and tests fast; each test adds its own on top.
 pub const FAST: &[(&str, &str)] = &[
     ("KEEL_HTTP__PORT", "0"),
-    ("KEEL_HTTP__DRAIN_DELAY", "0s"),
+    ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s"),
     ("KEEL_SAGA__POLL_INTERVAL", "20ms"),
     ("KEEL_SAGA__RETRY_BASE", "20ms"),
     ("KEEL_SAGA__RETRY_MAX", "200ms"),

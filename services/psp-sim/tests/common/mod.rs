@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use keel_http::shutdown::Drained;
+use keel_service::Drained;
 use psp_sim::{App, Config};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -27,7 +27,10 @@ pub struct Sim {
 
 /// Starts psp-sim with `overrides` (`KEEL_*` variables) on a free port.
 pub async fn start(overrides: &[(&str, &str)]) -> Sim {
-    let mut vars = vec![("KEEL_HTTP__PORT", "0"), ("KEEL_HTTP__DRAIN_DELAY", "0s")];
+    let mut vars = vec![
+        ("KEEL_HTTP__PORT", "0"),
+        ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s"),
+    ];
     vars.extend_from_slice(overrides);
     let config: Config = keel_testkit::config(psp_sim::DEFAULT_CONFIG, &vars);
     let app = App::build(config).await.unwrap();

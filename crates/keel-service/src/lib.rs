@@ -1,0 +1,13 @@
+#![doc = include_str!("../README.md")]
+
+pub mod cli;
+mod config;
+mod health;
+pub mod runtime;
+mod signal;
+
+pub use cli::ServiceMain;
+pub use config::ShutdownConfig;
+pub use health::Health;
+pub use runtime::{BrokerReadiness, Drained, Service, ServiceError, Stage};
+pub use signal::shutdown_signal;

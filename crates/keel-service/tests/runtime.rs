@@ -1,0 +1,279 @@
+//! The service runtime's promises (P20, P21, P28), each through a real `Service`: nothing runs
+//! before `run`, stages stop in order and within their bounds, and a background task that ends
+//! early stops the process instead of leaving it half-alive.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keel_http::HttpConfig;
+use keel_service::{Drained, Health, Service, ServiceError, ShutdownConfig, Stage};
+use keel_telemetry::{LagMonitor, TelemetryConfig};
+use tokio_util::sync::CancellationToken;
+
+fn http() -> HttpConfig {
+    HttpConfig {
+        host: [127, 0, 0, 1].into(),
+        port: 0,
+        body_limit_bytes: 1024,
+        request_timeout: Duration::from_secs(2),
+        readiness_timeout: Duration::from_millis(200),
+    }
+}
+
+fn shutdown(stage_bound: Duration) -> ShutdownConfig {
+    ShutdownConfig {
+        drain_delay: Duration::ZERO,
+        grace_period: Duration::from_secs(2),
+        consumers: stage_bound,
+        workers: stage_bound,
+        relays: stage_bound,
+        broker: stage_bound,
+        pools: stage_bound,
+    }
+}
+
+fn telemetry() -> TelemetryConfig {
+    TelemetryConfig {
+        log_level: "info".to_owned(),
+        lag_probe_interval: Duration::from_millis(20),
+        max_runtime_lag: Duration::from_millis(200),
+    }
+}
+
+fn service(stage_bound: Duration) -> Service {
+    Service::new("svc-test", &http(), &shutdown(stage_bound), &telemetry())
+}
+
+fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+#[tokio::test]
+async fn a_built_but_dropped_service_leaves_no_task_behind() {
+    let before = alive_tasks();
+    let mut svc = service(Duration::from_secs(1));
+    let _addr = svc.http(axum::Router::new()).await.unwrap();
+    svc.worker("worker", |stop| async move { stop.cancelled().await });
+    svc.consumer("consumer", |stop| async move { stop.cancelled().await });
+    assert_eq!(alive_tasks(), before, "building spawns nothing");
+    drop(svc);
+    assert_eq!(alive_tasks(), before, "dropping leaves nothing");
+}
+
+#[tokio::test]
+async fn stages_stop_in_order_consumers_then_workers_then_relays() {
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut svc = service(Duration::from_secs(2));
+    for (stage, name) in [
+        (Stage::Relays, "relay"),
+        (Stage::Workers, "worker"),
+        (Stage::Consumers, "consumer"),
+    ] {
+        let order = order.clone();
+        svc.task(stage, name, move |stop| async move {
+            stop.cancelled().await;
+            // A little work after the stop, as settling messages would: the next stage must
+            // wait for it.
+            tokio::task::yield_now().await;
+            order.lock().unwrap().push(name);
+        });
+    }
+    let signal = CancellationToken::new();
+    let run = tokio::spawn(svc.run(signal.clone().cancelled_owned()));
+    signal.cancel();
+    assert_eq!(run.await.unwrap().unwrap(), Drained::Clean);
+    assert_eq!(*order.lock().unwrap(), ["consumer", "worker", "relay"]);
+}
+
+#[tokio::test]
+async fn in_flight_http_finishes_after_readiness_turns_false() {
+    let mut svc = service(Duration::from_secs(1));
+    let health = svc.health().clone();
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let in_handler = entered.clone();
+    let routes = axum::Router::new().route(
+        "/slow",
+        axum::routing::get(move || async move {
+            in_handler.notify_one();
+            // The request's own work, still running when the signal comes.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            "done"
+        }),
+    );
+    let addr = svc.http(routes).await.unwrap();
+    let signal = CancellationToken::new();
+    let run = tokio::spawn(svc.run(signal.clone().cancelled_owned()));
+    let client = reqwest::Client::new();
+    let request = tokio::spawn(client.get(format!("http://{addr}/slow")).send());
+    // The request is in flight when the signal comes.
+    tokio::time::timeout(Duration::from_secs(5), entered.notified())
+        .await
+        .expect("the request reached its handler");
+    signal.cancel();
+    let response = request.await.unwrap().unwrap();
+    assert_eq!(response.text().await.unwrap(), "done");
+    assert!(health.is_draining());
+    assert_eq!(run.await.unwrap().unwrap(), Drained::Clean);
+}
+
+#[tokio::test]
+async fn a_stage_that_overruns_its_bound_is_cut_and_reported() {
+    let mut svc = service(Duration::from_millis(200));
+    // A worker that ignores its stop token (a stuck job).
+    svc.worker("stuck worker", |_stop| std::future::pending::<()>());
+    let started = Instant::now();
+    let signal = CancellationToken::new();
+    signal.cancel();
+    let drained = svc.run(signal.cancelled_owned()).await.unwrap();
+    assert_eq!(drained, Drained::GraceExpired);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "bounded: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_background_task_that_returns_early_stops_the_process_with_an_error() {
+    let mut svc = service(Duration::from_secs(1));
+    svc.worker("quitter", |_stop| async {});
+    let health = svc.health().clone();
+    // No signal ever comes: the early end alone must stop the service.
+    let result = tokio::time::timeout(
+        Duration::from_secs(5),
+        svc.run(std::future::pending::<()>()),
+    )
+    .await
+    .expect("the service stopped by itself");
+    match result {
+        Err(ServiceError::TaskEnded { name, how }) => {
+            assert_eq!(name, "quitter");
+            assert_eq!(how, "returned");
+        }
+        other => panic!("expected TaskEnded, got {other:?}"),
+    }
+    assert!(health.is_draining(), "it went through the staged shutdown");
+}
+
+#[tokio::test]
+async fn a_panicking_background_task_stops_the_process_with_an_error() {
+    let mut svc = service(Duration::from_secs(1));
+    svc.consumer("panicker", |_stop| async {
+        let v: Option<u8> = std::hint::black_box(None);
+        v.expect("a bug in a handler");
+    });
+    let result = tokio::time::timeout(
+        Duration::from_secs(5),
+        svc.run(std::future::pending::<()>()),
+    )
+    .await
+    .expect("the service stopped by itself");
+    assert!(
+        matches!(&result, Err(ServiceError::TaskEnded { name, how }) if name == "panicker" && *how == "panicked"),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn livez_ignores_dependencies_while_readyz_reports_them() {
+    let health = Health::new(Duration::from_millis(100));
+    health.add_check("database", || async { Err("unreachable".to_owned()) });
+    health.add_check("hangs", std::future::pending::<Result<(), String>>);
+    let started = Instant::now();
+    let r = health.ready().await;
+    assert!(!r.ready);
+    assert_eq!(r.checks["database"], "unreachable");
+    assert!(r.checks["hangs"].starts_with("no answer within"), "{r:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a hanging check is bounded"
+    );
+
+    // Through the HTTP stack: /livez stays 200, /readyz is a 503 problem.
+    let mut svc = Service::new(
+        "svc-test",
+        &http(),
+        &shutdown(Duration::from_secs(1)),
+        &telemetry(),
+    );
+    svc.health()
+        .add_check("database", || async { Err("unreachable".to_owned()) });
+    let addr = svc.http(axum::Router::new()).await.unwrap();
+    let signal = CancellationToken::new();
+    let run = tokio::spawn(svc.run(signal.clone().cancelled_owned()));
+    let client = reqwest::Client::new();
+    let livez = client
+        .get(format!("http://{addr}/livez"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        livez.status(),
+        200,
+        "liveness never depends on the database"
+    );
+    let readyz = client
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(readyz.status(), 503);
+    assert_eq!(readyz.headers()["content-type"], "application/problem+json");
+    let body: serde_json::Value = readyz.json().await.unwrap();
+    assert_eq!(body["checks"]["database"], "unreachable");
+    signal.cancel();
+    run.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn readiness_turns_false_for_good_when_draining() {
+    let health = Health::new(Duration::from_millis(100));
+    health.add_check("database", || async { Ok(()) });
+    assert!(health.ready().await.ready);
+    health.set_draining();
+    let r = health.ready().await;
+    assert!(!r.ready && r.draining, "{r:?}");
+}
+
+/// P28: one worker thread, so a task that blocks it (standing in for a synchronous DNS lookup
+/// or a CPU loop) stalls every task — including the lag probe, which measures exactly that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_blocked_runtime_shows_as_lag_and_fails_readiness() {
+    let stop = CancellationToken::new();
+    let lag = LagMonitor::spawn(Duration::from_millis(20), stop.clone());
+    let health = Health::new(Duration::from_secs(1));
+    health.watch_runtime_lag(lag.clone(), Duration::from_millis(200));
+    poll(|| async { health.ready().await.ready }).await;
+
+    tokio::spawn(async { std::thread::sleep(Duration::from_millis(600)) })
+        .await
+        .unwrap();
+    poll(|| async { !health.ready().await.ready }).await;
+    let r = health.ready().await;
+    assert!(r.checks["runtime"].starts_with("scheduler lag"), "{r:?}");
+    assert!(
+        lag.recent_max() >= Duration::from_millis(400),
+        "{:?}",
+        lag.recent_max()
+    );
+    // It recovers by itself once the stall has left the window (50 × 20 ms).
+    poll(|| async { health.ready().await.ready }).await;
+    stop.cancel();
+}
+
+async fn poll<F, Fut>(mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..250 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("condition not met within 5 s");
+}
