@@ -55,7 +55,7 @@ async fn sink(url: &str) -> (Connection, lapin::Channel) {
     .unwrap();
     ch.queue_bind(
         QUEUE.into(),
-        keel_contracts::events::EXCHANGE.into(),
+        keel_events::EXCHANGE.into(),
         "bench.#".into(),
         QueueBindOptions::default(),
         FieldTable::default(),
@@ -116,7 +116,7 @@ async fn raw_publish(ch: &lapin::Channel, bodies: &[Vec<u8>]) -> f64 {
                 .with_headers(headers);
             confirms.push(
                 ch.basic_publish(
-                    keel_contracts::events::EXCHANGE.into(),
+                    keel_events::EXCHANGE.into(),
                     "bench.item.created".into(),
                     BasicPublishOptions::default(),
                     body,

@@ -16,12 +16,14 @@ pub mod model;
 pub mod projection;
 pub mod store;
 
-use keel_contracts::events::payment::PaymentEvent as PublicPaymentEvent;
+use keel_events::JourneyEvent;
+use keel_events::payment::{self, PaymentEvent as PublicPaymentEvent};
 use keel_pg::outbox::{self, NewEvent};
 use sqlx::PgConnection;
 
 pub use model::{
     Currency, Money, OrderId, Payment, PaymentEvent, PaymentId, PaymentStatus, Recorded, apply,
+    payment_id_for_authorize_key,
 };
 pub use projection::{Rebuilt, rebuild};
 pub use store::{LedgerError, append, load};
@@ -51,8 +53,8 @@ pub async fn record(
     let mut published = Vec::new();
     for r in &recorded {
         let after = apply(state, r)?;
-        if let Some(event_type) = r.event.public_type() {
-            published.push((event_type, public_event(&after)));
+        if let Some(kind) = r.event.public_type() {
+            published.push(public_event(kind, &after));
         }
         state = Some(after);
     }
@@ -61,8 +63,8 @@ pub async fn record(
     };
     projection::upsert(tx, &after).await?;
     let aggregate_id = stream_id.to_string();
-    for (event_type, data) in published {
-        let data = serde_json::to_value(&data).map_err(|source| LedgerError::Decode {
+    for event in published {
+        let data = event.data().map_err(|source| LedgerError::Decode {
             stream_id,
             version: after.version,
             source,
@@ -72,7 +74,7 @@ pub async fn record(
             &NewEvent {
                 aggregate_type: AGGREGATE,
                 aggregate_id: &aggregate_id,
-                event_type,
+                event_type: event.event_type(),
                 data,
             },
         )
@@ -81,14 +83,18 @@ pub async fn record(
     Ok(after)
 }
 
-/// The `data` of a public `billing.payment.*` event: the payment as it is after the event.
-pub fn public_event(p: &Payment) -> PublicPaymentEvent {
-    PublicPaymentEvent {
-        payment_id: p.payment_id.0,
-        order_id: p.order_id.0,
-        amount_minor: p.amount.minor,
-        currency: p.amount.currency.as_str().to_owned(),
-        status: p.status.as_str().to_owned(),
-        reason: p.decline_reason.clone(),
-    }
+/// The public `billing.payment.*` event of kind `kind`: the payment as it is after the event
+/// (its published status is the one the event leads to, which `apply` gave `p`).
+pub fn public_event(kind: payment::EventType, p: &Payment) -> JourneyEvent {
+    JourneyEvent::Payment(
+        kind,
+        PublicPaymentEvent {
+            payment_id: p.payment_id,
+            order_id: p.order_id,
+            amount_minor: p.amount.minor,
+            currency: p.amount.currency,
+            status: kind.status(),
+            reason: p.decline_reason.clone(),
+        },
+    )
 }

@@ -1,5 +1,6 @@
-//! The payment aggregate: identifiers, money, the ledger's events and the pure fold that turns
-//! a stream of events into a [`Payment`] (P10).
+//! The payment aggregate: the ledger's events and the pure fold that turns a stream of events
+//! into a [`Payment`] (P10). Its ids and money are the shared wire types of `keel_events`
+//! (the payment id is also the stream id and the `reference` sent to the provider).
 //!
 //! [`apply`] is the *only* place that knows how an event changes a payment. The live path
 //! (append, then update the projection in the same transaction) and `billing
@@ -11,95 +12,22 @@
 //! it only refuses what cannot be folded at all (a stream that does not start with
 //! `AuthorizationRequested`), because the store must replay whatever history it holds.
 
-use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
+use keel_events::payment;
+pub use keel_events::{Currency, Money, OrderId, PaymentId};
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
-/// A payment's id: the ledger's stream id and the `reference` sent to the provider.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct PaymentId(pub Uuid);
-
-impl PaymentId {
-    /// The payment id an `Authorize` with idempotency key `key` creates. Derived, not random,
-    /// so a retry after a failure (whose key was released) resumes the *same* payment and
-    /// sends the provider the same idempotency key: a resumed saga never authorizes twice.
-    pub fn for_authorize_key(key: &str) -> Self {
-        let hash = keel_pg::idempotency::fingerprint(&[b"keel.billing.authorize", key.as_bytes()]);
-        let mut bytes = [0u8; 16];
-        bytes.copy_from_slice(&hash[..16]);
-        // A version-8 (custom) UUID: unambiguous that it is derived, not random.
-        Self(uuid::Builder::from_custom_bytes(bytes).into_uuid())
-    }
-}
-
-impl fmt::Display for PaymentId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl FromStr for PaymentId {
-    type Err = uuid::Error;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Uuid::parse_str(s).map(Self)
-    }
-}
-
-/// The order a payment is for (checkout's id).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct OrderId(pub Uuid);
-
-impl fmt::Display for OrderId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-/// An ISO 4217 code: three upper-case ASCII letters. Parsed, not validated later.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Currency(String);
-
-impl Currency {
-    /// Parses `EUR`; rejects anything that is not three upper-case ASCII letters.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        if s.len() == 3 && s.bytes().all(|b| b.is_ascii_uppercase()) {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(format!(
-                "currency must be three upper-case letters, got {s:?}"
-            ))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for Currency {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::parse(&s)
-    }
-}
-
-impl From<Currency> for String {
-    fn from(c: Currency) -> Self {
-        c.0
-    }
-}
-
-/// An amount in minor units of a currency; never a float.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Money {
-    pub minor: i64,
-    pub currency: Currency,
+/// The payment id an `Authorize` with idempotency key `key` creates. Derived, not random,
+/// so a retry after a failure (whose key was released) resumes the *same* payment and sends
+/// the provider the same idempotency key: a resumed saga never authorizes twice.
+pub fn payment_id_for_authorize_key(key: &str) -> PaymentId {
+    let hash = keel_pg::idempotency::fingerprint(&[b"keel.billing.authorize", key.as_bytes()]);
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&hash[..16]);
+    // A version-8 (custom) UUID: unambiguous that it is derived, not random.
+    PaymentId(uuid::Builder::from_custom_bytes(bytes).into_uuid())
 }
 
 /// Where a payment is. `AuthorizationPending` exists only inside billing: the intent is
@@ -204,17 +132,16 @@ impl PaymentEvent {
         }
     }
 
-    /// The public event (`keel_contracts::events::payment::*`) this one is published as, if
-    /// any. `AuthorizationRequested` is internal bookkeeping and is not published.
-    pub fn public_type(&self) -> Option<&'static str> {
-        use keel_contracts::events::payment;
+    /// The public event (`keel_events::payment`) this one is published as, if any.
+    /// `AuthorizationRequested` is internal bookkeeping and is not published.
+    pub fn public_type(&self) -> Option<payment::EventType> {
         match self {
             Self::AuthorizationRequested { .. } => None,
-            Self::PaymentAuthorized { .. } => Some(payment::AUTHORIZED),
-            Self::PaymentDeclined { .. } => Some(payment::DECLINED),
-            Self::CaptureRequested {} => Some(payment::CAPTURE_REQUESTED),
-            Self::PaymentCaptured { .. } => Some(payment::CAPTURED),
-            Self::PaymentVoided { .. } => Some(payment::VOIDED),
+            Self::PaymentAuthorized { .. } => Some(payment::EventType::Authorized),
+            Self::PaymentDeclined { .. } => Some(payment::EventType::Declined),
+            Self::CaptureRequested {} => Some(payment::EventType::CaptureRequested),
+            Self::PaymentCaptured { .. } => Some(payment::EventType::Captured),
+            Self::PaymentVoided { .. } => Some(payment::EventType::Voided),
         }
     }
 }
@@ -256,7 +183,7 @@ pub fn apply(state: Option<Payment>, recorded: &Recorded) -> Result<Payment, Fol
                 order_id: *order_id,
                 amount: Money {
                     minor: *amount_minor,
-                    currency: currency.clone(),
+                    currency: *currency,
                 },
                 status: PaymentStatus::AuthorizationPending,
                 psp_authorization_id: None,
@@ -308,6 +235,8 @@ pub fn fold<'a>(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use uuid::Uuid;
+
     use super::*;
 
     fn rec(version: i64, event: PaymentEvent) -> Recorded {
@@ -378,8 +307,8 @@ mod tests {
 
     #[test]
     fn authorize_keys_derive_stable_distinct_ids() {
-        let a = PaymentId::for_authorize_key("saga-1:authorize");
-        assert_eq!(a, PaymentId::for_authorize_key("saga-1:authorize"));
-        assert_ne!(a, PaymentId::for_authorize_key("saga-2:authorize"));
+        let a = payment_id_for_authorize_key("saga-1:authorize");
+        assert_eq!(a, payment_id_for_authorize_key("saga-1:authorize"));
+        assert_ne!(a, payment_id_for_authorize_key("saga-2:authorize"));
     }
 }

@@ -83,7 +83,7 @@ impl Row {
             order_id: OrderId(self.order_id),
             amount: Money {
                 minor: self.amount_minor,
-                currency: Currency::parse(&self.currency).map_err(&corrupt)?,
+                currency: Currency::parse(&self.currency).map_err(|e| corrupt(e.to_string()))?,
             },
             status: self.status.parse::<PaymentStatus>().map_err(&corrupt)?,
             psp_authorization_id: self.psp_authorization_id.clone(),

@@ -140,7 +140,7 @@ fn authorize_command(r: pb::AuthorizeRequest) -> Result<AuthorizeCommand, Status
     if amount.amount_minor <= 0 {
         return Err(invalid("amount.amount_minor must be positive"));
     }
-    let currency = Currency::parse(&amount.currency).map_err(invalid)?;
+    let currency = Currency::parse(&amount.currency).map_err(|e| invalid(e.to_string()))?;
     if r.payment_token.is_empty() || r.payment_token.len() > MAX_TOKEN_LEN {
         return Err(invalid(format!(
             "payment_token is required, at most {MAX_TOKEN_LEN} bytes"

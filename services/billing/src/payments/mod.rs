@@ -311,7 +311,7 @@ impl Payments {
         deadline: Instant,
     ) -> Result<Payment, PaymentError> {
         let key = cmd.idempotency_key.as_str();
-        let id = PaymentId::for_authorize_key(key);
+        let id = ledger::payment_id_for_authorize_key(key);
         let meta = json!({"rpc": "Authorize", "idempotency_key": key});
         // Set once the provider authorized: if the stream turns out voided meanwhile (a
         // compensation abandoned it), that authorization must not be left hanging.
@@ -330,7 +330,7 @@ impl Payments {
                     let requested = PaymentEvent::AuthorizationRequested {
                         order_id: cmd.order_id,
                         amount_minor: cmd.amount.minor,
-                        currency: cmd.amount.currency.clone(),
+                        currency: cmd.amount.currency,
                     };
                     match self.record(id, None, requested, &meta, None).await {
                         Ok(p) => p,

@@ -13,7 +13,7 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 
 use crate::error::ApiError;
-pub use crate::money::{Currency, Money};
+pub use keel_events::{Currency, Money};
 
 /// A product as the API shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -52,7 +52,7 @@ pub async fn list(pool: &PgPool) -> Result<Vec<Product>, sqlx::Error> {
         .into_iter()
         .filter_map(|(sku, name, description, minor, currency)| {
             // The table's CHECK constraint guarantees the format; skip rather than panic.
-            let currency = Currency::parse(currency.trim())?;
+            let currency = Currency::parse(currency.trim()).ok()?;
             Some(Product {
                 sku,
                 name,
@@ -76,7 +76,7 @@ pub async fn prices(
     Ok(rows
         .into_iter()
         .filter_map(|(sku, minor, currency)| {
-            let currency = Currency::parse(currency.trim())?;
+            let currency = Currency::parse(currency.trim()).ok()?;
             Some((sku, Money { minor, currency }))
         })
         .collect())

@@ -20,36 +20,13 @@ pub mod request;
 pub mod store;
 
 use serde::Serialize;
-use uuid::Uuid;
 
 pub use api::{OrdersState, Placed, place_order, routes};
+/// An order's id: the shared wire type, since billing and notification see it too.
+pub use keel_events::OrderId;
 
 /// The routes this module serves (method, path), as documented in `openapi.yaml`.
 pub const ROUTES: &[(&str, &str)] = &[("POST", "/v1/orders"), ("GET", "/v1/orders/{id}")];
-
-/// An order's id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(transparent)]
-pub struct OrderId(pub Uuid);
-
-impl OrderId {
-    /// A new, time-ordered id (keeps the primary key index append-mostly).
-    pub fn new() -> Self {
-        Self(Uuid::now_v7())
-    }
-}
-
-impl Default for OrderId {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl std::fmt::Display for OrderId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
 
 /// The states an order goes through, as customers see them (the saga has one more of its
 /// own, COMPENSATING, during which the order keeps its last state).
@@ -106,7 +83,7 @@ impl OrderState {
     /// The event published when an order enters this state: the first state and each final
     /// one have one; the intermediate states have none (they are in the history only).
     pub fn event_type(self) -> Option<&'static str> {
-        use keel_contracts::events::order;
+        use keel_events::order;
         match self {
             Self::Pending => Some(order::PLACED),
             Self::Reserved | Self::Authorized => None,
@@ -154,7 +131,7 @@ mod tests {
         );
         for f in finals {
             assert!(
-                keel_contracts::events::order::FINAL.contains(&f.event_type().unwrap_or("")),
+                keel_events::order::FINAL.contains(&f.event_type().unwrap_or("")),
                 "{f}"
             );
         }

@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::error::{ApiError, FieldError};
-use crate::money::{Currency, Money};
+use keel_events::{Currency, Money};
 
 /// Longest `customer_id` (the column's CHECK constraint says the same).
 pub const MAX_CUSTOMER_ID_CHARS: usize = 200;
@@ -116,7 +116,7 @@ pub fn parse(body: &[u8], limits: Limits) -> Result<PlaceOrder, ApiError> {
             None
         }
         Some(Value::String(s)) => {
-            let c = Currency::parse(s);
+            let c = Currency::parse(s).ok();
             if c.is_none() {
                 errors.push(FieldError::new(
                     "currency",

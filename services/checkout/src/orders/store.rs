@@ -9,7 +9,8 @@
 //! commit order and the relay publishes them in that order.
 
 use chrono::{DateTime, Utc};
-use keel_contracts::events::order::OrderEvent;
+use keel_events::order::{self, OrderEvent};
+use keel_events::{Currency, CustomerId, JourneyEvent, Money};
 use keel_pg::PgError;
 use keel_pg::outbox::{self, NewEvent};
 use serde::Serialize;
@@ -17,7 +18,6 @@ use sqlx::PgConnection;
 
 use super::request::PricedLine;
 use super::{OrderId, OrderState};
-use crate::money::{Currency, Money};
 
 /// The outbox aggregate type of orders (with the order id, the per-aggregate ordering key).
 pub const AGGREGATE_TYPE: &str = "order";
@@ -68,15 +68,13 @@ pub async fn insert(conn: &mut PgConnection, order: &NewOrder<'_>) -> Result<Ord
     .bind(&prices)
     .fetch_one(&mut *conn)
     .await?;
-    let event = OrderEvent {
-        order_id: order.id.0,
-        customer_id: order.customer_id.to_owned(),
-        state: OrderState::Pending.as_str().to_owned(),
-        total_minor: order.total.minor,
-        currency: order.total.currency.as_str().to_owned(),
+    let facts = Facts {
+        id: order.id,
+        customer_id: order.customer_id,
+        total: order.total,
         reason: None,
     };
-    publish(conn, &event, OrderState::Pending).await?;
+    publish(conn, OrderState::Pending, facts).await?;
     let money = |minor| Money {
         minor,
         currency: order.total.currency,
@@ -125,50 +123,62 @@ pub async fn change_state(
     .bind(reason)
     .fetch_one(&mut *conn)
     .await?;
-    let event = OrderEvent {
-        order_id: id.0,
-        customer_id,
-        state: to.as_str().to_owned(),
-        total_minor,
-        currency: currency.trim().to_owned(),
-        reason: reason.map(str::to_owned),
-    };
-    record(conn, &event, to).await
-}
-
-async fn record(
-    conn: &mut PgConnection,
-    event: &OrderEvent,
-    to: OrderState,
-) -> Result<(), PgError> {
     sqlx::query("INSERT INTO order_history (order_id, state, reason) VALUES ($1, $2, $3)")
-        .bind(event.order_id)
+        .bind(id.0)
         .bind(to.as_str())
-        .bind(event.reason.as_deref())
+        .bind(reason)
         .execute(&mut *conn)
         .await?;
-    publish(conn, event, to).await
+    // The column's CHECK constraint guarantees the format.
+    let currency = Currency::parse(currency.trim()).map_err(|e| sqlx::Error::Decode(e.into()))?;
+    let facts = Facts {
+        id,
+        customer_id: &customer_id,
+        total: Money {
+            minor: total_minor,
+            currency,
+        },
+        reason,
+    };
+    publish(conn, to, facts).await
 }
 
-/// Writes the outbox event of a change to `to`, if that state has one (first and final).
-async fn publish(
-    conn: &mut PgConnection,
-    event: &OrderEvent,
-    to: OrderState,
-) -> Result<(), PgError> {
-    if let Some(event_type) = to.event_type() {
-        let data = serde_json::to_value(event).map_err(|e| PgError::Encode(e.to_string()))?;
-        outbox::insert(
-            conn,
-            &NewEvent {
-                aggregate_type: AGGREGATE_TYPE,
-                aggregate_id: &event.order_id.to_string(),
-                event_type,
-                data,
-            },
-        )
-        .await?;
-    }
+/// What an order event says about the order besides its state.
+struct Facts<'a> {
+    id: OrderId,
+    customer_id: &'a str,
+    total: Money,
+    reason: Option<&'a str>,
+}
+
+/// Writes the outbox event of a change to `to`, if that state has one (first and final):
+/// `keel_events`' `OrderEvent`, the payload notification decodes.
+async fn publish(conn: &mut PgConnection, to: OrderState, order: Facts<'_>) -> Result<(), PgError> {
+    let Some(kind) = to.event_type().and_then(order::EventType::parse) else {
+        return Ok(());
+    };
+    let event = JourneyEvent::Order(
+        kind,
+        OrderEvent {
+            order_id: order.id,
+            customer_id: CustomerId::from(order.customer_id),
+            state: kind.state(),
+            total_minor: order.total.minor,
+            currency: order.total.currency,
+            reason: order.reason.map(str::to_owned),
+        },
+    );
+    let data = event.data().map_err(|e| PgError::Encode(e.to_string()))?;
+    outbox::insert(
+        conn,
+        &NewEvent {
+            aggregate_type: AGGREGATE_TYPE,
+            aggregate_id: &order.id.to_string(),
+            event_type: event.event_type(),
+            data,
+        },
+    )
+    .await?;
     Ok(())
 }
 
@@ -230,7 +240,7 @@ pub async fn load(conn: &mut PgConnection, id: OrderId) -> Result<Option<OrderVi
         return Ok(None);
     };
     // The column's CHECK constraint guarantees the format.
-    let currency = Currency::parse(row.currency.trim()).ok_or_else(|| {
+    let currency = Currency::parse(row.currency.trim()).map_err(|_| {
         sqlx::Error::Decode(format!("bad currency on order {id}: {:?}", row.currency).into())
     })?;
     let money = |minor| Money { minor, currency };

@@ -28,7 +28,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
 use crate::config::BillingConfig;
-use crate::money::Money;
+use keel_events::Money;
 
 /// A failed billing call.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -56,9 +56,9 @@ use uuid::Uuid;
 use self::billing::{Billing, CallError, status_of};
 use self::store::SagaRow;
 use crate::config::SagaConfig;
-use crate::money::{Currency, Money};
 use crate::orders::{self, OrderId, OrderState};
 use crate::stock::{self, Reserve};
+use keel_events::{Currency, Money};
 
 /// The job queue saga jobs run on.
 pub const SAGA_QUEUE: &str = "saga";
@@ -301,8 +301,8 @@ impl Saga {
     }
 
     fn amount(saga: &SagaRow) -> Result<Money, SagaError> {
-        let currency =
-            Currency::parse(saga.currency.trim()).ok_or(SagaError::Corrupt(SagaId(saga.id)))?;
+        let currency = Currency::parse(saga.currency.trim())
+            .map_err(|_| SagaError::Corrupt(SagaId(saga.id)))?;
         Ok(Money {
             minor: saga.total_minor,
             currency,
