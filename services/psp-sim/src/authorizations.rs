@@ -29,21 +29,12 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ApiError, FieldError};
 use crate::faults::{self, Faults, Token};
 use crate::idempotency::{IdempotencyKey, IdempotencyStore, Reply};
+use crate::model::Status;
 use crate::store::{BoundedMap, StoreConfig, lock};
 use crate::webhooks::{CapturedEvent, Webhooks};
 
 /// Longest `reference` accepted (billing sends its payment id).
 const MAX_REFERENCE_LEN: usize = 128;
-
-/// Where an authorization stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    Authorized,
-    CapturePending,
-    Captured,
-    Voided,
-}
 
 /// An authorization as the API shows it.
 #[derive(Debug, Clone, Serialize)]

@@ -5,6 +5,9 @@
 //! 4xx answers are final for that request (a retry with the same idempotency key gets the
 //! same answer back), 5xx answers are retryable (the key is released, a retry runs again).
 //! [`ApiError::is_retryable`] is what the idempotency store uses to tell them apart.
+//!
+//! It sits low in the module graph (see [`crate::model`]): it imports only the values it
+//! speaks of, never a handler, so every other module can return it.
 
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
@@ -12,8 +15,7 @@ use keel_http::Problem;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::authorizations::Status;
-use crate::faults::DeclineCode;
+use crate::model::{DeclineCode, Status};
 
 /// One field of a request that failed validation.
 #[derive(Debug, Clone, Serialize)]

@@ -29,11 +29,12 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use keel_config::{ConfigError, Validate, ensure_range};
+use keel_config::{ConfigError, Validate, ensure_range, millis as ms};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ApiError, FieldError};
+use crate::model::DeclineCode;
 
 /// `[faults]`: the timings of the token outcomes and the bound of the latency knob.
 #[derive(Debug, Clone, Deserialize)]
@@ -52,8 +53,6 @@ pub struct FaultsConfig {
     pub max_latency: Duration,
 }
 
-pub(crate) use keel_config::millis as ms;
-
 impl Validate for FaultsConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         ensure_range("faults.slow_delay (ms)", ms(self.slow_delay), 0, 300_000)?;
@@ -66,14 +65,6 @@ impl Validate for FaultsConfig {
         ensure_range("faults.flaky_failures", self.flaky_failures, 0, 100)?;
         ensure_range("faults.max_latency (ms)", ms(self.max_latency), 0, 300_000)
     }
-}
-
-/// Why a card was declined (the `decline_code` of a 402).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeclineCode {
-    CardDeclined,
-    InsufficientFunds,
 }
 
 /// The outcome a payment token asks for.
