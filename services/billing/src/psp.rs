@@ -93,7 +93,7 @@ pub enum PspError {
     /// is the authorization's current state when the provider says (`captured`, `voided`),
     /// which tells "already done" from "wrong state".
     #[error("provider refused the state change")]
-    Conflict { status: Option<String> },
+    Conflict { status: Option<AuthorizationStatus> },
     /// 404: the provider does not know the authorization.
     #[error("unknown authorization")]
     NotFound,
@@ -114,11 +114,21 @@ pub enum PspError {
     Protocol(String),
 }
 
+/// An authorization's state at the provider, as its API spells it (`capture_pending`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthorizationStatus {
+    Authorized,
+    CapturePending,
+    Captured,
+    Voided,
+}
+
 /// An authorization as the provider reports it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Authorization {
     pub id: String,
-    pub status: String,
+    pub status: AuthorizationStatus,
 }
 
 /// What [`PspClient::authorize`] sends.
@@ -340,10 +350,11 @@ fn interpret(status: StatusCode, body: &[u8]) -> Result<Authorization, PspError>
                 .unwrap_or_else(|| "declined".to_owned());
             Err(PspError::Declined { code })
         }
+        // A status billing does not know reads as "not said": the refusal stands.
         StatusCode::CONFLICT => Err(PspError::Conflict {
             status: ProviderProblem::parse(body)
                 .status
-                .and_then(|s| s.as_str().map(str::to_owned)),
+                .and_then(|s| serde_json::from_value(s).ok()),
         }),
         StatusCode::NOT_FOUND => Err(PspError::NotFound),
         s => Err(PspError::Rejected { status: s.as_u16() }),

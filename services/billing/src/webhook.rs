@@ -2,7 +2,9 @@
 //!
 //! Standard Webhooks: the provider signs `"{webhook-id}.{webhook-timestamp}.{body}"` with
 //! HMAC-SHA256 and sends `webhook-signature: v1,<base64>` (several, space-separated, while it
-//! rotates). A request is applied only if
+//! rotates). The checks are `keel_webhooks::Verifier`'s, the same code psp-sim signs with;
+//! this module reads the headers and turns each refusal into its answer. A request is
+//! applied only if
 //! 1. its headers are present and well-formed (else 400),
 //! 2. its timestamp is within `webhook.tolerance` of now (else 401: a captured request
 //!    replayed later is refused even with a valid signature),
@@ -10,7 +12,7 @@
 //!    secrets make rotation possible without downtime: add the new one, switch the sender,
 //!    drop the old one. Verification runs over the **raw body bytes** as received — never a
 //!    re-serialised JSON value, which would not be byte-identical — and compares in constant
-//!    time (`Mac::verify_slice`), so timing reveals nothing about the expected signature,
+//!    time, so timing reveals nothing about the expected signature,
 //! 4. its body is a JSON event (else 400).
 //!
 //! Then, in **one transaction**: insert its `webhook-id` into `webhook_receipts` (`ON
@@ -29,7 +31,7 @@
 //! are recorded and acknowledged (200) so the provider stops sending them.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -37,13 +39,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use hmac::{Hmac, Mac};
 use keel_config::{ConfigError, ExposeSecret, SecretString, Validate, ensure_range};
 use keel_http::Problem;
+use keel_webhooks::{
+    ID_HEADER, SIGNATURE_HEADER, Signed, SigningKey, TIMESTAMP_HEADER, VerifyError,
+};
 use serde::{Deserialize, Deserializer};
-use sha2::Sha256;
 use sqlx::PgPool;
 
 use crate::ledger::{self, LedgerError, PaymentEvent, PaymentId, PaymentStatus};
@@ -86,18 +87,15 @@ fn secret_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SecretString>, D::
 /// Longest accepted secret list (rotation needs two; a few more is a mistake).
 const MAX_SECRETS: usize = 4;
 
-/// Decodes `whsec_<base64>` into the HMAC key. The error never contains the secret.
-fn decode_secret(secret: &str) -> Result<Vec<u8>, &'static str> {
-    let b64 = secret
-        .strip_prefix("whsec_")
-        .ok_or("each secret must start with whsec_")?;
-    let key = BASE64
-        .decode(b64)
-        .map_err(|_| "the part after whsec_ must be base64")?;
-    if !(24..=64).contains(&key.len()) {
-        return Err("each secret must decode to 24..=64 bytes (the Standard Webhooks key size)");
+impl WebhookConfig {
+    /// The signing keys parsed from `secrets`. The error names the key, never a secret.
+    fn keys(&self) -> Result<Vec<SigningKey>, ConfigError> {
+        self.secrets
+            .iter()
+            .map(|s| SigningKey::parse(s.expose_secret()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ConfigError::invalid("webhook.secrets", format!("each secret {e}")))
     }
-    Ok(key)
 }
 
 impl Validate for WebhookConfig {
@@ -108,10 +106,7 @@ impl Validate for WebhookConfig {
             1,
             MAX_SECRETS,
         )?;
-        for s in &self.secrets {
-            decode_secret(s.expose_secret())
-                .map_err(|reason| ConfigError::invalid("webhook.secrets", reason))?;
-        }
+        self.keys()?;
         let secs = self.tolerance.as_secs();
         ensure_range("webhook.tolerance (s)", secs, 1, 3600)
     }
@@ -128,20 +123,9 @@ pub enum Rejected {
     Signature,
 }
 
-/// Verifies Standard Webhooks signatures with any of several keys.
-pub struct Verifier {
-    keys: Vec<Vec<u8>>,
-    tolerance: Duration,
-}
-
-impl std::fmt::Debug for Verifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier")
-            .field("keys", &format_args!("[{} redacted]", self.keys.len()))
-            .field("tolerance", &self.tolerance)
-            .finish()
-    }
-}
+/// Verifies deliveries' Standard Webhooks headers with any of several keys.
+#[derive(Debug)]
+pub struct Verifier(keel_webhooks::Verifier);
 
 /// The most bytes of `webhook-id` accepted (the provider's are ~36).
 const MAX_ID_LEN: usize = 128;
@@ -157,16 +141,10 @@ fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a str, Rej
 impl Verifier {
     /// From validated config (secrets were checked by `Validate`).
     pub fn new(config: &WebhookConfig) -> Result<Self, ConfigError> {
-        let keys = config
-            .secrets
-            .iter()
-            .map(|s| decode_secret(s.expose_secret()))
-            .collect::<Result<_, _>>()
-            .map_err(|reason| ConfigError::invalid("webhook.secrets", reason))?;
-        Ok(Self {
-            keys,
-            tolerance: config.tolerance,
-        })
+        Ok(Self(keel_webhooks::Verifier::new(
+            config.keys()?,
+            config.tolerance,
+        )))
     }
 
     /// Checks headers, timestamp and signature of a delivery with `body` received at
@@ -177,51 +155,24 @@ impl Verifier {
         body: &[u8],
         now_unix: i64,
     ) -> Result<&'h str, Rejected> {
-        let id = header(headers, "webhook-id")?;
+        let id = header(headers, ID_HEADER)?;
         if id.len() > MAX_ID_LEN {
-            return Err(Rejected::Header("webhook-id"));
+            return Err(Rejected::Header(ID_HEADER));
         }
-        let timestamp = header(headers, "webhook-timestamp")?;
-        let signatures = header(headers, "webhook-signature")?;
-        let ts: i64 = timestamp
-            .parse()
-            .map_err(|_| Rejected::Header("webhook-timestamp"))?;
-        let tolerance = i64::try_from(self.tolerance.as_secs()).unwrap_or(i64::MAX);
-        if now_unix.abs_diff(ts) > tolerance.unsigned_abs() {
-            return Err(Rejected::Stale);
-        }
-        // Decode every offered v1 signature first; unknown versions are skipped.
-        let offered: Vec<Vec<u8>> = signatures
-            .split(' ')
-            .filter_map(|s| s.strip_prefix("v1,"))
-            .filter_map(|b64| BASE64.decode(b64).ok())
-            .collect();
-        for key in &self.keys {
-            let mut mac =
-                <Hmac<Sha256> as Mac>::new_from_slice(key).map_err(|_| Rejected::Signature)?;
-            mac.update(id.as_bytes());
-            mac.update(b".");
-            mac.update(timestamp.as_bytes());
-            mac.update(b".");
-            mac.update(body);
-            for sig in &offered {
-                // Constant-time comparison.
-                if mac.clone().verify_slice(sig).is_ok() {
-                    return Ok(id);
-                }
-            }
-        }
-        Err(Rejected::Signature)
+        let signed = Signed {
+            id,
+            timestamp: header(headers, TIMESTAMP_HEADER)?,
+            signature: header(headers, SIGNATURE_HEADER)?,
+        };
+        self.0
+            .verify(&signed, body, now_unix)
+            .map_err(|e| match e {
+                VerifyError::Timestamp => Rejected::Header(TIMESTAMP_HEADER),
+                VerifyError::TooOld | VerifyError::TooNew => Rejected::Stale,
+                VerifyError::Signature => Rejected::Signature,
+            })?;
+        Ok(id)
     }
-}
-
-/// Signs like the provider does (tests and tools): `v1,<base64>` for `secret`.
-pub fn sign(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Option<String> {
-    let key = decode_secret(secret).ok()?;
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).ok()?;
-    mac.update(format!("{id}.{timestamp}.").as_bytes());
-    mac.update(body);
-    Some(format!("v1,{}", BASE64.encode(mac.finalize().into_bytes())))
 }
 
 #[derive(Debug, Deserialize)]
@@ -262,17 +213,14 @@ fn problem(status: StatusCode, slug: &str, title: &str, detail: impl Into<String
         .into_response()
 }
 
-fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 /// How often one delivery is re-applied after losing a version race with a command.
 const MAX_CONFLICTS: usize = 3;
 
 async fn receive(State(state): State<WebhookState>, headers: HeaderMap, body: Bytes) -> Response {
-    let id = match state.verifier.verify(&headers, &body, now_unix()) {
+    let id = match state
+        .verifier
+        .verify(&headers, &body, keel_webhooks::unix_now())
+    {
         Ok(id) => id.to_owned(),
         Err(Rejected::Header(name)) => {
             return problem(
@@ -477,6 +425,10 @@ mod tests {
         .unwrap()
     }
 
+    fn sign(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> String {
+        SigningKey::parse(secret).unwrap().sign(id, timestamp, body)
+    }
+
     fn headers(id: &str, ts: i64, sig: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert("webhook-id", id.parse().unwrap());
@@ -489,7 +441,7 @@ mod tests {
     fn any_listed_secret_and_any_offered_signature_verifies() {
         let v = verifier();
         let body = br#"{"type":"x","data":{}}"#;
-        let good = sign(S2, "msg_1", 1000, body).unwrap();
+        let good = sign(S2, "msg_1", 1000, body);
         let h = headers("msg_1", 1000, &format!("v1,AAAA {good}"));
         assert_eq!(v.verify(&h, body, 1000).unwrap(), "msg_1");
     }
@@ -498,7 +450,7 @@ mod tests {
     fn a_changed_byte_a_stale_or_future_timestamp_is_refused() {
         let v = verifier();
         let body = br#"{"type":"x","data":{}}"#;
-        let sig = sign(S1, "msg_1", 1000, body).unwrap();
+        let sig = sign(S1, "msg_1", 1000, body);
         let h = headers("msg_1", 1000, &sig);
         assert_eq!(
             v.verify(&h, br#"{"type":"y","data":{}}"#, 1000),
@@ -511,8 +463,7 @@ mod tests {
             "msg_1",
             1000,
             body,
-        )
-        .unwrap();
+        );
         assert_eq!(
             v.verify(&headers("msg_1", 1000, &unknown), body, 1000),
             Err(Rejected::Signature)

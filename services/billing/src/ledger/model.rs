@@ -12,8 +12,6 @@
 //! it only refuses what cannot be folded at all (a stream that does not start with
 //! `AuthorizationRequested`), because the store must replay whatever history it holds.
 
-use std::str::FromStr;
-
 use chrono::{DateTime, Utc};
 use keel_events::payment;
 pub use keel_events::{Currency, Money, OrderId, PaymentId};
@@ -33,8 +31,12 @@ pub fn payment_id_for_authorize_key(key: &str) -> PaymentId {
 /// Where a payment is. `AuthorizationPending` exists only inside billing: the intent is
 /// recorded before the provider is called, so a failed call leaves a payment that a retry
 /// with the same key resumes (the gRPC API shows it as `PAYMENT_STATUS_UNSPECIFIED`).
+///
+/// Stored through one mapping, [`PaymentStatus::as_str`]: the `payments.status` column (sqlx
+/// binds and decodes the enum itself, below) and the stored answers of idempotency keys
+/// (serde, through the same text). Renaming a text needs a migration of both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[serde(into = "&'static str", try_from = "String")]
 pub enum PaymentStatus {
     AuthorizationPending,
     Authorized,
@@ -45,7 +47,16 @@ pub enum PaymentStatus {
 }
 
 impl PaymentStatus {
-    /// The text stored in `payments.status` and published in events.
+    pub const ALL: [Self; 6] = [
+        Self::AuthorizationPending,
+        Self::Authorized,
+        Self::Declined,
+        Self::CapturePending,
+        Self::Captured,
+        Self::Voided,
+    ];
+
+    /// The text stored in `payments.status` (the one mapping).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::AuthorizationPending => "AUTHORIZATION_PENDING",
@@ -56,20 +67,48 @@ impl PaymentStatus {
             Self::Voided => "VOIDED",
         }
     }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
 }
 
-impl FromStr for PaymentStatus {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "AUTHORIZATION_PENDING" => Self::AuthorizationPending,
-            "AUTHORIZED" => Self::Authorized,
-            "DECLINED" => Self::Declined,
-            "CAPTURE_PENDING" => Self::CapturePending,
-            "CAPTURED" => Self::Captured,
-            "VOIDED" => Self::Voided,
-            other => return Err(format!("unknown payment status {other:?}")),
-        })
+impl From<PaymentStatus> for &'static str {
+    fn from(s: PaymentStatus) -> Self {
+        s.as_str()
+    }
+}
+
+impl TryFrom<String> for PaymentStatus {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s).ok_or_else(|| format!("unknown payment status {s:?}"))
+    }
+}
+
+impl sqlx::Type<sqlx::Postgres> for PaymentStatus {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <str as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+    }
+}
+
+impl sqlx::Encode<'_, sqlx::Postgres> for PaymentStatus {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        <&str as sqlx::Encode<'_, sqlx::Postgres>>::encode(self.as_str(), buf)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for PaymentStatus {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        let text = <&str as sqlx::Decode<'r, sqlx::Postgres>>::decode(value)?;
+        Self::parse(text).ok_or_else(|| format!("unknown payment status {text:?}").into())
     }
 }
 
@@ -303,6 +342,17 @@ mod tests {
         );
         assert_eq!(serde_json::from_value::<PaymentEvent>(v).unwrap(), e);
         assert_eq!(e.event_type(), "CaptureRequested");
+    }
+
+    #[test]
+    fn statuses_have_one_text_in_the_column_and_in_stored_answers() {
+        for s in PaymentStatus::ALL {
+            assert_eq!(PaymentStatus::parse(s.as_str()), Some(s));
+            let json = serde_json::to_value(s).unwrap();
+            assert_eq!(json, serde_json::json!(s.as_str()));
+            assert_eq!(serde_json::from_value::<PaymentStatus>(json).unwrap(), s);
+        }
+        assert!(serde_json::from_value::<PaymentStatus>(serde_json::json!("NOPE")).is_err());
     }
 
     #[test]

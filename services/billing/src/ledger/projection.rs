@@ -48,7 +48,7 @@ pub async fn upsert(conn: &mut PgConnection, p: &Payment) -> Result<(), LedgerEr
     .bind(p.order_id.0)
     .bind(p.amount.minor)
     .bind(p.amount.currency.as_str())
-    .bind(p.status.as_str())
+    .bind(p.status)
     .bind(&p.psp_authorization_id)
     .bind(&p.decline_reason)
     .bind(p.version)
@@ -64,7 +64,7 @@ struct Row {
     order_id: Uuid,
     amount_minor: i64,
     currency: String,
-    status: String,
+    status: PaymentStatus,
     psp_authorization_id: Option<String>,
     decline_reason: Option<String>,
     version: i64,
@@ -85,7 +85,7 @@ impl Row {
                 minor: self.amount_minor,
                 currency: Currency::parse(&self.currency).map_err(|e| corrupt(e.to_string()))?,
             },
-            status: self.status.parse::<PaymentStatus>().map_err(&corrupt)?,
+            status: self.status,
             psp_authorization_id: self.psp_authorization_id.clone(),
             decline_reason: self.decline_reason.clone(),
             version: self.version,
