@@ -69,6 +69,35 @@ pub enum PgError {
     Encode(String),
 }
 
+impl PgError {
+    /// Whether the failure goes away by itself, so the same work is worth trying again
+    /// unchanged: the database (or pgbouncer) is unreachable or restarting, the pool is
+    /// exhausted, or a serialization conflict or deadlock that a retry resolves. A consumer
+    /// answers these with a retry after a backoff (P03) instead of spending the message's
+    /// delivery limit, which is for messages that fail every time.
+    pub fn is_transient(&self) -> bool {
+        let Self::Sqlx(e) = self else {
+            return false;
+        };
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_) => true,
+            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                // 08: connection exception; 40001/40P01: serialization failure, deadlock;
+                // 53: insufficient resources; 57P01-03: shutdown / cannot connect now.
+                code.starts_with("08")
+                    || code.starts_with("53")
+                    || matches!(&*code, "40001" | "40P01" | "57P01" | "57P02" | "57P03")
+            }),
+            _ => false,
+        }
+    }
+}
+
 fn options(key: &'static str, url: &SecretString, app: &str) -> Result<PgConnectOptions, PgError> {
     PgConnectOptions::from_str(url.expose_secret())
         .map(|o| {

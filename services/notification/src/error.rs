@@ -1,0 +1,127 @@
+//! notification's one HTTP error type: every failure a handler returns becomes an RFC 9457
+//! `application/problem+json` document with a stable `type` slug (the same shape and slugs as
+//! checkout's, so a client handles both services' errors with one switch).
+//!
+//! Must not break: internal causes (SQL errors, pool state) are logged once, here, and never
+//! reach the client; the client gets the slug, a title and a client-facing detail.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use keel_http::Problem;
+use serde::Serialize;
+
+/// One invalid field of a request: `{"field": "order_id", "message": "must be a UUID"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    /// The field's name in the query string or body.
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400 `invalid-query`: the query string breaks the rules; one entry per broken field.
+    #[error("invalid query")]
+    InvalidQuery(Vec<FieldError>),
+    /// 503 `unavailable` for an outage (the client may retry), 500 otherwise.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+impl ApiError {
+    fn problem(&self) -> Problem {
+        match self {
+            Self::InvalidQuery(errors) => {
+                let detail = errors
+                    .iter()
+                    .map(|e| format!("`{}` {}", e.field, e.message))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                Problem::new(StatusCode::BAD_REQUEST, "invalid-query", "Invalid query")
+                    .with_detail(detail)
+                    .with(
+                        "errors",
+                        serde_json::to_value(errors).unwrap_or(serde_json::Value::Null),
+                    )
+            }
+            Self::Database(e) => db_problem(e),
+        }
+    }
+}
+
+/// An outage (pool exhausted, database unreachable) is a 503 the client may retry; anything
+/// else is a 500. Either way the cause is logged here, once.
+fn db_problem(e: &sqlx::Error) -> Problem {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+            tracing::warn!(error = %e, "database unavailable");
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Service unavailable",
+            )
+            .with_detail("the service is temporarily unavailable; retry later")
+        }
+        _ => {
+            tracing::error!(error = %e, "database query failed");
+            Problem::for_status(StatusCode::INTERNAL_SERVER_ERROR)
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let problem = self.problem();
+        let retry = problem.status == StatusCode::SERVICE_UNAVAILABLE.as_u16();
+        let mut response = problem.into_response();
+        if retry {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    async fn body(response: Response) -> serde_json::Value {
+        let bytes = axum::body::to_bytes(response.into_body(), 64 * 1024)
+            .await
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_outage_is_a_retryable_503_without_internal_detail() {
+        let response = ApiError::Database(sqlx::Error::PoolTimedOut).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let body = body(response).await;
+        assert_eq!(body["type"], "https://keel.dev/problems/unavailable");
+        assert!(!body.to_string().contains("pool"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn any_other_database_error_is_a_500_that_says_nothing_of_its_cause() {
+        let response = ApiError::Database(sqlx::Error::RowNotFound).into_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!response.headers().contains_key(header::RETRY_AFTER));
+        let body = body(response).await;
+        assert_eq!(body["type"], "https://keel.dev/problems/internal");
+        assert!(!body.to_string().to_lowercase().contains("row"), "{body}");
+    }
+}
