@@ -177,6 +177,9 @@ impl Service {
         shutdown: &ShutdownConfig,
         telemetry: &TelemetryConfig,
     ) -> Self {
+        // The runtime owns the process: services built in-process (tests) get the same TLS
+        // provider as the binary, before their clients are built.
+        crate::install_crypto_provider();
         let health = Health::new(http.readiness_timeout);
         let lag = LagMonitor::default();
         health.watch_runtime_lag(lag.clone(), telemetry.max_runtime_lag);
@@ -436,6 +439,9 @@ impl Service {
         // 3-4. Listeners stop accepting; in-flight requests get the grace period.
         tracing::info!("closing listeners; in-flight requests continue");
         let mut clean = listeners.stop(shutdown.grace_period).await;
+        if clean {
+            tracing::info!("all in-flight requests finished");
+        }
         // 5-7. Consumers, workers, relays, each after the one before.
         for (stage, group) in groups.drain(..) {
             clean &= group.stop(stage.bound(&shutdown)).await;
