@@ -1,7 +1,7 @@
 //! The supervised broker connection (P21).
 //!
 //! One AMQP connection per process, owned by a supervisor task that reconnects with capped
-//! exponential backoff when it drops. Everything else (the relay's publisher, consumers)
+//! exponential backoff (full jitter, `keel_resilience`) when it drops. Everything else (the relay's publisher, consumers)
 //! asks [`Broker::channel`] for a fresh channel when it needs one and treats
 //! [`AmqpError::NotConnected`] as "back off and try again": a service therefore starts while
 //! RabbitMQ is down and recovers by itself when it returns, instead of crash-looping.
@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_config::{ConfigError, ExposeSecret, SecretString, Validate, ensure_range, ensure_url};
+use keel_resilience::backoff::BackoffPolicy;
 use lapin::{Channel, Connection, ConnectionProperties};
 use serde::Deserialize;
 use tokio::sync::RwLock;
@@ -90,7 +91,10 @@ impl Broker {
     /// The supervisor: connect, watch, reconnect with backoff, until [`Broker::close`].
     pub async fn supervise(self) {
         let (config, service) = (self.config.clone(), self.service);
-        let mut backoff = Duration::from_millis(100);
+        // Jittered (keel_resilience): after a broker restart every instance's supervisor fails
+        // at the same instant, and must not all come back at the same instants too.
+        let mut backoff =
+            BackoffPolicy::new(Duration::from_millis(100), config.max_backoff).backoff();
         // How often a healthy connection is looked at; a dropped one is noticed within this.
         let watch_every = Duration::from_millis(500);
         loop {
@@ -98,7 +102,7 @@ impl Broker {
                 return;
             }
             if self.is_connected().await {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 tokio::select! {
                     () = self.stop.cancelled() => return,
                     () = tokio::time::sleep(watch_every) => continue,
@@ -110,6 +114,7 @@ impl Broker {
                 Connection::connect(config.url.expose_secret(), props),
             )
             .await;
+            let pause = backoff.next_delay_without_deadline();
             match attempt {
                 Ok(Ok(conn)) => {
                     let mut slot = self.conn.write().await;
@@ -127,18 +132,17 @@ impl Broker {
                     continue;
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, backoff_ms = ms(backoff), "RabbitMQ connection failed")
+                    tracing::warn!(error = %e, backoff_ms = ms(pause), "RabbitMQ connection failed")
                 }
                 Err(_) => tracing::warn!(
-                    backoff_ms = ms(backoff),
+                    backoff_ms = ms(pause),
                     "RabbitMQ connection attempt timed out"
                 ),
             }
             tokio::select! {
                 () = self.stop.cancelled() => return,
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(pause) => {}
             }
-            backoff = (backoff * 2).min(config.max_backoff);
         }
     }
 
