@@ -1,4 +1,4 @@
-//! `make bench`, step 2 rows (written next to step 1's in `target/bench/report.json`):
+//! `make bench`, the journey's rows (written next to the HTTP rows in `target/bench/report.json`):
 //!
 //! - `relay_publish_rate`: the outbox relay draining N committed events (claim with SKIP
 //!   LOCKED, publish with confirms, mark sent, commit — per batch) ÷ raw lapin publishing the
@@ -343,7 +343,7 @@ async fn latency_rows() -> Vec<Row> {
         baseline: 0.0,
         ratio: 0.0,
         goal: format!("report ({LATENCY_RATE} orders/s)"),
-        // No goal yet (step 2 reports it): nothing to miss.
+        // A reported figure with no goal: nothing to miss.
         met: true,
     };
     vec![

@@ -123,7 +123,7 @@ pub enum Outcome {
     /// Give it back to the queue now (`nack` with requeue); counts towards the delivery limit.
     Requeue,
     /// Never processable (unparseable, unknown schema version): `reject` without requeue.
-    /// Dropped in step 2; dead-lettered once step 3 adds the dead-letter exchange.
+    /// Dropped by the broker today: there is no dead-letter exchange yet (P01 adds it).
     Reject,
 }
 

@@ -7,9 +7,9 @@
 //! and never depend on start-up order.
 //!
 //! The delivery limit: RabbitMQ 3.10 quorum queues have none by default, so a message that
-//! always fails would be redelivered forever. [`QueueSpec::delivery_limit`] bounds that; in
-//! step 2 a message over the limit is dropped by the broker. Step 3 adds the dead-letter
-//! exchange (`x-dead-letter-exchange`, `x-dead-letter-strategy: at-least-once`,
+//! always fails would be redelivered forever. [`QueueSpec::delivery_limit`] bounds that; today
+//! a message over the limit is dropped by the broker. The dead-letter queue (P01) adds the
+//! dead-letter exchange (`x-dead-letter-exchange`, `x-dead-letter-strategy: at-least-once`,
 //! `x-overflow: reject-publish`) and the retry tiers, so it is kept instead.
 //!
 //! Must not break: queue arguments are fixed when a queue is first declared; declaring it
@@ -53,7 +53,7 @@ pub struct QueueSpec {
     /// Routing-key patterns on [`EXCHANGE`] (`checkout.order.*`, `billing.payment.*`).
     pub bindings: Vec<String>,
     /// `x-delivery-limit`: after this many returns to the queue the broker drops the message
-    /// (dead-letters it from step 3 on).
+    /// (until P01's dead-letter exchange exists, which keeps it instead).
     pub delivery_limit: u32,
 }
 

@@ -1,7 +1,7 @@
 //! The product catalogue: `GET /v1/products`, and price look-ups for new orders.
 //!
-//! A plain read through the runtime pool (pgbouncer, transaction mode). Step 4 puts the
-//! stampede-safe Redis cache (P30) in front of it; the query stays here.
+//! A plain read through the runtime pool (pgbouncer, transaction mode). The stampede-safe
+//! Redis cache (P30) will sit in front of it; the query stays here.
 
 use std::collections::HashMap;
 
