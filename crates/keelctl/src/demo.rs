@@ -1,18 +1,23 @@
-//! `keelctl demo` (`make demo`): the journey's every outcome against a running stack.
+//! `keelctl demo` (`make demo`): the journey's every outcome against a running stack (P04,
+//! P13, P24, P25, P32).
 //!
 //! Places a mix of orders over the public API — approved, out of stock, declined, a flaky
 //! provider, a provider that never answers, a duplicate request, and a replayed provider
-//! webhook — waits (bounded) until each has reached a final state and its notification,
-//! prints what happened next to what should have, and finishes with the audit. Exit 1 when
-//! any outcome or audit check is wrong.
-// The table is the command's output, for the operator's terminal.
-#![allow(clippy::print_stdout)]
+//! webhook — waits (bounded, with a progress line on stderr) until each has reached a final
+//! state and its notification, reports what happened next to what should have, and finishes
+//! with the audit. Not generic on purpose: it is the journey's demo, so it names the services
+//! it drives (checkout, notification, psp-sim) and finds their URLs in the registry's targets;
+//! a new service needs nothing here, the audit's generic checks cover it.
 
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::Config;
+use crate::audit::Report;
+use crate::progress::Progress;
+use crate::targets::Targets;
 
 /// Why the demo could not run.
 #[derive(Debug, thiserror::Error)]
@@ -28,14 +33,53 @@ pub enum DemoError {
     Audit(#[from] crate::audit::AuditError),
     #[error("checkout database: {0}")]
     Database(#[from] sqlx::Error),
+    #[error(
+        "the demo drives {0}, which the registry does not have (with a database, for checkout)"
+    )]
+    NotRegistered(&'static str),
 }
 
-struct Case {
-    scenario: &'static str,
-    expected: &'static str,
-    order_id: String,
-    state: String,
-    note: String,
+/// One scenario's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct Case {
+    pub scenario: &'static str,
+    pub expected: &'static str,
+    pub order_id: String,
+    /// The final state reached (with " (not settled)" when the wait ran out).
+    pub state: String,
+    pub note: String,
+    pub ok: bool,
+}
+
+/// Everything the demo did and found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub cases: Vec<Case>,
+    /// What happened to the replayed provider webhook.
+    pub replayed_webhook: String,
+    pub audit: Report,
+    /// Every case as expected, the duplicate request replayed, and the audit passed.
+    pub passed: bool,
+}
+
+impl Outcome {
+    /// The cases as a table of 100 columns.
+    pub fn table(&self) -> comfy_table::Table {
+        let mut t =
+            crate::output::table(["scenario", "order", "expected", "final state", "ok", "note"]);
+        for c in &self.cases {
+            t.add_row([
+                c.scenario.to_owned(),
+                c.order_id.clone(),
+                c.expected.to_owned(),
+                c.state.clone(),
+                if c.ok { "yes" } else { "NO" }.to_owned(),
+                c.note.clone(),
+            ]);
+        }
+        crate::output::keep_whole(&mut t, &[1]);
+        t
+    }
 }
 
 fn http_err(what: impl Into<String>) -> impl FnOnce(reqwest::Error) -> DemoError {
@@ -43,15 +87,21 @@ fn http_err(what: impl Into<String>) -> impl FnOnce(reqwest::Error) -> DemoError
     move |source| DemoError::Http { what, source }
 }
 
+struct Urls {
+    checkout: String,
+    notification: String,
+    psp: String,
+}
+
 async fn post_order(
     client: &reqwest::Client,
-    config: &Config,
+    urls: &Urls,
     key: &str,
     token: &str,
     lines: Value,
 ) -> Result<(u16, bool, Value), DemoError> {
     let res = client
-        .post(format!("{}/v1/orders", config.demo.checkout_url))
+        .post(format!("{}/v1/orders", urls.checkout))
         .header("Idempotency-Key", key)
         .json(&json!({
             "customer_id": "demo-customer",
@@ -79,8 +129,25 @@ async fn get_json(client: &reqwest::Client, url: String) -> Result<Value, DemoEr
         .map_err(http_err(url))
 }
 
-/// Runs the demo and prints its table and the audit. `Ok(true)` when everything held.
-pub async fn run(config: &Config) -> Result<bool, DemoError> {
+/// Runs the demo; `progress` shows the waits.
+pub async fn run(config: &Config, progress: &mut Progress) -> Result<Outcome, DemoError> {
+    let targets = config.targets().map_err(|e| DemoError::Audit(e.into()))?;
+    let http = |name: &'static str| {
+        targets
+            .get(name)
+            .map(|t| t.http_url.clone())
+            .ok_or(DemoError::NotRegistered(name))
+    };
+    let urls = Urls {
+        checkout: http("checkout")?,
+        notification: http("notification")?,
+        psp: http("psp-sim")?,
+    };
+    let checkout_db = targets
+        .get("checkout")
+        .and_then(|t| t.database_url.clone())
+        .ok_or(DemoError::NotRegistered("checkout"))?;
+
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -89,13 +156,13 @@ pub async fn run(config: &Config) -> Result<bool, DemoError> {
     let line = |sku: &str, q: i64| json!([{ "sku": sku, "quantity": q }]);
 
     // The scarcest product: order one more than is left.
-    let mut checkout = crate::connect(&config.checkout).await?;
+    let mut checkout = crate::connect(&checkout_db).await?;
     let (scarce, left): (String, i32) =
         sqlx::query_as("SELECT sku, available FROM stock ORDER BY available, sku LIMIT 1")
             .fetch_one(&mut checkout)
             .await?;
 
-    let plan: Vec<(&str, &str, &str, Value)> = vec![
+    let plan: Vec<(&'static str, &'static str, &str, Value)> = vec![
         ("approved", "CONFIRMED", "tok_approve", line("KEEL-MUG", 2)),
         ("approved", "CONFIRMED", "tok_approve", line("KEEL-BOOK", 1)),
         (
@@ -137,7 +204,7 @@ pub async fn run(config: &Config) -> Result<bool, DemoError> {
     ];
     let mut cases = Vec::new();
     for (scenario, expected, token, lines) in plan {
-        let (status, _, body) = post_order(&client, config, &key(), token, lines).await?;
+        let (status, _, body) = post_order(&client, &urls, &key(), token, lines).await?;
         if status != 202 {
             return Err(DemoError::Unexpected(format!(
                 "{scenario}: POST /v1/orders answered {status}: {body}"
@@ -149,15 +216,16 @@ pub async fn run(config: &Config) -> Result<bool, DemoError> {
             order_id: body["id"].as_str().unwrap_or_default().to_owned(),
             state: String::new(),
             note: String::new(),
+            ok: false,
         });
     }
 
     // The same request twice with one key: one order, the second answer is a replay.
     let dup = key();
     let (_, _, first) =
-        post_order(&client, config, &dup, "tok_approve", line("KEEL-MUG", 1)).await?;
+        post_order(&client, &urls, &dup, "tok_approve", line("KEEL-MUG", 1)).await?;
     let (status, replayed, second) =
-        post_order(&client, config, &dup, "tok_approve", line("KEEL-MUG", 1)).await?;
+        post_order(&client, &urls, &dup, "tok_approve", line("KEEL-MUG", 1)).await?;
     let same = first["id"] == second["id"];
     cases.push(Case {
         scenario: "duplicate request, one key",
@@ -165,24 +233,73 @@ pub async fn run(config: &Config) -> Result<bool, DemoError> {
         order_id: first["id"].as_str().unwrap_or_default().to_owned(),
         state: String::new(),
         note: format!("second POST: {status}, replayed={replayed}, same order={same}"),
+        ok: false,
     });
     let dup_ok = same && replayed;
 
-    // Wait for every order to end and be notified.
+    settle(&client, &urls, config, &mut cases, progress).await?;
+
+    // A replayed provider webhook: psp-sim sends its first webhook again, same id and body.
+    let hooks = get_json(&client, format!("{}/admin/webhooks", urls.psp)).await?;
+    let replayed_webhook = match hooks["webhooks"].as_array().and_then(|h| h.first()) {
+        Some(h) => {
+            let id = h["id"].as_str().unwrap_or_default();
+            let res = client
+                .post(format!("{}/admin/webhooks/{id}/redeliver", urls.psp))
+                .send()
+                .await
+                .map_err(http_err("redeliver webhook"))?;
+            format!(
+                "webhook {id} sent again: psp-sim answered {}",
+                res.status().as_u16()
+            )
+        }
+        None => "no webhook to replay (no capture happened)".to_owned(),
+    };
+
+    for c in &mut cases {
+        c.ok = c.state == c.expected;
+    }
+    let cases_ok = dup_ok && cases.iter().all(|c| c.ok);
+
+    // Audit with bounds that fit a demo that has just waited for its orders to settle.
+    let mut audit_config = config.clone();
+    audit_config.audit.settle_within = Duration::from_secs(1);
+    let audit = wait_for_audit(&audit_config, &targets, progress).await?;
+    Ok(Outcome {
+        passed: cases_ok && audit.passed(),
+        cases,
+        replayed_webhook,
+        audit,
+    })
+}
+
+/// Polls (bounded by `demo.settle_timeout`) until every case's order is final and notified.
+async fn settle(
+    client: &reqwest::Client,
+    urls: &Urls,
+    config: &Config,
+    cases: &mut [Case],
+    progress: &mut Progress,
+) -> Result<(), DemoError> {
     let deadline = Instant::now() + config.demo.settle_timeout;
-    for case in &mut cases {
-        loop {
+    let mut last_state = vec![String::new(); cases.len()];
+    loop {
+        for (case, last) in cases.iter_mut().zip(&mut last_state) {
+            if !case.state.is_empty() {
+                continue;
+            }
             let order = get_json(
-                &client,
-                format!("{}/v1/orders/{}", config.demo.checkout_url, case.order_id),
+                client,
+                format!("{}/v1/orders/{}", urls.checkout, case.order_id),
             )
             .await?;
             let state = order["state"].as_str().unwrap_or_default().to_owned();
             let notes = get_json(
-                &client,
+                client,
                 format!(
                     "{}/v1/notifications?order_id={}",
-                    config.demo.notification_url, case.order_id
+                    urls.notification, case.order_id
                 ),
             )
             .await?;
@@ -198,76 +315,59 @@ pub async fn run(config: &Config) -> Result<bool, DemoError> {
                     };
                 }
                 case.state = state;
-                break;
+            } else {
+                *last = state;
             }
-            if Instant::now() >= deadline {
-                case.state = format!("{state} (not settled)");
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
         }
-    }
-
-    // A replayed provider webhook: psp-sim sends its first webhook again, same id and body.
-    let hooks = get_json(&client, format!("{}/admin/webhooks", config.demo.psp_url)).await?;
-    let replay_note = match hooks["webhooks"].as_array().and_then(|h| h.first()) {
-        Some(h) => {
-            let id = h["id"].as_str().unwrap_or_default();
-            let res = client
-                .post(format!(
-                    "{}/admin/webhooks/{id}/redeliver",
-                    config.demo.psp_url
-                ))
-                .send()
-                .await
-                .map_err(http_err("redeliver webhook"))?;
-            format!(
-                "webhook {id} sent again: psp-sim answered {}",
-                res.status().as_u16()
-            )
-        }
-        None => "no webhook to replay (no capture happened)".to_owned(),
-    };
-
-    let mut all_ok = dup_ok;
-    println!(
-        "{:<32} {:<36} {:<17} {:<17} {:<4} note",
-        "scenario", "order", "expected", "final state", "ok"
-    );
-    for c in &cases {
-        let ok = c.state == c.expected;
-        all_ok &= ok;
-        println!(
-            "{:<32} {:<36} {:<17} {:<17} {:<4} {}",
-            c.scenario,
-            c.order_id,
-            c.expected,
-            c.state,
-            if ok { "yes" } else { "NO" },
-            c.note
+        let done = cases.iter().filter(|c| !c.state.is_empty()).count();
+        let left = deadline.saturating_duration_since(Instant::now());
+        progress.update(
+            "orders final and notified",
+            done,
+            cases.len(),
+            &format!("({} s left)", left.as_secs()),
         );
+        if done == cases.len() {
+            break;
+        }
+        if left.is_zero() {
+            for (case, last) in cases.iter_mut().zip(&last_state) {
+                if case.state.is_empty() {
+                    case.state = format!("{last} (not settled)");
+                }
+            }
+            break;
+        }
+        // The poll interval of a bounded wait.
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    println!("replayed webhook: {replay_note} (the audit below checks it had no second effect)");
-    println!();
-
-    // Audit with bounds that fit a demo that has just waited for its orders to settle.
-    let mut audit_config = config.clone();
-    audit_config.audit.settle_within = Duration::from_secs(1);
-    let report = wait_for_audit(&audit_config).await?;
-    println!("{report}");
-    Ok(all_ok && report.passed())
+    progress.finish();
+    Ok(())
 }
 
-/// The replayed webhook and the last notifications settle within moments of the orders;
-/// give the audit a few bounded tries before reporting it.
-async fn wait_for_audit(config: &Config) -> Result<crate::audit::Report, DemoError> {
-    let mut report = crate::audit::run(config).await?;
-    for _ in 0..20 {
+/// The replayed webhook and the last notifications settle within moments of the orders; give
+/// the audit a few bounded tries before reporting it.
+async fn wait_for_audit(
+    config: &Config,
+    targets: &Targets,
+    progress: &mut Progress,
+) -> Result<Report, DemoError> {
+    const TRIES: usize = 20;
+    let mut report = Report::default();
+    for attempt in 1..=TRIES {
+        report = crate::audit::run_on(targets, &config.audit, &config.rabbitmq).await?;
+        let passing = report.checks.iter().filter(|c| c.passed()).count();
+        progress.update(
+            "audit checks passing",
+            passing,
+            report.checks.len(),
+            &format!("(try {attempt}/{TRIES})"),
+        );
         if report.passed() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        report = crate::audit::run(config).await?;
     }
+    progress.finish();
     Ok(report)
 }

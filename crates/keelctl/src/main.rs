@@ -1,107 +1,227 @@
 //! keelctl: Keel's operator command line (see the crate README).
+//!
+//! Thin on purpose: parse the command line, load the configuration and the registry, call the
+//! library, print. Exit codes follow the platform's: 0 done (every check passed), 1 a check
+//! failed or the command could not run, 64 a usage error (clap's own errors included, instead
+//! of clap's default 2), 78 a configuration error naming its key.
 // A CLI talks to its operator on stdout; that is what the workspace lint guards services from.
 #![allow(clippy::print_stdout)]
 
-use clap::{Parser, Subcommand};
-use keelctl::Config;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use keel_config::EXIT_CONFIG;
+use keelctl::jobs::JobState;
+use keelctl::output::{self, Format};
+use keelctl::progress::Progress;
+use keelctl::{Config, Targets};
+
+/// EX_USAGE from sysexits.h: the command line was wrong.
+const EXIT_USAGE: u8 = 64;
 
 #[derive(Debug, Parser)]
-#[command(name = "keelctl", about = "Keel's operator CLI", version)]
+#[command(
+    name = "keelctl",
+    about = "Keel's operator CLI: every registered service's jobs and outbox, the journey's audit and demo",
+    version,
+    after_help = "Exit codes: 0 ok, 1 a check failed or an error, 64 usage, 78 configuration.\n\
+                  Configuration: KEEL_* variables (see crates/keelctl/config/default.toml)."
+)]
 struct Cli {
+    /// A registry of services to use instead of the embedded infra/services.toml.
+    #[arg(long, global = true, value_name = "PATH")]
+    registry: Option<PathBuf>,
+    /// How to print: a table that fits 100 columns, or JSON on stdout for scripts.
+    #[arg(long, short, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Check the journey's invariants across the databases and the broker; exit 1 on failure.
+    /// The registered services: ports, database, broker, queues.
+    Services,
+    /// Check the journey's and every service's invariants; exit 1 when one fails.
     Audit,
-    /// checkout's job queue: list jobs, or retry a failed one.
+    /// Job queues of the registered services: list jobs, or retry a failed one.
     Jobs {
         #[command(subcommand)]
         action: Option<JobsAction>,
-        /// Only jobs in this state (queued, running, succeeded, failed).
-        #[arg(long)]
-        state: Option<String>,
-        #[arg(long, default_value_t = 50)]
+        #[command(flatten)]
+        select: Select,
+        /// Only jobs in this state.
+        #[arg(long, value_enum)]
+        state: Option<JobState>,
+        /// At most this many jobs per service, newest first.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=1000))]
         limit: i64,
     },
-    /// Unsent outbox events per service.
-    Outbox,
+    /// Unsent outbox events per registered service.
+    Outbox {
+        #[command(flatten)]
+        select: Select,
+    },
     /// Place every kind of order against the running stack, show the outcomes, then audit.
     Demo,
 }
 
 #[derive(Debug, Subcommand)]
 enum JobsAction {
-    /// Put a failed job back in the queue with a fresh set of attempts.
-    Retry { id: uuid::Uuid },
+    /// Put a failed job back in its queue with a fresh set of attempts.
+    Retry {
+        id: uuid::Uuid,
+        #[command(flatten)]
+        select: Select,
+    },
+}
+
+/// Which services a generic command covers.
+#[derive(Debug, Args)]
+struct Select {
+    /// Only this registered service (repeatable); default: every service with a database.
+    #[arg(long = "service", short = 's', value_name = "NAME")]
+    services: Vec<String>,
+}
+
+/// A usage error found after parsing (an unknown service name): reported like clap's own.
+fn usage(message: &str) -> ExitCode {
+    eprintln!("error: {message}\n\nFor more information, try '--help'.");
+    ExitCode::from(EXIT_USAGE)
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let config: Config = keel_config::load_or_exit("keelctl", keelctl::DEFAULT_CONFIG);
-    let code = match cli.command {
+async fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout with 0; every real usage error exits 64.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let mut config: Config = keel_config::load_or_exit("keelctl", keelctl::DEFAULT_CONFIG);
+    if cli.registry.is_some() {
+        config.registry.clone_from(&cli.registry);
+    }
+    let targets = match config.targets() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("keelctl: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    match run(cli, &config, &targets).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("keelctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, config: &Config, targets: &Targets) -> anyhow::Result<ExitCode> {
+    let format = cli.output;
+    match cli.command {
+        Command::Services => {
+            match format {
+                Format::Table => println!("{}", keelctl::services::table(&targets.registry)),
+                Format::Json => output::json(&targets.registry.services)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Audit => {
-            let report = keelctl::audit::run(&config).await?;
-            println!("{report}");
-            i32::from(!report.passed())
+            let report = keelctl::audit::run_on(targets, &config.audit, &config.rabbitmq).await?;
+            match format {
+                Format::Table => println!("{report}"),
+                Format::Json => output::json(&report.json())?,
+            }
+            Ok(exit(report.passed()))
         }
         Command::Jobs {
-            action: Some(JobsAction::Retry { id }),
+            action: Some(JobsAction::Retry { id, select }),
             ..
         } => {
-            let mut conn = keelctl::connect(&config.checkout).await?;
-            if keel_pg::jobs::retry_failed(&mut conn, id).await? {
-                println!("job {id} queued again");
-                0
-            } else {
-                eprintln!("job {id} is not failed (or does not exist): nothing to retry");
-                1
+            let selected = match targets.select(&select.services) {
+                Ok(s) => s,
+                Err(e) => return Ok(usage(&e)),
+            };
+            match keelctl::jobs::retry(&selected, id).await? {
+                Some(service) => {
+                    println!("job {id} of {service} queued again");
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => {
+                    eprintln!("job {id} is not failed in any selected service: nothing to retry");
+                    Ok(ExitCode::FAILURE)
+                }
             }
         }
         Command::Jobs {
             action: None,
+            select,
             state,
             limit,
         } => {
-            let mut conn = keelctl::connect(&config.checkout).await?;
-            let jobs = keel_pg::jobs::list(&mut conn, state.as_deref(), limit).await?;
-            println!(
-                "{:<36}  {:<22} {:<9} {:>8}  {:<25} last error",
-                "id", "queue", "state", "attempts", "run at"
-            );
-            for j in jobs {
-                println!(
-                    "{:<36}  {:<22} {:<9} {:>4}/{:<3}  {:<25} {}",
-                    j.id,
-                    j.queue,
-                    j.state,
-                    j.attempts,
-                    j.max_attempts,
-                    j.run_at.to_rfc3339(),
-                    j.last_error.unwrap_or_default()
-                );
+            let selected = match targets.select(&select.services) {
+                Ok(s) => s,
+                Err(e) => return Ok(usage(&e)),
+            };
+            let listing = keelctl::jobs::list(&selected, state, limit).await?;
+            for service in &listing.without_queue {
+                eprintln!("note: {service} has no job queue (no jobs table)");
             }
-            0
-        }
-        Command::Demo => i32::from(!keelctl::demo::run(&config).await?),
-        Command::Outbox => {
-            for (service, target) in [
-                ("checkout", &config.checkout),
-                ("billing", &config.billing),
-                ("notification", &config.notification),
-            ] {
-                let mut conn = keelctl::connect(target).await?;
-                let b = keel_pg::outbox::backlog(&mut conn).await?;
-                println!(
-                    "{service:<13} unsent {:>6}  oldest {:>8.1}s",
-                    b.unsent, b.oldest_unsent_seconds
-                );
+            match format {
+                Format::Table => println!("{}", keelctl::jobs::table(&listing.rows)),
+                Format::Json => output::json(&listing.rows)?,
             }
-            0
+            Ok(ExitCode::SUCCESS)
         }
-    };
-    std::process::exit(code);
+        Command::Outbox { select } => {
+            let selected = match targets.select(&select.services) {
+                Ok(s) => s,
+                Err(e) => return Ok(usage(&e)),
+            };
+            let listing = keelctl::outbox::backlogs(&selected).await?;
+            for service in &listing.without_outbox {
+                eprintln!("note: {service} has no outbox table");
+            }
+            match format {
+                Format::Table => println!("{}", keelctl::outbox::table(&listing.rows)),
+                Format::Json => output::json(&listing.rows)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => {
+            let outcome = keelctl::demo::run(config, &mut Progress::stderr())
+                .await
+                .context("demo")?;
+            match format {
+                Format::Table => {
+                    println!("{}", outcome.table());
+                    println!(
+                        "replayed webhook: {} (the audit below checks it had no second effect)\n",
+                        outcome.replayed_webhook
+                    );
+                    println!("{}", outcome.audit);
+                }
+                Format::Json => output::json(&outcome)?,
+            }
+            Ok(exit(outcome.passed))
+        }
+    }
+}
+
+fn exit(passed: bool) -> ExitCode {
+    if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
