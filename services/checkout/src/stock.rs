@@ -25,6 +25,38 @@ use std::collections::BTreeMap;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::orders::state::text_column;
+
+/// Where one (order, SKU) reservation stands; stored in `reservations.state` through
+/// [`ReservationState::as_str`], the one mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReservationState {
+    /// Held for the order: counted in `stock.reserved`.
+    Reserved,
+    /// Given back (compensation): counted in `stock.available` again.
+    Released,
+    /// The order is confirmed: counted in `stock.sold`.
+    Sold,
+}
+
+text_column!(ReservationState, "reservation state");
+
+impl ReservationState {
+    pub const ALL: [Self; 3] = [Self::Reserved, Self::Released, Self::Sold];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reserved => "reserved",
+            Self::Released => "released",
+            Self::Sold => "sold",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
 /// One line to reserve.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Line {
@@ -105,12 +137,14 @@ pub async fn reserve(
     .await?;
     // The primary key (order_id, sku) is the last guard against a double reservation.
     sqlx::query(
-        "INSERT INTO reservations (order_id, sku, quantity)
-         SELECT $1, w.sku, w.quantity FROM unnest($2::text[], $3::int[]) AS w(sku, quantity)",
+        "INSERT INTO reservations (order_id, sku, quantity, state)
+         SELECT $1, w.sku, w.quantity, $4
+           FROM unnest($2::text[], $3::int[]) AS w(sku, quantity)",
     )
     .bind(order_id)
     .bind(&skus)
     .bind(&quantities)
+    .bind(ReservationState::Reserved)
     .execute(&mut *conn)
     .await?;
     Ok(Reserve::Reserved)
@@ -122,10 +156,11 @@ async fn settle(conn: &mut PgConnection, order_id: Uuid, to: Settle) -> Result<u
     // Lock the stock rows first, in SKU order, like `reserve`.
     let locked: Vec<String> = sqlx::query_scalar(
         "SELECT s.sku FROM stock s
-          WHERE s.sku IN (SELECT sku FROM reservations WHERE order_id = $1 AND state = 'reserved')
+          WHERE s.sku IN (SELECT sku FROM reservations WHERE order_id = $1 AND state = $2)
           ORDER BY s.sku FOR UPDATE",
     )
     .bind(order_id)
+    .bind(ReservationState::Reserved)
     .fetch_all(&mut *conn)
     .await?;
     if locked.is_empty() {
@@ -134,11 +169,12 @@ async fn settle(conn: &mut PgConnection, order_id: Uuid, to: Settle) -> Result<u
     // The state guard: only rows still `reserved` move, so a second call moves nothing.
     let moved: Vec<(String, i32)> = sqlx::query_as(
         "UPDATE reservations SET state = $2, updated_at = now()
-          WHERE order_id = $1 AND state = 'reserved'
+          WHERE order_id = $1 AND state = $3
       RETURNING sku, quantity",
     )
     .bind(order_id)
     .bind(to.state())
+    .bind(ReservationState::Reserved)
     .fetch_all(&mut *conn)
     .await?;
     let (skus, quantities): (Vec<String>, Vec<i32>) = moved.into_iter().unzip();
@@ -171,10 +207,10 @@ enum Settle {
 }
 
 impl Settle {
-    fn state(self) -> &'static str {
+    fn state(self) -> ReservationState {
         match self {
-            Self::Release => "released",
-            Self::Commit => "sold",
+            Self::Release => ReservationState::Released,
+            Self::Commit => ReservationState::Sold,
         }
     }
 }
@@ -211,5 +247,12 @@ mod tests {
         ];
         let merged: Vec<(&str, i32)> = by_sku(&lines).into_iter().collect();
         assert_eq!(merged, vec![("A", 2), ("B", 4)]);
+    }
+
+    #[test]
+    fn reservation_states_round_trip() {
+        for s in ReservationState::ALL {
+            assert_eq!(ReservationState::parse(s.as_str()), Some(s));
+        }
     }
 }

@@ -61,7 +61,7 @@ pub async fn insert(conn: &mut PgConnection, order: &NewOrder<'_>) -> Result<Ord
     .bind(order.customer_id)
     .bind(order.total.currency.as_str())
     .bind(order.total.minor)
-    .bind(OrderState::Pending.as_str())
+    .bind(OrderState::Pending)
     .bind(&line_nos)
     .bind(&skus)
     .bind(&quantities)
@@ -82,7 +82,7 @@ pub async fn insert(conn: &mut PgConnection, order: &NewOrder<'_>) -> Result<Ord
     Ok(OrderView {
         id: order.id,
         customer_id: order.customer_id.to_owned(),
-        state: OrderState::Pending.as_str().to_owned(),
+        state: OrderState::Pending,
         reason: None,
         total: order.total,
         lines: order
@@ -96,7 +96,7 @@ pub async fn insert(conn: &mut PgConnection, order: &NewOrder<'_>) -> Result<Ord
             })
             .collect(),
         history: vec![HistoryEntry {
-            state: OrderState::Pending.as_str().to_owned(),
+            state: OrderState::Pending,
             reason: None,
             at: created_at,
         }],
@@ -119,13 +119,13 @@ pub async fn change_state(
          RETURNING customer_id, total_minor, currency",
     )
     .bind(id.0)
-    .bind(to.as_str())
+    .bind(to)
     .bind(reason)
     .fetch_one(&mut *conn)
     .await?;
     sqlx::query("INSERT INTO order_history (order_id, state, reason) VALUES ($1, $2, $3)")
         .bind(id.0)
-        .bind(to.as_str())
+        .bind(to)
         .bind(reason)
         .execute(&mut *conn)
         .await?;
@@ -187,7 +187,7 @@ async fn publish(conn: &mut PgConnection, to: OrderState, order: Facts<'_>) -> R
 pub struct OrderView {
     pub id: OrderId,
     pub customer_id: String,
-    pub state: String,
+    pub state: OrderState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub total: Money,
@@ -210,7 +210,7 @@ pub struct LineView {
 /// One state change.
 #[derive(Debug, Clone, Serialize)]
 pub struct HistoryEntry {
-    pub state: String,
+    pub state: OrderState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub at: DateTime<Utc>,
@@ -221,7 +221,7 @@ struct OrderRow {
     customer_id: String,
     currency: String,
     total_minor: i64,
-    state: String,
+    state: OrderState,
     reason: Option<String>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
@@ -251,7 +251,7 @@ pub async fn load(conn: &mut PgConnection, id: OrderId) -> Result<Option<OrderVi
     .bind(id.0)
     .fetch_all(&mut *conn)
     .await?;
-    let history: Vec<(String, Option<String>, DateTime<Utc>)> = sqlx::query_as(
+    let history: Vec<(OrderState, Option<String>, DateTime<Utc>)> = sqlx::query_as(
         "SELECT state, reason, at FROM order_history WHERE order_id = $1 ORDER BY id",
     )
     .bind(id.0)

@@ -64,6 +64,16 @@ impl CallError {
     }
 }
 
+/// What `Void` releases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VoidTarget {
+    /// The payment the saga recorded when billing authorized it.
+    Payment(String),
+    /// Every payment of this order that still holds money: the saga never learned the
+    /// payment id (its Authorize answer was lost). Voiding nothing is a success.
+    Order(String),
+}
+
 /// What a payment is, as far as the saga cares.
 pub fn status_of(p: &Payment) -> PaymentStatus {
     PaymentStatus::try_from(p.status).unwrap_or(PaymentStatus::Unspecified)
@@ -165,21 +175,24 @@ impl Billing {
         Self::bounded(timeout, client.capture(request)).await
     }
 
-    /// `Void` an authorization (compensation): payment `payment_id`, or, when the saga never
-    /// learned it (its Authorize answer was lost), every payment of `order_id` that still
-    /// holds money. Voiding nothing is a success (status VOIDED).
+    /// `Void` an authorization (compensation): `target`'s payment, or every payment of its
+    /// order that still holds money. Voiding nothing is a success (status VOIDED).
     pub async fn void(
         &self,
         idempotency_key: String,
-        payment_id: Option<String>,
-        order_id: String,
+        target: VoidTarget,
         budget: Duration,
     ) -> Result<Payment, CallError> {
         let timeout = self.timeout(budget);
+        // billing reads `payment_id` when it is set, else `order_id`.
+        let (payment_id, order_id) = match target {
+            VoidTarget::Payment(id) => (id, String::new()),
+            VoidTarget::Order(id) => (String::new(), id),
+        };
         let request = Self::request(
             VoidRequest {
                 idempotency_key,
-                payment_id: payment_id.unwrap_or_default(),
+                payment_id,
                 order_id,
             },
             timeout,

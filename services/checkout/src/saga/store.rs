@@ -5,16 +5,20 @@
 //! ([`lock_state`]) and checks it is still in the state the step started from. That is what
 //! makes a step safe to run twice: a second worker running the same step (a resumed saga
 //! whose first worker is still alive) finds the state moved on and changes nothing.
+//!
+//! States, steps and outcomes are bound and decoded as their enums ([`super::state`]): no
+//! state is spelled as a string in this SQL.
 
 use std::time::Duration;
 
 use keel_pg::PgError;
-use keel_pg::jobs::{self, NewJob};
+use keel_pg::jobs;
 use keel_pg::millis;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{SAGA_QUEUE, SagaId, SagaState};
+use super::job::SagaJob;
+use super::state::{Action, Compensation, SagaId, SagaState, StepOutcome};
 use crate::config::SagaConfig;
 use crate::orders::{OrderId, OrderState};
 
@@ -34,22 +38,15 @@ pub async fn create(
     )
     .bind(id.0)
     .bind(order_id.0)
-    .bind(SagaState::Pending.as_str())
+    .bind(SagaState::Pending)
     .bind(payment_token)
     .bind(millis(config.deadline))
     .execute(&mut *conn)
     .await?;
-    jobs::enqueue(
-        conn,
-        &NewJob {
-            queue: SAGA_QUEUE,
-            payload: serde_json::json!({ "saga_id": id.0 }),
-            max_attempts: config.max_attempts,
-            delay: Duration::ZERO,
-            id: Some(id.0),
-        },
-    )
-    .await?;
+    let job = SagaJob { saga_id: id }
+        .to_new_job(config.max_attempts)
+        .map_err(|e| PgError::Encode(e.to_string()))?;
+    jobs::enqueue(conn, &job).await?;
     Ok(id)
 }
 
@@ -58,8 +55,10 @@ pub async fn create(
 pub struct SagaRow {
     pub id: Uuid,
     pub order_id: Uuid,
-    pub state: String,
-    pub compensate_to: Option<String>,
+    pub state: SagaState,
+    /// While COMPENSATING: the final order state compensation ends in.
+    pub compensate_to: Option<OrderState>,
+    /// While COMPENSATING: why (the stored text of a [`super::state::Reason`]).
     pub reason: Option<String>,
     pub payment_token: Option<String>,
     pub payment_id: Option<String>,
@@ -99,46 +98,54 @@ pub async fn lock_state(
     conn: &mut PgConnection,
     id: SagaId,
 ) -> Result<Option<SagaState>, sqlx::Error> {
-    let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM sagas WHERE id = $1 FOR UPDATE")
-            .bind(id.0)
-            .fetch_optional(conn)
-            .await?;
-    Ok(state.as_deref().and_then(SagaState::parse))
+    sqlx::query_scalar("SELECT state FROM sagas WHERE id = $1 FOR UPDATE")
+        .bind(id.0)
+        .fetch_optional(conn)
+        .await
 }
 
-/// Moves saga `id` to `to`, recording `payment_id` if given. Final states also forget the
-/// payment token, which is needed only until authorization.
+/// Moves saga `id` to `to`. Final states also forget the payment token, which is needed only
+/// until authorization.
 pub async fn set_state(
     conn: &mut PgConnection,
     id: SagaId,
     to: SagaState,
-    payment_id: Option<&str>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE sagas SET state = $2, payment_id = COALESCE($3, payment_id),
-                          payment_token = CASE WHEN $4 THEN NULL ELSE payment_token END,
+        "UPDATE sagas SET state = $2,
+                          payment_token = CASE WHEN $3 THEN NULL ELSE payment_token END,
                           updated_at = now()
           WHERE id = $1",
     )
     .bind(id.0)
-    .bind(to.as_str())
-    .bind(payment_id)
+    .bind(to)
     .bind(to.is_final())
     .execute(conn)
     .await?;
     Ok(())
 }
 
-/// Starts compensation: the saga will end in `to` (a final order state) for `reason`, after
-/// voiding the authorization if `void_needed`.
+/// Moves saga `id` to AUTHORIZED with billing's `payment_id`, which capture and void name.
+pub async fn set_authorized(
+    conn: &mut PgConnection,
+    id: SagaId,
+    payment_id: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE sagas SET state = $2, payment_id = $3, updated_at = now() WHERE id = $1")
+        .bind(id.0)
+        .bind(SagaState::Authorized)
+        .bind(payment_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Starts compensation as `c` decides: the saga is COMPENSATING until it ends in
+/// `c.ends_in` (a final order state) for `c.reason`, voiding first as `c.void` says.
 pub async fn begin_compensation(
     conn: &mut PgConnection,
     id: SagaId,
-    to: OrderState,
-    reason: &str,
-    void_needed: bool,
-    payment_id: Option<&str>,
+    c: &Compensation<'_>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE sagas SET state = $2, compensate_to = $3, reason = $4, void_needed = $5,
@@ -146,11 +153,11 @@ pub async fn begin_compensation(
           WHERE id = $1",
     )
     .bind(id.0)
-    .bind(SagaState::Compensating.as_str())
-    .bind(to.as_str())
-    .bind(reason)
-    .bind(void_needed)
-    .bind(payment_id)
+    .bind(SagaState::Compensating)
+    .bind(c.ends_in)
+    .bind(c.reason.as_str())
+    .bind(c.void.needs_void())
+    .bind(c.payment_id)
     .execute(conn)
     .await?;
     Ok(())
@@ -165,19 +172,19 @@ pub async fn mark_voided(conn: &mut PgConnection, id: SagaId) -> Result<(), sqlx
     Ok(())
 }
 
-/// Appends a row to the saga's step log.
+/// Appends a row to the saga's step log: `action` ended with `outcome`, because `detail`.
 pub async fn log_step(
     conn: &mut PgConnection,
     id: SagaId,
-    step: &str,
-    outcome: &str,
-    detail: Option<&str>,
+    action: Action,
+    outcome: StepOutcome,
+    detail: &str,
 ) -> Result<(), sqlx::Error> {
-    metrics::counter!("saga_steps_total", "step" => step.to_owned(), "outcome" => outcome.to_owned())
+    metrics::counter!("saga_steps_total", "step" => action.as_str(), "outcome" => outcome.as_str())
         .increment(1);
     sqlx::query("INSERT INTO saga_steps (saga_id, step, outcome, detail) VALUES ($1, $2, $3, $4)")
         .bind(id.0)
-        .bind(step)
+        .bind(action)
         .bind(outcome)
         .bind(detail)
         .execute(conn)
@@ -199,17 +206,4 @@ pub async fn order_lines(
         .into_iter()
         .map(|(sku, quantity)| crate::stock::Line { sku, quantity })
         .collect())
-}
-
-/// Whether saga `id` ever attempted `step` (any outcome).
-pub async fn attempted(
-    conn: &mut PgConnection,
-    id: SagaId,
-    step: &str,
-) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM saga_steps WHERE saga_id = $1 AND step = $2)")
-        .bind(id.0)
-        .bind(step)
-        .fetch_one(conn)
-        .await
 }
