@@ -16,6 +16,10 @@
 //!   and full jitter; after `max_attempts` it is `failed`, a terminal state operators see and
 //!   can retry (`keelctl jobs`).
 //!
+//! - **Stopping**: a worker told to stop claims nothing more and lets its jobs in flight
+//!   finish; one cut off before finishing hands its lease back ([`release`]), so another
+//!   instance resumes it at once rather than after the lease expires.
+//!
 //! Handlers must be idempotent: a job whose worker died after the effect but before
 //! [`complete`] runs again (at-least-once). The `jobs` table is a platform table
 //! (`crates/keel-pg/migrations/0004_jobs.sql`): every service's database gets it from
@@ -123,6 +127,24 @@ pub async fn claim(
 // Every outcome is fenced: only the holder of this attempt (`locked_by` and `attempts`) may
 // record it. A worker whose lease expired and was taken over updates nothing.
 const FENCE: &str = "id = $1 AND locked_by = $2 AND attempts = $3 AND state = 'running'";
+
+/// Hands a claimed job back without an outcome: queued again, due now, its attempt not
+/// counted (it was cut off, not failed), so another worker claims it at once instead of
+/// waiting for the lease to expire. `false`: the lease was lost already.
+pub async fn release(conn: &mut PgConnection, job: &Job) -> Result<bool, PgError> {
+    let sql = format!(
+        "UPDATE jobs SET state = 'queued', attempts = attempts - 1, locked_by = NULL,
+                lease_expires_at = NULL, run_at = now()
+          WHERE {FENCE}"
+    );
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(job.id)
+        .bind(&job.locked_by)
+        .bind(job.attempts)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
 
 /// Marks `job` succeeded. `false`: the lease was lost (another worker holds the job now).
 pub async fn complete(conn: &mut PgConnection, job: &Job) -> Result<bool, PgError> {
@@ -333,8 +355,44 @@ pub async fn run_worker<H, F>(
             () = tokio::time::sleep(config.poll_interval) => {}
         }
     }
-    // Graceful stop: no new claims; let in-flight jobs finish (the caller bounds this wait).
+    // Graceful stop: no new claims; let in-flight jobs finish. The caller bounds this wait
+    // (keel_service's `workers` stage); a job still running when it cuts this future off is
+    // dropped with the JoinSet, and hands its lease back (`LeaseGuard`).
     while tasks.join_next().await.is_some() {}
+}
+
+/// Hands its job back ([`release`]) if it is dropped before the job's outcome was recorded:
+/// the worker was cut off at the end of its shutdown stage, or its task was aborted. The
+/// release runs as a task of its own because `Drop` cannot await; if it cannot run (the pool
+/// is gone), the lease expires and the job is claimed again all the same, only later.
+struct LeaseGuard {
+    pool: PgPool,
+    job: Option<Job>,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let Some(job) = self.job.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let pool = self.pool.clone();
+        runtime.spawn(async move {
+            let released = match pool.acquire().await {
+                Ok(mut conn) => release(&mut conn, &job).await,
+                Err(e) => Err(e.into()),
+            };
+            match released {
+                Ok(true) => {
+                    metrics::counter!("jobs_released_total", "queue" => job.queue.clone())
+                        .increment(1);
+                    tracing::info!(job_id = %job.id, queue = %job.queue, "job cut off; lease handed back");
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(job_id = %job.id, error = %e, "handing a lease back failed; it will expire"),
+            }
+        });
+    }
 }
 
 async fn run_one<H, F>(pool: PgPool, job: Job, lease: Duration, handler: H)
@@ -342,6 +400,10 @@ where
     H: Fn(Job) -> F,
     F: Future<Output = Outcome>,
 {
+    let mut guard = LeaseGuard {
+        pool: pool.clone(),
+        job: Some(job.clone()),
+    };
     let started = std::time::Instant::now();
     let queue = job.queue.clone();
     let work = handler(job.clone());
@@ -369,6 +431,8 @@ where
         .increment(1);
     metrics::histogram!("job_duration_seconds", "queue" => queue.clone())
         .record(started.elapsed().as_secs_f64());
+    // From here the outcome is being recorded: a drop now must not also release the job.
+    guard.job = None;
     let recorded = match pool.acquire().await {
         Ok(mut conn) => match &outcome {
             Outcome::Done => complete(&mut conn, &job).await,

@@ -53,6 +53,15 @@ async fn count_in_state(pool: &PgPool, state: &str) -> i64 {
         .unwrap()
 }
 
+async fn count(pool: &PgPool, queue: &str, state: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE queue = $1 AND state = $2")
+        .bind(queue)
+        .bind(state)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 type Runs = Arc<Mutex<HashMap<Uuid, u32>>>;
 
 fn worker(name: &str, queue: &str) -> WorkerConfig {
@@ -254,4 +263,95 @@ fn backoff_is_jittered_below_an_exponential_cap() {
             assert!(jobs::backoff(attempt, base, max) <= cap);
         }
     }
+}
+
+/// Shutdown (P20 for workers): a job still running when its worker is cut off at the end of
+/// the `workers` stage. A naive worker leaves it `running` until its lease expires (here 30 s;
+/// in checkout a saga would stall that long on every deploy); Keel's hands it back at once.
+#[tokio::test]
+async fn a_job_cut_off_at_shutdown_hands_its_lease_back_at_once() {
+    let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
+    let pool = pool(&db).await;
+    enqueue_many(&pool, "naive-stop", 1, 3).await;
+    enqueue_many(&pool, "keel-stop", 1, 3).await;
+    let lease = Duration::from_secs(30);
+
+    // The naive worker: claim, run a handler that never ends, and get cut off.
+    let naive = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            let jobs = jobs::claim(&mut conn, "naive-stop", "naive", lease, 1)
+                .await
+                .unwrap();
+            assert_eq!(jobs.len(), 1);
+            drop(conn);
+            std::future::pending::<()>().await;
+        }
+    });
+    // Keel's worker, same handler.
+    let mut config = worker("keel", "keel-stop");
+    config.lease = lease;
+    let started = Arc::new(tokio::sync::Notify::new());
+    let keel = tokio::spawn({
+        let (pool, started) = (pool.clone(), started.clone());
+        jobs::run_worker(pool, config, CancellationToken::new(), move |_job| {
+            let started = started.clone();
+            async move {
+                started.notify_one();
+                std::future::pending::<Outcome>().await
+            }
+        })
+    });
+    tokio::time::timeout(Duration::from_secs(10), started.notified())
+        .await
+        .expect("keel's worker started the job");
+    eventually(
+        Duration::from_secs(10),
+        "the naive worker claimed its job",
+        || {
+            let pool = pool.clone();
+            async move { (count(&pool, "naive-stop", "running").await == 1).then_some(()) }
+        },
+    )
+    .await;
+
+    // The end of the shutdown stage: both are cut off, as keel_service aborts them.
+    naive.abort();
+    keel.abort();
+    let _ = naive.await;
+    let _ = keel.await;
+
+    eventually(Duration::from_secs(5), "keel's job is queued again", || {
+        let pool = pool.clone();
+        async move { (count(&pool, "keel-stop", "queued").await == 1).then_some(()) }
+    })
+    .await;
+    let (attempts, locked_by, due): (i32, Option<String>, bool) = sqlx::query_as(
+        "SELECT attempts, locked_by, run_at <= now() FROM jobs WHERE queue = 'keel-stop'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (attempts, locked_by, due),
+        (0, None, true),
+        "not counted as an attempt, unlocked, due now"
+    );
+    // The failure, shown: the naive worker's job is still held by a worker that is gone,
+    // and no other worker may claim it until its lease expires.
+    assert_eq!(count(&pool, "naive-stop", "running").await, 1);
+    let mut conn = pool.acquire().await.unwrap();
+    let reclaimed = jobs::claim(&mut conn, "naive-stop", "other", lease, 1)
+        .await
+        .unwrap();
+    assert!(reclaimed.is_empty(), "held until the lease expires");
+    let resumed = jobs::claim(&mut conn, "keel-stop", "other", lease, 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        resumed.len(),
+        1,
+        "another worker resumes keel's job at once"
+    );
 }
