@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use clap::{Arg, ArgMatches, Command};
 use keel_config::{ConfigError, Validate};
 use keel_pg::DatabaseConfig;
+use keel_resilience::BackoffPolicy;
 use keel_telemetry::{Telemetry, TelemetryConfig};
 use serde::de::DeserializeOwned;
 use sqlx::migrate::Migrator;
@@ -238,22 +239,25 @@ async fn migrate<S: ServiceMain>(config: &S::Config, m: &ArgMatches) -> anyhow::
         .transpose()?
         .unwrap_or(Duration::from_secs(30));
     let started = Instant::now();
-    let mut pause = Duration::from_millis(100);
+    let deadline = started + wait;
+    // Jittered: many instances started together (a compose `up`, a rollout) must not all
+    // knock on a starting Postgres at the same instants.
+    let mut backoff =
+        BackoffPolicy::new(Duration::from_millis(100), Duration::from_secs(2)).backoff();
     loop {
         match keel_pg::migrate(database, &format!("{}-migrate", S::NAME), migrator).await {
             Ok(()) => return Ok(()),
             Err(keel_pg::PgError::Sqlx(e)) if is_unreachable(&e) => {
-                if started.elapsed() + pause > wait {
+                let Some(pause) = backoff.next_delay(Instant::now(), deadline) else {
                     return Err(Unavailable {
                         dependency: "postgres",
                         waited: started.elapsed(),
                         last_error: e.to_string(),
                     }
                     .into());
-                }
+                };
                 tracing::warn!(error = %e, retry_in_ms = keel_config::millis(pause), "postgres unreachable; retrying");
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
             }
             Err(e) => return Err(e.into()),
         }
