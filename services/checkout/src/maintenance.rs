@@ -12,6 +12,7 @@
 //! the chain. Deleting happens in batches of `orders.idempotency_purge_batch` (short locks,
 //! small WAL bursts), at most [`MAX_BATCHES_PER_RUN`] per run; what is left waits for the next.
 
+use keel_resilience::BackoffPolicy;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keel_pg::PgError;
@@ -135,7 +136,9 @@ impl Maintenance {
     /// Schedules the purge (retrying while the database is unreachable), then runs the
     /// maintenance queue, one job at a time, until `stop`.
     pub async fn run_worker(self, worker: String, stop: CancellationToken) {
-        let mut pause = self.config.poll_interval;
+        // Jittered: every instance starts this loop at once after a deploy or an outage.
+        let mut backoff =
+            BackoffPolicy::new(self.config.poll_interval, Duration::from_secs(30)).backoff();
         loop {
             match self.schedule().await {
                 Ok(()) => break,
@@ -145,9 +148,8 @@ impl Maintenance {
             }
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = tokio::time::sleep(pause) => {}
+                () = tokio::time::sleep(backoff.next_delay_without_deadline()) => {}
             }
-            pause = (pause * 2).min(Duration::from_secs(30));
         }
         let config = WorkerConfig {
             queue: MAINTENANCE_QUEUE.to_owned(),
