@@ -32,14 +32,24 @@ status: ## what runs where
 	infra/dev/stack.sh status
 	infra/dev/services.sh status
 
-tools: ## test tools a fresh machine may lack (shellcheck, curl, cargo-nextest); fast when present
+tools: ## test tools a fresh machine may lack (shellcheck, curl, cargo-nextest, cargo-deny, cargo-machete); fast when present
 	command -v shellcheck >/dev/null && command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq shellcheck curl; }
 	command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
+	@# Pinned: deny.toml's format and machete's findings are those of these versions. A first
+	@# install compiles both from source (a few minutes); afterwards this line costs nothing.
+	command -v cargo-deny >/dev/null || $(CARGO) install --locked cargo-deny@0.20.2
+	command -v cargo-machete >/dev/null || $(CARGO) install --locked cargo-machete@0.9.2
 
-lint: tools ## formatting, clippy (warnings are errors) and shellcheck
+lint: tools ## formatting, clippy (warnings are errors), shellcheck, unused and forbidden dependencies
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	shellcheck infra/dev/*.sh .ci/run
+	@# Declared but unused dependencies (generated code's are listed in its crate's
+	@# [package.metadata.cargo-machete]); exits non-zero when it finds one.
+	$(CARGO) machete
+	@# Bans (one TLS provider: no aws-lc, no OpenSSL), licenses, crates.io only. No advisories:
+	@# their database lives on GitHub, which these machines cannot reach (see deny.toml).
+	$(CARGO) deny --workspace check bans licenses sources
 
 test: deps lint ## the quality gates and the whole test suite (nextest, parallel)
 	infra/dev/clean-test-dbs.sh

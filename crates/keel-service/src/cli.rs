@@ -138,6 +138,8 @@ pub fn main<S: ServiceMain>() -> ! {
 
 /// [`main`] without the exit, for a given command line: returns the exit code.
 pub async fn run<S: ServiceMain>(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
+    // Before telemetry: its OTLP/HTTP exporter is the first TLS-capable client built.
+    crate::install_crypto_provider();
     let signal = shutdown_signal();
     let matches = match command_line::<S>().try_get_matches_from(args) {
         Ok(m) => m,

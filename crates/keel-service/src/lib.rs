@@ -5,9 +5,11 @@ mod config;
 mod health;
 pub mod runtime;
 mod signal;
+mod tls;
 
 pub use cli::ServiceMain;
 pub use config::ShutdownConfig;
 pub use health::Health;
 pub use runtime::{BrokerReadiness, Drained, Service, ServiceError, Stage};
 pub use signal::shutdown_signal;
+pub use tls::install_crypto_provider;

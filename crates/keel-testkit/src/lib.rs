@@ -40,12 +40,24 @@ where
     }
 }
 
+/// Installs ring as rustls's process-wide crypto provider, as `keel_service::Service::new`
+/// does for a service: Keel compiles only ring, and reqwest panics building any client,
+/// `http://` ones included, until a provider is installed. Every harness entry point
+/// (`Stack::load`, so each `TestDb`, `TestVhost`, `TestRedis` and `FaultProxy`;
+/// `ServiceProcess::spawn`; [`config`]) calls it, so a test's own `reqwest` client just works;
+/// a test that uses none of them calls it first.
+pub fn install_crypto_provider() {
+    // Err only says one is installed already: all a client needs.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Builds a service config from `defaults` (the service's `DEFAULT_CONFIG`) and `overrides`
 /// given as `KEEL_*` variables, exactly as the binary would from its environment.
 pub fn config<T>(defaults: &str, overrides: &[(&str, &str)]) -> T
 where
     T: serde::de::DeserializeOwned + keel_config::Validate,
 {
+    install_crypto_provider();
     let env = overrides
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));

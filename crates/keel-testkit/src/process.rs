@@ -23,6 +23,8 @@ impl ServiceProcess {
     /// Starts `bin` with `env` (any inherited `KEEL_*` variables are removed so the test
     /// decides the whole configuration) and waits for its `listening` log line.
     pub async fn spawn(bin: &str, args: &[&str], env: &[(String, String)]) -> Self {
+        // The test will talk to it with reqwest, which needs a TLS provider installed.
+        crate::install_crypto_provider();
         let mut cmd = Command::new(bin);
         cmd.args(args)
             .stdin(Stdio::null())

@@ -46,6 +46,8 @@ fn read_env_file(path: &PathBuf) -> HashMap<String, String> {
 impl Stack {
     /// Reads the resolved stack file, falling back to the defaults.
     pub fn load() -> Self {
+        // Every harness entry point passes here first: the test process gets its TLS provider.
+        crate::install_crypto_provider();
         let root = workspace_root();
         let mut values = read_env_file(&root.join("infra/dev/stack.env"));
         values.extend(read_env_file(&root.join(".keel/stack.env")));

@@ -106,6 +106,9 @@ async fn main() -> ExitCode {
             };
         }
     };
+    // Keel compiles one TLS provider, ring, and reqwest needs it installed before any client
+    // is built (keel_service::install_crypto_provider says why; keelctl does not link it).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut config: Config = keel_config::load_or_exit("keelctl", keelctl::DEFAULT_CONFIG);
     if cli.registry.is_some() {
         config.registry.clone_from(&cli.registry);
