@@ -208,10 +208,8 @@ async fn run(cli: Cli, config: &Config, targets: &Targets) -> anyhow::Result<Exi
             match format {
                 Format::Table => {
                     println!("{}", outcome.table());
-                    println!(
-                        "replayed webhook: {} (the audit below checks it had no second effect)\n",
-                        outcome.replayed_webhook
-                    );
+                    println!("replayed webhook: {}", outcome.replayed_webhook);
+                    println!("(the audit below checks it had no second effect)\n");
                     println!("{}", outcome.audit);
                 }
                 Format::Json => output::json(&outcome)?,
