@@ -16,6 +16,7 @@
 //! only queue behind it. The caller gets [`PspError::Timeout`] and retries later with the same
 //! idempotency key (P13), which resumes the same operation.
 
+use keel_resilience::BackoffPolicy;
 use std::time::Duration;
 
 use keel_config::{ConfigError, Validate, ensure_range, millis as ms};
@@ -146,6 +147,7 @@ pub struct AuthorizeRequest<'a> {
 pub struct PspClient {
     http: reqwest::Client,
     config: PspConfig,
+    backoff: BackoffPolicy,
 }
 
 /// The parts of the provider's problem documents billing acts on.
@@ -186,6 +188,7 @@ impl PspClient {
         Ok(Self {
             http,
             config: config.clone(),
+            backoff: BackoffPolicy::new(config.initial_backoff, config.max_backoff),
         })
     }
 
@@ -311,31 +314,21 @@ impl PspClient {
             if attempt == self.config.max_attempts {
                 break;
             }
-            let pause = self.backoff(attempt);
-            if Instant::now() + pause >= deadline {
-                // No room for another attempt: the provider's failure is the answer, not the
-                // deadline (which has not passed).
+            // Keel's one backoff (P24): full jitter, capped; `None` when the pause would end
+            // past the deadline — no room for another attempt: the provider's failure is the
+            // answer, not the deadline (which has not passed).
+            let Some(pause) =
+                self.backoff
+                    .delay_before(attempt, std::time::Instant::now(), deadline.into_std())
+            else {
                 break;
-            }
+            };
             tokio::time::sleep(pause).await;
         }
         Err(PspError::Unavailable {
             attempts: attempt,
             last,
         })
-    }
-
-    /// "Equal jitter": half the exponential backoff fixed, half random, so retries from many
-    /// callers spread out but none retries immediately.
-    fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .config
-            .initial_backoff
-            .saturating_mul(1u32 << (attempt - 1).min(16))
-            .min(self.config.max_backoff);
-        let half = exp / 2;
-        let jitter_ms = rand::random_range(0..=ms(half));
-        half + Duration::from_millis(jitter_ms)
     }
 }
 

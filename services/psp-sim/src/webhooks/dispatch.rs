@@ -10,12 +10,12 @@
 //! on the bounded queue (where a full queue refuses captures), never in this loop; on stop,
 //! every queued or running delivery ends at its next await and is marked abandoned.
 
+use keel_resilience::BackoffPolicy;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use keel_webhooks::{ID_HEADER, SIGNATURE_HEADER, SigningKey, TIMESTAMP_HEADER};
-use rand::Rng;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -216,16 +216,12 @@ fn error_kind(e: &reqwest::Error) -> String {
     }
 }
 
-/// The pause after failed attempt `attempt` (1-based): `initial * 2^(attempt-1)`, capped at
-/// `max`, then "equal jitter" — a random point in its upper half — so webhooks that failed
-/// together do not all come back at the same instant, while the pause still grows. The one
-/// place the sender's retry delay is computed.
+/// The pause after failed attempt `attempt` (1-based): Keel's one backoff (P24,
+/// `keel_resilience`), `initial * 2^(attempt-1)` capped at `max`, full jitter, so webhooks
+/// that failed together do not all come back at the same instant. The one place the sender's
+/// retry delay is computed.
 fn retry_delay(attempt: u32, initial: Duration, max: Duration) -> Duration {
-    let exp = initial
-        .saturating_mul(2_u32.saturating_pow(attempt.saturating_sub(1)))
-        .min(max);
-    let half = exp / 2;
-    half + half.mul_f64(rand::rng().random::<f64>())
+    BackoffPolicy::new(initial, max).delay(attempt)
 }
 
 #[cfg(test)]
@@ -233,7 +229,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retry_delays_grow_to_the_cap_and_stay_in_the_upper_half() {
+    fn retry_delays_stay_under_a_ceiling_that_grows_to_the_cap() {
         let (initial, max) = (Duration::from_millis(100), Duration::from_secs(1));
         for (attempt, full) in [
             (1, 100),
@@ -243,9 +239,11 @@ mod tests {
             (5, 1000),
             (40, 1000),
         ] {
-            let d = retry_delay(attempt, initial, max);
             let full = Duration::from_millis(full);
-            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");
+            for _ in 0..50 {
+                let d = retry_delay(attempt, initial, max);
+                assert!(d <= full, "attempt {attempt}: {d:?} over {full:?}");
+            }
         }
     }
 }
