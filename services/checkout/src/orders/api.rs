@@ -90,8 +90,17 @@ fn idempotency_key(headers: &HeaderMap) -> Result<&str, ApiError> {
     }
 }
 
+/// Where an accepted order's answer came from: `Idempotent-Replayed: true` says which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// Placed by this request.
+    Fresh,
+    /// The stored answer of an earlier request with the same key (P13).
+    Replayed,
+}
+
 /// 202 with `Location`, from a fresh or a stored order body.
-fn accepted(status: StatusCode, body: serde_json::Value, replayed: bool) -> Response {
+fn accepted(status: StatusCode, body: serde_json::Value, answer: Answer) -> Response {
     let location = body
         .get("id")
         .and_then(|id| id.as_str())
@@ -100,7 +109,7 @@ fn accepted(status: StatusCode, body: serde_json::Value, replayed: bool) -> Resp
     if let Some(location) = location {
         response.headers_mut().insert(header::LOCATION, location);
     }
-    if replayed {
+    if answer == Answer::Replayed {
         response
             .headers_mut()
             .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
@@ -123,11 +132,11 @@ async fn place(
     match place_order(&state, &order, key).await? {
         Placed::New(body) => {
             metrics::counter!("orders_placed_total").increment(1);
-            Ok(accepted(StatusCode::ACCEPTED, body, false))
+            Ok(accepted(StatusCode::ACCEPTED, body, Answer::Fresh))
         }
         Placed::Replay(status, body) => {
             metrics::counter!("orders_idempotent_replays_total").increment(1);
-            Ok(accepted(status, body, true))
+            Ok(accepted(status, body, Answer::Replayed))
         }
     }
 }
