@@ -18,6 +18,7 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub http: HttpConfig,
+    pub shutdown: keel_service::ShutdownConfig,
     pub database: DatabaseConfig,
     pub telemetry: TelemetryConfig,
     pub billing: BillingConfig,
@@ -203,6 +204,9 @@ impl Validate for MaintenanceConfig {
 impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.http.validate()?;
+        self.shutdown.validate()?;
+        self.shutdown
+            .ensure_grace_covers("http.request_timeout", self.http.request_timeout)?;
         self.database.validate()?;
         self.telemetry.validate()?;
         self.billing.validate()?;

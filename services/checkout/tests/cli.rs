@@ -16,7 +16,11 @@ fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn an_unknown_command_or_flag_exits_64() {
-    for args in [&["frobnicate"][..], &["--bogus"][..], &["migrate", "--wait"][..]] {
+    for args in [
+        &["frobnicate"][..],
+        &["--bogus"][..],
+        &["migrate", "--wait"][..],
+    ] {
         let (status, _, stderr) = ServiceProcess::run_to_exit(BIN, args, &[]).await;
         assert_eq!(status.code(), Some(64), "{args:?}: {stderr}");
     }
@@ -33,8 +37,14 @@ async fn check_config_prints_the_effective_values_with_secrets_redacted_and_exit
     .await;
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(stdout.contains("http.port = 9123"), "{stdout}");
-    assert!(stdout.contains("database.url = postgres://checkout_app:"), "{stdout}");
-    assert!(stdout.contains("@db.example:6432/keel_checkout"), "{stdout}");
+    assert!(
+        stdout.contains("database.url = postgres://checkout_app:"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("@db.example:6432/keel_checkout"),
+        "{stdout}"
+    );
     for secret in ["sup3r-secret", "checkout_owner_dev", "guest:guest"] {
         assert!(!stdout.contains(secret), "{secret} printed:\n{stdout}");
     }
