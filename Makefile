@@ -6,8 +6,10 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 CARGO ?= cargo
+# What `make new-service` runs; the scaffolding test passes the binary it already built.
+SCAFFOLD ?= $(CARGO) run -q -p keel-scaffold --
 
-.PHONY: help dev down status demo deps build tools test lint fmt bench
+.PHONY: help dev down status demo deps build tools test lint fmt bench new-service
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,6 +29,10 @@ down: ## stop everything `make dev` started, and nothing else
 
 demo: ## against `make dev`: every kind of order, their final states, then `keelctl audit`
 	infra/dev/services.sh demo
+
+new-service: ## NAME=inventory: services/NAME from templates/service, registered (docs/new-service.md)
+	@[[ -n "$(NAME)" ]] || { echo "usage: make new-service NAME=<lowercase letters and digits>" >&2; exit 64; }
+	$(SCAFFOLD) --root "$(CURDIR)" new "$(NAME)"
 
 status: ## what runs where
 	infra/dev/stack.sh status

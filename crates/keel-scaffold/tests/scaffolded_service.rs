@@ -1,0 +1,164 @@
+//! The proof that `make new-service` gives a working service: scaffold one into a scratch
+//! copy of the workspace with the real Makefile target, then build it and run its own tests
+//! (health, exit 78, least privilege, inbox dedupe, SIGTERM with a request in flight, the
+//! idempotent resource) against the real Postgres, pgbouncer and RabbitMQ.
+//!
+//! Kept fast by reuse: the scratch copy lives at a fixed place under the target dir and is
+//! copied with the original files' modification times, and the build shares this
+//! workspace's target dir (`CARGO_TARGET_DIR`), so after the first run only the new service
+//! itself is compiled. The elapsed time is printed (`--no-capture` shows it).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Instant;
+
+/// What a build of one service needs from the workspace (not its history, docs or outputs).
+const COPIED: &[&str] = &[
+    "Cargo.toml",
+    "Cargo.lock",
+    "Makefile",
+    ".config",
+    "crates",
+    "services",
+    "e2e",
+    "templates",
+    "infra",
+];
+
+const NAME: &str = "inventory";
+
+/// Copies `from` to `to` keeping each file's modification time, which is what cargo's
+/// fingerprints of path packages compare: unchanged sources are not rebuilt.
+fn copy(from: &Path, to: &Path) {
+    let meta = match std::fs::symlink_metadata(from) {
+        Ok(meta) => meta,
+        // Gone since its folder was listed (an editor's or a build's temporary file).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => panic!("{}: {e}", from.display()),
+    };
+    if meta.is_dir() {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_name() == "target" {
+                continue;
+            }
+            copy(&entry.path(), &to.join(entry.file_name()));
+        }
+    } else if meta.is_file() {
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        match std::fs::copy(from, to) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !from.exists() => return,
+            Err(e) => panic!("copy {}: {e}", from.display()),
+        }
+        let file = std::fs::File::options().write(true).open(to).unwrap();
+        file.set_modified(meta.modified().unwrap()).unwrap();
+    }
+}
+
+/// A command with the environment cargo and make gave this test removed: the build below is
+/// its own, not a step of the one running us.
+fn clean(mut cmd: Command) -> Command {
+    for (key, _) in std::env::vars() {
+        let inherited_build = (key.starts_with("CARGO") && key != "CARGO_HOME")
+            || key.starts_with("__CARGO")
+            || key.starts_with("NEXTEST")
+            || key.starts_with("RUST_TEST")
+            || matches!(key.as_str(), "MAKEFLAGS" | "MFLAGS" | "MAKELEVEL");
+        if inherited_build {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd
+}
+
+fn run(what: &str, mut cmd: Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| if t.is_absolute() { t } else { root.join(t) })
+        .unwrap_or_else(|| root.join("target"))
+}
+
+#[test]
+fn a_scaffolded_service_builds_and_passes_its_own_tests() {
+    let started = Instant::now();
+    let root = keel_testkit::workspace_root().canonicalize().unwrap();
+    let target = target_dir(&root);
+    let scratch = target.join("scaffold-test/workspace");
+    let _ = std::fs::remove_dir_all(&scratch);
+    for path in COPIED {
+        copy(&root.join(path), &scratch.join(path));
+    }
+    // The ports of the running stack, resolved by `make deps`, so the copy's tests find it.
+    if root.join(".keel/stack.env").exists() {
+        copy(
+            &root.join(".keel/stack.env"),
+            &scratch.join(".keel/stack.env"),
+        );
+    }
+
+    // The real front door, with the generator this test was built with.
+    let mut make = clean(Command::new("make"));
+    make.current_dir(&scratch).args([
+        "-s",
+        "new-service",
+        &format!("NAME={NAME}"),
+        &format!("SCAFFOLD={}", env!("CARGO_BIN_EXE_keel-scaffold")),
+    ]);
+    run("make new-service", make);
+    assert!(
+        scratch
+            .join("services")
+            .join(NAME)
+            .join("src/lib.rs")
+            .exists()
+    );
+
+    // Its roles, as `make deps` creates them from the registry (roles only: its tests make
+    // their own databases, so the shared Postgres gets no keel_<name> from a test).
+    let stack = keel_testkit::Stack::load();
+    let mut psql = Command::new("psql");
+    psql.args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+        .args(["-h", "127.0.0.1", "-p", &stack.pg_port.to_string()])
+        .args(["-U", "postgres", "-d", "postgres"])
+        .args(["-v", "services=", "-v", &format!("extra_roles={NAME}")])
+        .arg("-f")
+        .arg(scratch.join("infra/postgres/init.sql"));
+    run("infra/postgres/init.sql (roles)", psql);
+    let copied = started.elapsed();
+
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut test = clean(Command::new(cargo));
+    test.current_dir(&scratch)
+        .env("CARGO_TARGET_DIR", &target)
+        .args(["nextest", "run", "-p", NAME, "--no-fail-fast"]);
+    let out = run(&format!("cargo nextest run -p {NAME}"), test);
+    let report = String::from_utf8_lossy(&out.stderr);
+    let summary = report
+        .lines()
+        .find(|l| l.trim_start().starts_with("Summary"))
+        .unwrap_or("(no summary)");
+    eprintln!(
+        "scaffolded `{NAME}` and ran its tests in {:.1?} (copy, generate, roles {:.1?}): {}",
+        started.elapsed(),
+        copied,
+        summary.trim()
+    );
+    assert!(summary.contains("passed"), "{report}");
+}

@@ -1,0 +1,146 @@
+//! skeleton's one HTTP error type: every failure a handler returns becomes an RFC 9457
+//! `application/problem+json` document with a stable `type` slug, the same slugs every Keel
+//! service uses, so a client handles them all with one switch.
+//!
+//! Must not break: internal causes (SQL errors, pool state) are logged once, here, and never
+//! reach the client; the client gets the slug, a title and a client-facing detail. A new
+//! failure a client must tell apart is a new variant with a new slug, never a new message on
+//! an old one.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use keel_http::Problem;
+use serde::Serialize;
+
+/// One invalid field of a request: `{"field": "quantity", "message": "must be 0 or more"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    /// The field's path in the request body (`name`, `quantity`).
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 415: the body is not `application/json`.
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
+    /// 400 `idempotency-key-required`: the `Idempotency-Key` header is missing or unusable.
+    #[error("idempotency key: {0}")]
+    IdempotencyKey(&'static str),
+    /// 400 `malformed-json`: the body is not JSON of the expected shape.
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    /// 422 `validation-failed`: the body is JSON but breaks the rules; one entry per field.
+    #[error("validation failed")]
+    Validation(Vec<FieldError>),
+    /// 422 `idempotency-key-reused`: the key was used before with a different request.
+    #[error("idempotency key reused with a different request")]
+    IdempotencyMismatch,
+    /// 409 `idempotency-in-progress`: another request with this key is still running.
+    #[error("idempotency key in use")]
+    IdempotencyInProgress,
+    /// 404 `item-not-found`.
+    #[error("item not found")]
+    ItemNotFound,
+    /// 503 `unavailable` for an outage (the client may retry), 500 otherwise.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Pg(#[from] keel_pg::PgError),
+}
+
+impl ApiError {
+    fn problem(&self) -> Problem {
+        match self {
+            Self::UnsupportedMediaType => Problem::for_status(StatusCode::UNSUPPORTED_MEDIA_TYPE)
+                .with_detail("send the body as application/json"),
+            Self::IdempotencyKey(why) => Problem::new(
+                StatusCode::BAD_REQUEST,
+                "idempotency-key-required",
+                "Idempotency-Key header required",
+            )
+            .with_detail(*why),
+            Self::MalformedJson(why) => {
+                Problem::new(StatusCode::BAD_REQUEST, "malformed-json", "Malformed JSON")
+                    .with_detail(why.clone())
+            }
+            Self::Validation(errors) => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "validation-failed",
+                "The request is invalid",
+            )
+            .with_detail("see `errors` for each invalid field")
+            .with(
+                "errors",
+                serde_json::to_value(errors).unwrap_or(serde_json::Value::Null),
+            ),
+            Self::IdempotencyMismatch => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency-key-reused",
+                "Idempotency key reused",
+            )
+            .with_detail("this key was used with a different request; use a new key"),
+            Self::IdempotencyInProgress => Problem::new(
+                StatusCode::CONFLICT,
+                "idempotency-in-progress",
+                "Request in progress",
+            )
+            .with_detail("a request with this key is still being processed; retry shortly"),
+            Self::ItemNotFound => {
+                Problem::new(StatusCode::NOT_FOUND, "item-not-found", "Item not found")
+            }
+            Self::Database(e) | Self::Pg(keel_pg::PgError::Sqlx(e)) => db_problem(e),
+            Self::Pg(e) => {
+                tracing::error!(error = %e, "request failed");
+                Problem::for_status(StatusCode::INTERNAL_SERVER_ERROR)
+            }
+        }
+    }
+}
+
+/// An outage (pool exhausted, database unreachable) is a 503 the client may retry; anything
+/// else is a 500. Either way the cause is logged here, once.
+fn db_problem(e: &sqlx::Error) -> Problem {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+            tracing::warn!(error = %e, "database unavailable");
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Service unavailable",
+            )
+            .with_detail("the service is temporarily unavailable; retry later")
+        }
+        _ => {
+            tracing::error!(error = %e, "database query failed");
+            Problem::for_status(StatusCode::INTERNAL_SERVER_ERROR)
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let problem = self.problem();
+        // Both are worth retrying as they are: say when.
+        let retry = matches!(self, Self::IdempotencyInProgress)
+            || problem.status == StatusCode::SERVICE_UNAVAILABLE.as_u16();
+        let mut response = problem.into_response();
+        if retry {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
