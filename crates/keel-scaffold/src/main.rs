@@ -40,9 +40,8 @@ fn main() -> ExitCode {
                 "created {dir} (package and binary `{n}`, HTTP port {port})\n\
                  registered in infra/services.toml (database keel_{n}, roles {n}_owner/{n}_app, \
                  queue {n}.events, routing keys {n}.item.*) and as a workspace member\n\
-                 next:\n  \
-                 cargo nextest run -p {n}     # its tests\n  \
-                 make dev                      # the stack, with {n} on 127.0.0.1:{port}\n  \
+                 next: `cargo nextest run -p {n}` (its tests), `make dev` (the stack, {n} on \
+                 127.0.0.1:{port}), then\n  \
                  curl -si -X POST localhost:{port}/v1/items -H 'Idempotency-Key: k1' \
                  -H 'Content-Type: application/json' -d '{{\"name\":\"bolt\",\"quantity\":3}}'\n\
                  read docs/new-service.md for what each file is for",
