@@ -72,9 +72,9 @@ impl App {
         Ok(Self { service, addr })
     }
 
-    /// The bound HTTP address.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.addr)
+    /// The bound HTTP address (port 0 in tests picks a free one).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// Runs until `signal`, then stops in stages: HTTP, the consumer (in-flight messages

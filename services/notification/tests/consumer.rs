@@ -45,7 +45,7 @@ impl Running {
         vars.extend_from_slice(extra);
         let config: Config = keel_testkit::config(notification::DEFAULT_CONFIG, &vars);
         let app = App::build(config).await.unwrap();
-        let base = format!("http://{}", app.local_addr().unwrap());
+        let base = format!("http://{}", app.local_addr());
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             app.run(async {
