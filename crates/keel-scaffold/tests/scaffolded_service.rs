@@ -3,10 +3,17 @@
 //! (health, exit 78, least privilege, inbox dedupe, SIGTERM with a request in flight, the
 //! idempotent resource) against the real Postgres, pgbouncer and RabbitMQ.
 //!
-//! Kept fast by reuse: the scratch copy lives at a fixed place under the target dir and is
-//! copied with the original files' modification times, and the build shares this
-//! workspace's target dir (`CARGO_TARGET_DIR`), so after the first run only the new service
-//! itself is compiled. The elapsed time is printed (`--no-capture` shows it).
+//! Kept fast by reuse, but never of this workspace's own build: the copy and its target dir
+//! (`CARGO_TARGET_DIR`) live at fixed places under `target/scaffold-test/`, and files are
+//! copied with their modification times, which is what cargo's freshness check of path
+//! packages compares. So the first run compiles the new service's dependencies once (a few
+//! minutes) and later runs only what changed, the new service itself every time (about
+//! 30 s). Why not build into this workspace's target dir: cargo names a path package's
+//! artifacts by its path *relative to the workspace root*, which the copy shares, so the two
+//! trees would overwrite each other's artifacts, each with the other tree's absolute paths
+//! inside (`env!("CARGO_MANIFEST_DIR")`, the dep-info cargo checks for changes) — a test of
+//! this workspace would then read the copy's registry. The elapsed time is printed
+//! (`--no-capture` shows it).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
 use std::path::{Path, PathBuf};
@@ -99,8 +106,9 @@ fn target_dir(root: &Path) -> PathBuf {
 fn a_scaffolded_service_builds_and_passes_its_own_tests() {
     let started = Instant::now();
     let root = keel_testkit::workspace_root().canonicalize().unwrap();
-    let target = target_dir(&root);
-    let scratch = target.join("scaffold-test/workspace");
+    let base = target_dir(&root).join("scaffold-test");
+    let scratch = base.join("workspace");
+    let target = base.join("target");
     let _ = std::fs::remove_dir_all(&scratch);
     for path in COPIED {
         copy(&root.join(path), &scratch.join(path));
