@@ -7,7 +7,7 @@
 //! (`CARGO_TARGET_DIR`) live at fixed places under `target/scaffold-test/`, and files are
 //! copied with their modification times, which is what cargo's freshness check of path
 //! packages compares. So the first run compiles the new service's dependencies once (a few
-//! minutes) and later runs only what changed, the new service itself every time (about
+//! minutes) and later runs only what changed, the new service itself every time (10 to
 //! 30 s). Why not build into this workspace's target dir: cargo names a path package's
 //! artifacts by its path *relative to the workspace root*, which the copy shares, so the two
 //! trees would overwrite each other's artifacts, each with the other tree's absolute paths
