@@ -218,13 +218,13 @@ impl App {
     }
 
     /// The bound HTTP address.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.http)
+    pub fn local_addr(&self) -> SocketAddr {
+        self.http
     }
 
     /// The bound gRPC address.
-    pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.grpc)
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc
     }
 
     /// Runs until `signal`, then stops in stages (keel_service): HTTP and gRPC together, the

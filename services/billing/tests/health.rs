@@ -25,8 +25,8 @@ async fn grpc_health_serves_while_ready_and_stops_serving_while_draining() {
         ],
     );
     let app = App::build(config).await.unwrap();
-    let http = format!("http://{}", app.local_addr().unwrap());
-    let grpc = format!("http://{}", app.grpc_addr().unwrap());
+    let http = format!("http://{}", app.local_addr());
+    let grpc = format!("http://{}", app.grpc_addr());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(app.run(async {
         let _ = stopped.await;

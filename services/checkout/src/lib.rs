@@ -136,8 +136,8 @@ impl App {
     }
 
     /// The bound address (useful with port 0).
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.addr)
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// Runs until `signal`, then stops in stages (keel_service): HTTP, the saga and

@@ -23,7 +23,7 @@ async fn start(
         ],
     );
     let app = App::build(config).await.unwrap();
-    let base = format!("http://{}", app.local_addr().unwrap());
+    let base = format!("http://{}", app.local_addr());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
         app.run(async {

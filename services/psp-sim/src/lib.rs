@@ -138,8 +138,8 @@ impl App {
     }
 
     /// The bound address.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.addr)
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// Serves until `signal`, then stops in stages (keel_service).

@@ -235,8 +235,8 @@ impl Billing {
         vars.extend_from_slice(overrides);
         let config: Config = keel_testkit::config(billing::DEFAULT_CONFIG, &vars);
         let app = App::build(config.clone()).await.unwrap();
-        let http = format!("http://{}", app.local_addr().unwrap());
-        let grpc_url = format!("http://{}", app.grpc_addr().unwrap());
+        let http = format!("http://{}", app.local_addr());
+        let grpc_url = format!("http://{}", app.grpc_addr());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(app.run(async {
             let _ = stopped.await;

@@ -69,7 +69,7 @@ impl TestApp {
     pub async fn start_on(db: TestDb, billing_url: &str, extra: &[(&str, &str)]) -> Self {
         let config = config(&db, billing_url, extra);
         let app = App::build(config.clone()).await.unwrap();
-        let base = format!("http://{}", app.local_addr().unwrap());
+        let base = format!("http://{}", app.local_addr());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
             app.run(async {

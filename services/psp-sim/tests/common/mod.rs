@@ -34,7 +34,7 @@ pub async fn start(overrides: &[(&str, &str)]) -> Sim {
     vars.extend_from_slice(overrides);
     let config: Config = keel_testkit::config(psp_sim::DEFAULT_CONFIG, &vars);
     let app = App::build(config).await.unwrap();
-    let base = format!("http://{}", app.local_addr().unwrap());
+    let base = format!("http://{}", app.local_addr());
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
         app.run(async {
