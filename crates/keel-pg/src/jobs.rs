@@ -16,20 +16,29 @@
 //!   and full jitter; after `max_attempts` it is `failed`, a terminal state operators see and
 //!   can retry (`keelctl jobs`).
 //!
+//! - **Panics**: a handler that panics has failed an attempt, like one that returns
+//!   [`Outcome::RetryAfter`]: the panic is caught where the handler runs, logged once, and
+//!   counted (backoff from [`PANIC_RETRY_BASE`], `failed` after `max_attempts` with the panic
+//!   message as `last_error`). A bug that always panics thus ends in front of an operator
+//!   instead of being re-run at full speed forever.
 //! - **Stopping**: a worker told to stop claims nothing more and lets its jobs in flight
-//!   finish; one cut off before finishing hands its lease back ([`release`]), so another
-//!   instance resumes it at once rather than after the lease expires.
+//!   finish; one cut off before finishing (its task aborted) hands its lease back
+//!   ([`release`]), so another instance resumes it at once rather than after the lease
+//!   expires. Only a cut-off does: it is the one way an attempt ends without an outcome.
 //!
 //! Handlers must be idempotent: a job whose worker died after the effect but before
 //! [`complete`] runs again (at-least-once). The `jobs` table is a platform table
 //! (`crates/keel-pg/migrations/0004_jobs.sql`): every service's database gets it from
 //! [`crate::migrate`], see [`crate::schema`].
 
+use std::any::Any;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures_util::FutureExt;
 use keel_resilience::backoff::BackoffPolicy;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Semaphore;
@@ -275,6 +284,13 @@ pub async fn retry_failed(conn: &mut PgConnection, id: Uuid) -> Result<bool, PgE
         == 1)
 }
 
+/// Ceiling of the pause after a handler's first panic (doubling per attempt, full jitter, see
+/// [`backoff`]). A panic is a bug, not an outage: retrying soon rarely helps, but a few
+/// bounded retries cover a panic caused by a passing condition, and the attempts must end.
+pub const PANIC_RETRY_BASE: Duration = Duration::from_secs(1);
+/// Cap of the pause between the attempts of a job whose handler panics.
+pub const PANIC_RETRY_MAX: Duration = Duration::from_secs(300);
+
 /// What a handler decides about one attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -316,7 +332,9 @@ pub async fn run_worker<H, F>(
     let mut tasks = tokio::task::JoinSet::new();
     let queue = config.queue.as_str();
     loop {
-        while tasks.try_join_next().is_some() {}
+        while let Some(ended) = tasks.try_join_next() {
+            log_if_panicked(ended, queue);
+        }
         let free = slots.available_permits();
         let claimed = if free == 0 || stop.is_cancelled() {
             Ok(Vec::new())
@@ -358,11 +376,33 @@ pub async fn run_worker<H, F>(
     // Graceful stop: no new claims; let in-flight jobs finish. The caller bounds this wait
     // (keel_service's `workers` stage); a job still running when it cuts this future off is
     // dropped with the JoinSet, and hands its lease back (`LeaseGuard`).
-    while tasks.join_next().await.is_some() {}
+    while let Some(ended) = tasks.join_next().await {
+        log_if_panicked(ended, queue);
+    }
+}
+
+/// A job's task ended: say so if it panicked. Handlers' panics are caught in [`run_one`], so
+/// this one is a bug of the worker itself; it is logged rather than dropped with the result.
+fn log_if_panicked(ended: Result<(), tokio::task::JoinError>, queue: &str) {
+    if let Err(e) = ended
+        && e.is_panic()
+    {
+        tracing::error!(queue, error = %e, "job task panicked outside its handler");
+    }
+}
+
+/// The message of a caught panic (`panic!` gives a `&str` or a `String`).
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a panic without a message)")
 }
 
 /// Hands its job back ([`release`]) if it is dropped before the job's outcome was recorded:
-/// the worker was cut off at the end of its shutdown stage, or its task was aborted. The
+/// the worker was cut off at the end of its shutdown stage, or its task was aborted. (A
+/// handler's panic does not drop it: [`run_one`] catches the panic and records an outcome.) The
 /// release runs as a task of its own because `Drop` cannot await; if it cannot run (the pool
 /// is gone), the lease expires and the job is claimed again all the same, only later.
 struct LeaseGuard {
@@ -406,13 +446,17 @@ where
     };
     let started = std::time::Instant::now();
     let queue = job.queue.clone();
-    let work = handler(job.clone());
+    // Caught here, so a panic is an attempt's outcome (see the module docs), not an unwinding
+    // that would drop `guard` and hand the job back as if it had been cut off. Unwind safety:
+    // the handler's future is dropped right after, and nothing it may have left half-done
+    // in memory is read again; what it did in the database is what any failed attempt leaves.
+    let work = AssertUnwindSafe(handler(job.clone())).catch_unwind();
     tokio::pin!(work);
     let mut renew_every = tokio::time::interval(lease / 3);
     renew_every.tick().await;
-    let outcome = loop {
+    let finished = loop {
         tokio::select! {
-            outcome = &mut work => break outcome,
+            finished = &mut work => break finished,
             _ = renew_every.tick() => {
                 if let Ok(mut conn) = pool.acquire().await
                     && let Ok(false) = renew(&mut conn, &job, lease).await
@@ -422,10 +466,27 @@ where
             }
         }
     };
-    let label = match &outcome {
-        Outcome::Done => "done",
-        Outcome::RetryAfter(..) => "retry",
-        Outcome::Fail(_) => "failed",
+    let (outcome, label) = match finished {
+        Ok(outcome) => {
+            let label = match &outcome {
+                Outcome::Done => "done",
+                Outcome::RetryAfter(..) => "retry",
+                Outcome::Fail(_) => "failed",
+            };
+            (outcome, label)
+        }
+        Err(panic) => {
+            let message = panic_message(&*panic);
+            // Logged once, here, where it is handled; the job row keeps the message.
+            tracing::error!(
+                job_id = %job.id, queue = %queue, attempt = job.attempts,
+                max_attempts = job.max_attempts, panic = message,
+                "job handler panicked; counted as a failed attempt"
+            );
+            let delay = backoff(job.attempts, PANIC_RETRY_BASE, PANIC_RETRY_MAX);
+            let error = format!("handler panicked: {message}");
+            (Outcome::RetryAfter(delay, error), "panicked")
+        }
     };
     metrics::counter!("jobs_finished_total", "queue" => queue.clone(), "outcome" => label)
         .increment(1);

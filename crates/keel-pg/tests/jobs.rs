@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -251,6 +252,61 @@ async fn a_job_that_keeps_failing_ends_failed_and_an_operator_retry_requeues_it(
     .await;
     stop.cancel();
     w.await.unwrap();
+}
+
+/// A handler that panics (a bug: an `unwrap` on a payload it did not expect) is a failed
+/// attempt like any other: counted, backed off, and `failed` after `max_attempts`, where an
+/// operator sees the panic's message. Treated as a cut-off instead (the lease handed back,
+/// the attempt not counted, due now), it would be claimed again at once, forever: a hot loop
+/// that never reaches `failed`.
+#[tokio::test]
+async fn a_handler_that_panics_counts_an_attempt_and_ends_failed() {
+    let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
+    let pool = pool(&db).await;
+    let id = enqueue_many(&pool, "panics", 1, 3).await[0];
+    let runs = Arc::new(AtomicU32::new(0));
+
+    let stop = CancellationToken::new();
+    let w = tokio::spawn(jobs::run_worker(
+        pool.clone(),
+        worker("w", "panics"),
+        stop.clone(),
+        {
+            let runs = runs.clone();
+            move |job| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                async move { handler_with_a_bug(&job) }
+            }
+        },
+    ));
+    eventually(
+        Duration::from_secs(20),
+        "the panicking job failed after 3 attempts",
+        || async { (count(&pool, "panics", "failed").await == 1).then_some(()) },
+    )
+    .await;
+    stop.cancel();
+    w.await.unwrap();
+
+    let (attempts, last_error): (i32, String) =
+        sqlx::query_as("SELECT attempts, last_error FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(attempts, 3);
+    assert!(
+        last_error.contains("handler bug: no saga id in the payload"),
+        "last_error names the panic: {last_error}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 3, "three runs, not a hot loop");
+}
+
+fn handler_with_a_bug(job: &jobs::Job) -> Outcome {
+    match job.payload.get("saga_id") {
+        Some(_) => Outcome::Done,
+        None => panic!("handler bug: no saga id in the payload"),
+    }
 }
 
 #[test]
