@@ -191,6 +191,11 @@ fn flatten(prefix: &str, value: &figment::value::Value, out: &mut Vec<(String, S
     use figment::value::Value;
     let last = prefix.rsplit('.').next().unwrap_or(prefix);
     match value {
+        // First, whatever the value's shape: a table or list under a secret's name
+        // (`[webhook.secrets] current = "whsec_…"`) is redacted whole too.
+        _ if is_secret_key(last) => {
+            out.push((prefix.to_owned(), "<redacted>".to_owned()));
+        }
         Value::Dict(_, dict) => {
             for (k, v) in dict {
                 let key = if prefix.is_empty() {
@@ -200,12 +205,6 @@ fn flatten(prefix: &str, value: &figment::value::Value, out: &mut Vec<(String, S
                 };
                 flatten(&key, v, out);
             }
-        }
-        _ if SECRET_KEYS
-            .iter()
-            .any(|s| last == *s || last.ends_with(&format!("_{s}"))) =>
-        {
-            out.push((prefix.to_owned(), "<redacted>".to_owned()));
         }
         Value::String(_, s) => out.push((prefix.to_owned(), redact_url(s))),
         Value::Array(_, items) => {
@@ -238,15 +237,40 @@ fn display(value: &figment::value::Value) -> String {
     }
 }
 
-/// `postgres://app:pw@host/db` -> `postgres://app:<redacted>@host/db`; anything else as is.
+fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    SECRET_KEYS
+        .iter()
+        .any(|s| key == *s || key.ends_with(&format!("_{s}")))
+}
+
+/// `postgres://app:pw@host/db?sslpassword=x` -> the password and every query parameter that
+/// names a secret redacted (libpq also takes `?password=`); anything that is not a URL as is.
 fn redact_url(s: &str) -> String {
-    match url::Url::parse(s) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("<redacted>"));
-            u.to_string()
-        }
-        _ => s.to_owned(),
+    let Ok(mut u) = url::Url::parse(s) else {
+        return s.to_owned();
+    };
+    if u.cannot_be_a_base() {
+        return s.to_owned();
     }
+    if u.password().is_some() {
+        let _ = u.set_password(Some("<redacted>"));
+    }
+    if u.query().is_some() {
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if is_secret_key(&k) || k.to_ascii_lowercase().contains("password") {
+                    "<redacted>".to_owned()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    u.to_string()
 }
 
 /// Loads the configuration or ends the process with exit code 78 and one line naming the key.

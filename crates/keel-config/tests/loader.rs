@@ -218,3 +218,54 @@ fn effective_settings_are_listed_with_secrets_redacted() {
     assert!(text.contains("db.max = 12"), "{text}");
     assert!(text.contains("webhook.secrets = <redacted>"), "{text}");
 }
+
+#[test]
+fn secrets_in_a_table_or_a_query_string_are_redacted_too() {
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct C {
+        db: Db,
+        webhook: Hook,
+    }
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Db {
+        url: keel_config::SecretString,
+    }
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Hook {
+        secrets: Secrets,
+    }
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Secrets {
+        current: keel_config::SecretString,
+        previous: keel_config::SecretString,
+    }
+    impl keel_config::Validate for C {
+        fn validate(&self) -> Result<(), keel_config::ConfigError> {
+            Ok(())
+        }
+    }
+    let defaults = r#"
+        [db]
+        url = "postgres://app@127.0.0.1:6432/keel?password=hunter2&sslmode=disable"
+        [webhook.secrets]
+        current = "whsec_AAAA"
+        previous = "whsec_BBBB"
+    "#;
+    let (_, effective) =
+        keel_config::load_effective_from::<C, _>(defaults, std::iter::empty()).unwrap();
+    let text: String = effective
+        .iter()
+        .map(|(k, v)| format!("{k} = {v}\n"))
+        .collect();
+    for secret in ["hunter2", "whsec_AAAA", "whsec_BBBB"] {
+        assert!(!text.contains(secret), "{secret} leaked: {text}");
+    }
+    assert!(
+        text.contains("sslmode=disable"),
+        "the rest is shown: {text}"
+    );
+}

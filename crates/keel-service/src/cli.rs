@@ -140,7 +140,6 @@ pub fn main<S: ServiceMain>() -> ! {
 pub async fn run<S: ServiceMain>(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
     // Before telemetry: its OTLP/HTTP exporter is the first TLS-capable client built.
     crate::install_crypto_provider();
-    let signal = shutdown_signal();
     let matches = match command_line::<S>().try_get_matches_from(args) {
         Ok(m) => m,
         Err(e) => {
@@ -148,6 +147,13 @@ pub async fn run<S: ServiceMain>(args: impl IntoIterator<Item = std::ffi::OsStri
             return if e.use_stderr() { EXIT_USAGE } else { 0 };
         }
     };
+    let (name, sub) = matches
+        .subcommand()
+        .map_or(("serve", None), |(n, m)| (n, Some(m)));
+    // `serve` only, and before anything that takes time: a SIGTERM during start-up is still
+    // a graceful stop. Installing them turns off the default "die at once", so the one-shot
+    // commands (migrate, check-config, the service's own) keep it: Ctrl-C stops them.
+    let signal = (name == "serve").then(shutdown_signal);
     let env = std::env::vars();
     let (config, effective) =
         match keel_config::load_effective_from::<S::Config, _>(S::DEFAULT_CONFIG, env) {
@@ -157,19 +163,7 @@ pub async fn run<S: ServiceMain>(args: impl IntoIterator<Item = std::ffi::OsStri
                 return EXIT_CONFIG;
             }
         };
-    let (name, sub) = matches
-        .subcommand()
-        .map_or(("serve", None), |(n, m)| (n, Some(m)));
-    if name == "check-config" {
-        // stdout on purpose: the effective configuration is this command's output.
-        let mut out = String::new();
-        for (key, value) in effective {
-            out.push_str(&format!("{key} = {value}\n"));
-        }
-        print_stdout(&out);
-        return 0;
-    }
-
+    // The `OTEL_*` variables are configuration too: `check-config` fails on them as `serve`.
     let telemetry = match Telemetry::init(S::NAME, S::telemetry(&config)) {
         Ok(t) => t,
         Err(e) => {
@@ -177,9 +171,22 @@ pub async fn run<S: ServiceMain>(args: impl IntoIterator<Item = std::ffi::OsStri
             return EXIT_CONFIG;
         }
     };
+    if name == "check-config" {
+        // stdout on purpose: the effective configuration is this command's output.
+        let mut out = String::new();
+        for (key, value) in effective {
+            out.push_str(&format!("{key} = {value}\n"));
+        }
+        print_stdout(&out);
+        telemetry.shutdown();
+        return 0;
+    }
     install_panic_hook();
     let result = match (name, sub) {
-        ("serve", _) => S::serve(config, signal).await,
+        ("serve", _) => match signal {
+            Some(signal) => S::serve(config, signal).await,
+            None => Err(anyhow::anyhow!("serve without its signal handlers")),
+        },
         ("migrate", Some(m)) => migrate::<S>(&config, m).await,
         (other, Some(m)) => S::command(other, m, config).await,
         (other, None) => Err(anyhow::anyhow!("no such command: {other}")),

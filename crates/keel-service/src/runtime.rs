@@ -4,8 +4,9 @@
 //! A service's `App::build` creates a [`Service`], adds what it has — `postgres`, `broker`,
 //! `relay`, `consumer`, `worker`, `http`, `grpc` — each one call, and keeps the handles it
 //! needs (a pool, a broker) for its capabilities. Nothing runs until [`Service::run`]: `build`
-//! binds listeners (so a test can read the port) and creates lazy pools, but spawns no task,
-//! so a service that is built and dropped leaves nothing behind.
+//! binds listeners (so a test can read the port) and creates lazy pools, but starts none of
+//! its tasks, so a service that is built and dropped leaves nothing behind. (A sqlx pool
+//! starts one reaper task of its own when it is created; it ends when the pool is dropped.)
 //!
 //! [`Service::run`] starts every registered task, serves until the shutdown signal, then stops
 //! in stages, each bounded by `[shutdown]` (see [`crate::ShutdownConfig`]):
@@ -407,12 +408,14 @@ impl Service {
         let listeners = Group::with_token("servers", accept);
         for server in servers {
             let (start, name) = (server.start, server.name.clone());
+            let failed_server = failed.clone();
             listeners.spawn(
                 &server.name,
                 move |stop| async move {
-                    // Logged here; the watcher applies the early-end rule.
+                    // Logged once, here, with its cause; the early-end rule still applies.
                     if let Err(e) = start(stop).await {
-                        tracing::error!(server = %name, error = %e, "server failed");
+                        tracing::error!(server = %name, error = %e, "server failed; stopping the process");
+                        failed_server.record(&name, "failed");
                     }
                 },
                 &failed,
@@ -454,7 +457,9 @@ impl Service {
         for (what, pool) in &pools {
             clean &= bounded(what, shutdown.pools, pool.close()).await;
         }
-        background.stop(shutdown.pools).await;
+        // The lag probe (and the broker supervisors, which ended with their connections) stop
+        // at once: nothing to wait for.
+        background.stop_now();
 
         let drained = if clean {
             Drained::Clean
@@ -502,6 +507,13 @@ struct Failures {
 }
 
 impl Failures {
+    fn recorded(&self, name: &str) -> bool {
+        self.list
+            .lock()
+            .map(|l| l.iter().any(|(n, _)| n == name))
+            .unwrap_or(false)
+    }
+
     fn record(&self, name: &str, how: &'static str) {
         if let Ok(mut list) = self.list.lock() {
             list.push((name.to_owned(), how));
@@ -552,6 +564,8 @@ impl Group {
         self.tracker.spawn(async move {
             let how = match task.await {
                 Ok(()) if stop.is_cancelled() || failed.shutting_down.is_cancelled() => return,
+                // Already reported by the task itself (a server's error).
+                Ok(()) if failed.recorded(&name) => return,
                 Ok(()) => "returned",
                 // Aborted by us after its stage's bound: already reported by `stop`.
                 Err(e) if e.is_cancelled() => return,
@@ -578,13 +592,25 @@ impl Group {
             limit_ms = ms(limit),
             "stage did not finish in time; cutting off what is left"
         );
+        // Aborted tasks end at their next await point; nothing more is waited for (the bound
+        // is the bound). For a server this ends the accept loop; connections it already
+        // handed to their own tasks (hyper, tonic) run until the process exits.
+        self.abort();
+        false
+    }
+
+    /// Stops the group without waiting (what is left ends at its next await point).
+    fn stop_now(&self) {
+        self.stop.cancel();
+        self.tracker.close();
+        self.abort();
+    }
+
+    fn abort(&self) {
         if let Ok(aborts) = self.aborts.lock() {
             for a in aborts.iter() {
                 a.abort();
             }
         }
-        // Aborted tasks end at their next await point; the watchers return at once.
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.tracker.wait()).await;
-        false
     }
 }

@@ -56,34 +56,90 @@ async fn a_built_but_dropped_service_leaves_no_task_behind() {
     let before = alive_tasks();
     let mut svc = service(Duration::from_secs(1));
     let _addr = svc.http(axum::Router::new()).await.unwrap();
+    // A lazy pool and a broker: neither connects; the pool's own reaper task (sqlx) ends with
+    // the pool.
+    let database: keel_pg::DatabaseConfig = serde_json::from_value(serde_json::json!({
+        "url": "postgres://app:pw@127.0.0.1:1/nowhere",
+        "migrate_url": "postgres://owner:pw@127.0.0.1:1/nowhere",
+        "max_connections": 2,
+        "acquire_timeout": "1s",
+    }))
+    .unwrap();
+    let amqp: keel_amqp::AmqpConfig = serde_json::from_value(serde_json::json!({
+        "url": "amqp://guest:guest@127.0.0.1:1/keel",
+        "connect_timeout": "1s",
+        "max_backoff": "1s",
+    }))
+    .unwrap();
+    let _pool = svc.postgres(&database).unwrap();
+    let _broker = svc.broker(&amqp, keel_service::BrokerReadiness::Required);
     svc.worker("worker", |stop| async move { stop.cancelled().await });
     svc.consumer("consumer", |stop| async move { stop.cancelled().await });
-    assert_eq!(alive_tasks(), before, "building spawns nothing");
     drop(svc);
-    assert_eq!(alive_tasks(), before, "dropping leaves nothing");
+    drop(_pool);
+    // The pool's reaper sees its pool closed at its next poll.
+    for _ in 0..100 {
+        if alive_tasks() == before {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!(
+        "tasks left behind: {} before, {} after",
+        before,
+        alive_tasks()
+    );
 }
 
 #[tokio::test]
 async fn stages_stop_in_order_consumers_then_workers_then_relays() {
     let order = Arc::new(Mutex::new(Vec::new()));
-    let mut svc = service(Duration::from_secs(2));
-    for (stage, name) in [
-        (Stage::Relays, "relay"),
-        (Stage::Workers, "worker"),
-        (Stage::Consumers, "consumer"),
-    ] {
-        let order = order.clone();
-        svc.task(stage, name, move |stop| async move {
+    let consumer_stopped = Arc::new(tokio::sync::Notify::new());
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let worker_stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut svc = service(Duration::from_secs(5));
+    {
+        let (order, gate, stopped) = (order.clone(), gate.clone(), consumer_stopped.clone());
+        svc.consumer("consumer", move |stop| async move {
             stop.cancelled().await;
-            // A little work after the stop, as settling messages would: the next stage must
-            // wait for it.
-            tokio::task::yield_now().await;
-            order.lock().unwrap().push(name);
+            stopped.notify_one();
+            // Settling in-flight messages: held until the test lets it finish.
+            gate.notified().await;
+            order.lock().unwrap().push("consumer");
+        });
+    }
+    {
+        let (order, flag) = (order.clone(), worker_stopped.clone());
+        svc.worker("worker", move |stop| async move {
+            stop.cancelled().await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            order.lock().unwrap().push("worker");
+        });
+    }
+    {
+        let order = order.clone();
+        svc.task(Stage::Relays, "relay", move |stop| async move {
+            stop.cancelled().await;
+            order.lock().unwrap().push("relay");
         });
     }
     let signal = CancellationToken::new();
     let run = tokio::spawn(svc.run(signal.clone().cancelled_owned()));
     signal.cancel();
+    tokio::time::timeout(Duration::from_secs(5), consumer_stopped.notified())
+        .await
+        .expect("the consumer was told to stop");
+    // While the consumer is still settling, the worker must not have been told to stop: give
+    // a runtime that stopped every stage at once every chance to show it (this test runs on
+    // one thread, so each yield lets every ready task run).
+    for _ in 0..200 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !worker_stopped.load(std::sync::atomic::Ordering::SeqCst),
+        "workers were stopped while a consumer was still settling"
+    );
+    gate.notify_one();
     assert_eq!(run.await.unwrap().unwrap(), Drained::Clean);
     assert_eq!(*order.lock().unwrap(), ["consumer", "worker", "relay"]);
 }
@@ -93,13 +149,15 @@ async fn in_flight_http_finishes_after_readiness_turns_false() {
     let mut svc = service(Duration::from_secs(1));
     let health = svc.health().clone();
     let entered = Arc::new(tokio::sync::Notify::new());
-    let in_handler = entered.clone();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (in_handler, released) = (entered.clone(), release.clone());
     let routes = axum::Router::new().route(
         "/slow",
         axum::routing::get(move || async move {
             in_handler.notify_one();
-            // The request's own work, still running when the signal comes.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // The request's own work, still running when the signal comes and held until the
+            // test has seen the process draining.
+            released.notified().await;
             "done"
         }),
     );
@@ -108,14 +166,19 @@ async fn in_flight_http_finishes_after_readiness_turns_false() {
     let run = tokio::spawn(svc.run(signal.clone().cancelled_owned()));
     let client = reqwest::Client::new();
     let request = tokio::spawn(client.get(format!("http://{addr}/slow")).send());
-    // The request is in flight when the signal comes.
     tokio::time::timeout(Duration::from_secs(5), entered.notified())
         .await
         .expect("the request reached its handler");
     signal.cancel();
+    let mut draining = health.draining_changes();
+    tokio::time::timeout(Duration::from_secs(5), draining.wait_for(|d| *d))
+        .await
+        .expect("readiness turned false")
+        .unwrap();
+    release.notify_one();
     let response = request.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
     assert_eq!(response.text().await.unwrap(), "done");
-    assert!(health.is_draining());
     assert_eq!(run.await.unwrap().unwrap(), Drained::Clean);
 }
 

@@ -36,7 +36,7 @@ use keel_service::{BrokerReadiness, Drained, Service, ServiceError};
 pub use config::Config;
 use maintenance::Maintenance;
 use saga::Saga;
-use saga::billing::Billing;
+use saga::billing::BillingEndpoint;
 
 /// The checked-in defaults (`config/default.toml`), embedded so the binary runs anywhere.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
@@ -99,17 +99,16 @@ impl App {
         let broker = service.broker(&config.amqp, BrokerReadiness::NotRequired);
         service.relay(&pool, &broker, &config.relay);
 
-        // A saga job cut off at shutdown is safe: its lease expires and another instance
-        // resumes it from the persisted saga state.
+        // A saga job cut off at shutdown hands its lease back, and another instance resumes it
+        // from the persisted saga state. The billing channel is made when the worker starts.
         let worker = worker_name();
         if config.saga.run_worker {
-            let saga = Saga::new(
-                pool.clone(),
-                Billing::connect_lazy(&config.billing)?,
-                config.saga.clone(),
-            );
+            let billing = BillingEndpoint::new(&config.billing)?;
+            let (saga_pool, saga_config) = (pool.clone(), config.saga.clone());
             let name = worker.clone();
-            service.worker("saga worker", move |stop| saga.run_worker(name, stop));
+            service.worker("saga worker", move |stop| {
+                Saga::new(saga_pool, billing.connect_lazy(), saga_config).run_worker(name, stop)
+            });
         }
         let maintenance = Maintenance::new(
             pool.clone(),

@@ -86,17 +86,39 @@ pub struct Billing {
     call_timeout: Duration,
 }
 
+/// Where billing is, checked, with nothing started yet: the channel (and the task tonic runs
+/// behind it) is made by [`BillingEndpoint::connect_lazy`] when the saga worker starts.
+#[derive(Debug, Clone)]
+pub struct BillingEndpoint {
+    endpoint: Endpoint,
+    call_timeout: Duration,
+}
+
+impl BillingEndpoint {
+    /// Parses `billing.grpc_url` and applies the connect bound; fails on a bad URL.
+    pub fn new(config: &BillingConfig) -> Result<Self, tonic::transport::Error> {
+        let endpoint = Endpoint::from_shared(config.grpc_url.clone())?
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true);
+        Ok(Self {
+            endpoint,
+            call_timeout: config.call_timeout,
+        })
+    }
+
+    /// A client whose channel connects on first use.
+    pub fn connect_lazy(self) -> Billing {
+        Billing {
+            client: PaymentServiceClient::new(self.endpoint.connect_lazy()),
+            call_timeout: self.call_timeout,
+        }
+    }
+}
+
 impl Billing {
     /// A client whose channel connects on first use (never at start-up).
     pub fn connect_lazy(config: &BillingConfig) -> Result<Self, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(config.grpc_url.clone())?
-            .connect_timeout(config.connect_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy();
-        Ok(Self {
-            client: PaymentServiceClient::new(channel),
-            call_timeout: config.call_timeout,
-        })
+        Ok(BillingEndpoint::new(config)?.connect_lazy())
     }
 
     /// The deadline of one call: the per-call bound, or less if the saga has less left.
