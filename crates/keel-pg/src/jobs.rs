@@ -26,6 +26,11 @@
 //!   ([`release`]), so another instance resumes it at once rather than after the lease
 //!   expires. Only a cut-off does: it is the one way an attempt ends without an outcome.
 //!
+//! - **States** are [`JobState`], stored as text through its one mapping (`as_str`/`parse`):
+//!   queries bind the enum, rows decode into it, and a test keeps its texts equal to the
+//!   table's CHECK constraint. The claim's filter is the one place that spells the states in
+//!   its SQL (rendered from the mapping): see [`claim`] for why.
+//!
 //! Handlers must be idempotent: a job whose worker died after the effect but before
 //! [`complete`] runs again (at-least-once). The `jobs` table is a platform table
 //! (`crates/keel-pg/migrations/0004_jobs.sql`): every service's database gets it from
@@ -48,6 +53,73 @@ use uuid::Uuid;
 use crate::PgError;
 use crate::millis;
 
+/// Where a job is in its life: `queued` (due at `run_at`) → `running` (leased) → `succeeded`,
+/// or back to `queued` for another attempt, or `failed` after its last one (an operator may
+/// queue it again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl JobState {
+    /// Every state, in the order of the table's CHECK constraint.
+    pub const ALL: [Self; 4] = [Self::Queued, Self::Running, Self::Succeeded, Self::Failed];
+
+    /// The stored text (the one mapping; serde's lowercase names agree with it). Renaming one
+    /// needs a migration of the rows and the CHECK constraint, never just a code change.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// The state stored as `text`, if it is one.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// Stored as Postgres `text` through `as_str`/`parse`: SQL binds the enum itself, and a row
+// with a state the code does not know fails to decode instead of travelling on as a string.
+impl sqlx::Type<sqlx::Postgres> for JobState {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <str as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+    }
+}
+
+impl sqlx::Encode<'_, sqlx::Postgres> for JobState {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        <&str as sqlx::Encode<'_, sqlx::Postgres>>::encode(self.as_str(), buf)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for JobState {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        let text = <&str as sqlx::Decode<'r, sqlx::Postgres>>::decode(value)?;
+        Self::parse(text).ok_or_else(|| format!("unknown job state {text:?}").into())
+    }
+}
+
 /// A job to enqueue.
 #[derive(Debug, Clone)]
 pub struct NewJob<'a> {
@@ -65,8 +137,8 @@ pub struct NewJob<'a> {
 pub async fn enqueue(conn: &mut PgConnection, job: &NewJob<'_>) -> Result<Option<Uuid>, PgError> {
     let id = job.id.unwrap_or_else(Uuid::now_v7);
     let inserted = sqlx::query(
-        "INSERT INTO jobs (id, queue, payload, max_attempts, run_at)
-         VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5::float8 / 1000))
+        "INSERT INTO jobs (id, queue, payload, max_attempts, run_at, state)
+         VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5::float8 / 1000), $6)
          ON CONFLICT (id) DO NOTHING",
     )
     .bind(id)
@@ -74,6 +146,7 @@ pub async fn enqueue(conn: &mut PgConnection, job: &NewJob<'_>) -> Result<Option
     .bind(&job.payload)
     .bind(job.max_attempts)
     .bind(millis(job.delay))
+    .bind(JobState::Queued)
     .execute(conn)
     .await?
     .rows_affected();
@@ -95,6 +168,13 @@ pub struct Job {
 /// Claims up to `limit` runnable jobs of `queue` for `worker`: queued ones that are due, and
 /// running ones whose lease expired (their worker died). A job whose lease expired on its
 /// last attempt is failed here instead of being run again.
+///
+/// The filter names its states as constants, rendered from [`JobState::as_str`], not as
+/// bound parameters: only then can the planner match the partial index `jobs_claimable`
+/// (`WHERE state IN ('queued', 'running')`) in a generic plan, which a prepared statement
+/// may switch to. With `state = $n` a generic plan cannot prove the index's predicate and
+/// scans the whole table (checked with `EXPLAIN` under `plan_cache_mode =
+/// force_generic_plan`): on the hottest query of the queue.
 pub async fn claim(
     conn: &mut PgConnection,
     queue: &str,
@@ -102,26 +182,29 @@ pub async fn claim(
     lease: Duration,
     limit: i64,
 ) -> Result<Vec<Job>, PgError> {
-    let jobs: Vec<Job> = sqlx::query_as(
+    let (queued, running) = (JobState::Queued.as_str(), JobState::Running.as_str());
+    let sql = format!(
         "UPDATE jobs j
-            SET state = 'running', attempts = j.attempts + 1, locked_by = $2,
+            SET state = $5, attempts = j.attempts + 1, locked_by = $2,
                 lease_expires_at = now() + make_interval(secs => $3::float8 / 1000)
            FROM (SELECT id FROM jobs
                   WHERE queue = $1
-                    AND ((state = 'queued' AND run_at <= now())
-                      OR (state = 'running' AND lease_expires_at < now()))
+                    AND ((state = '{queued}' AND run_at <= now())
+                      OR (state = '{running}' AND lease_expires_at < now()))
                   ORDER BY run_at
                   LIMIT $4
                   FOR UPDATE SKIP LOCKED) c
           WHERE j.id = c.id
-      RETURNING j.id, j.queue, j.payload, j.attempts, j.max_attempts, j.locked_by, j.created_at",
-    )
-    .bind(queue)
-    .bind(worker)
-    .bind(millis(lease))
-    .bind(limit)
-    .fetch_all(&mut *conn)
-    .await?;
+      RETURNING j.id, j.queue, j.payload, j.attempts, j.max_attempts, j.locked_by, j.created_at"
+    );
+    let jobs: Vec<Job> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(queue)
+        .bind(worker)
+        .bind(millis(lease))
+        .bind(limit)
+        .bind(JobState::Running)
+        .fetch_all(&mut *conn)
+        .await?;
     let mut runnable = Vec::with_capacity(jobs.len());
     for job in jobs {
         if job.attempts > job.max_attempts {
@@ -134,22 +217,33 @@ pub async fn claim(
 }
 
 // Every outcome is fenced: only the holder of this attempt (`locked_by` and `attempts`) may
-// record it. A worker whose lease expired and was taken over updates nothing.
-const FENCE: &str = "id = $1 AND locked_by = $2 AND attempts = $3 AND state = 'running'";
+// record it. A worker whose lease expired and was taken over updates nothing. `$4` is always
+// `JobState::Running` ([`fenced`] binds `$1`-`$4`); a statement's own parameters start at `$5`.
+const FENCE: &str = "id = $1 AND locked_by = $2 AND attempts = $3 AND state = $4";
+
+/// `sql` (whose WHERE is [`FENCE`]) with the fence's parameters bound for `job`.
+fn fenced<'q>(
+    sql: String,
+    job: &'q Job,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(job.id)
+        .bind(&job.locked_by)
+        .bind(job.attempts)
+        .bind(JobState::Running)
+}
 
 /// Hands a claimed job back without an outcome: queued again, due now, its attempt not
 /// counted (it was cut off, not failed), so another worker claims it at once instead of
 /// waiting for the lease to expire. `false`: the lease was lost already.
 pub async fn release(conn: &mut PgConnection, job: &Job) -> Result<bool, PgError> {
     let sql = format!(
-        "UPDATE jobs SET state = 'queued', attempts = attempts - 1, locked_by = NULL,
+        "UPDATE jobs SET state = $5, attempts = attempts - 1, locked_by = NULL,
                 lease_expires_at = NULL, run_at = now()
           WHERE {FENCE}"
     );
-    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(job.id)
-        .bind(&job.locked_by)
-        .bind(job.attempts)
+    let done = fenced(sql, job)
+        .bind(JobState::Queued)
         .execute(conn)
         .await?;
     Ok(done.rows_affected() == 1)
@@ -158,14 +252,12 @@ pub async fn release(conn: &mut PgConnection, job: &Job) -> Result<bool, PgError
 /// Marks `job` succeeded. `false`: the lease was lost (another worker holds the job now).
 pub async fn complete(conn: &mut PgConnection, job: &Job) -> Result<bool, PgError> {
     let sql = format!(
-        "UPDATE jobs SET state = 'succeeded', finished_at = now(), lease_expires_at = NULL,
+        "UPDATE jobs SET state = $5, finished_at = now(), lease_expires_at = NULL,
                          last_error = NULL
           WHERE {FENCE}"
     );
-    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(job.id)
-        .bind(&job.locked_by)
-        .bind(job.attempts)
+    let done = fenced(sql, job)
+        .bind(JobState::Succeeded)
         .execute(conn)
         .await?;
     Ok(done.rows_affected() == 1)
@@ -182,14 +274,12 @@ pub async fn retry_later(
         return fail(conn, job, error).await;
     }
     let sql = format!(
-        "UPDATE jobs SET state = 'queued', last_error = $4, lease_expires_at = NULL,
-                         run_at = now() + make_interval(secs => $5::float8 / 1000)
+        "UPDATE jobs SET state = $5, last_error = $6, lease_expires_at = NULL,
+                         run_at = now() + make_interval(secs => $7::float8 / 1000)
           WHERE {FENCE}"
     );
-    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(job.id)
-        .bind(&job.locked_by)
-        .bind(job.attempts)
+    let done = fenced(sql, job)
+        .bind(JobState::Queued)
         .bind(error)
         .bind(millis(delay))
         .execute(conn)
@@ -200,14 +290,12 @@ pub async fn retry_later(
 /// Fails `job` for good (an operator can retry it).
 pub async fn fail(conn: &mut PgConnection, job: &Job, error: &str) -> Result<bool, PgError> {
     let sql = format!(
-        "UPDATE jobs SET state = 'failed', last_error = $4, finished_at = now(),
+        "UPDATE jobs SET state = $5, last_error = $6, finished_at = now(),
                          lease_expires_at = NULL
           WHERE {FENCE}"
     );
-    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(job.id)
-        .bind(&job.locked_by)
-        .bind(job.attempts)
+    let done = fenced(sql, job)
+        .bind(JobState::Failed)
         .bind(error)
         .execute(conn)
         .await?;
@@ -217,16 +305,10 @@ pub async fn fail(conn: &mut PgConnection, job: &Job, error: &str) -> Result<boo
 /// Extends the lease of a job still being worked on.
 pub async fn renew(conn: &mut PgConnection, job: &Job, lease: Duration) -> Result<bool, PgError> {
     let sql = format!(
-        "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $4::float8 / 1000)
+        "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $5::float8 / 1000)
           WHERE {FENCE}"
     );
-    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(job.id)
-        .bind(&job.locked_by)
-        .bind(job.attempts)
-        .bind(millis(lease))
-        .execute(conn)
-        .await?;
+    let done = fenced(sql, job).bind(millis(lease)).execute(conn).await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -246,7 +328,7 @@ pub fn backoff(attempt: i32, base: Duration, max: Duration) -> Duration {
 pub struct JobSummary {
     pub id: Uuid,
     pub queue: String,
-    pub state: String,
+    pub state: JobState,
     pub attempts: i32,
     pub max_attempts: i32,
     pub run_at: DateTime<Utc>,
@@ -256,7 +338,7 @@ pub struct JobSummary {
 /// Jobs in `state` (all states if `None`), newest first.
 pub async fn list(
     conn: &mut PgConnection,
-    state: Option<&str>,
+    state: Option<JobState>,
     limit: i64,
 ) -> Result<Vec<JobSummary>, PgError> {
     Ok(sqlx::query_as(
@@ -274,10 +356,12 @@ pub async fn list(
 /// failed (nothing to retry).
 pub async fn retry_failed(conn: &mut PgConnection, id: Uuid) -> Result<bool, PgError> {
     Ok(sqlx::query(
-        "UPDATE jobs SET state = 'queued', attempts = 0, run_at = now(), finished_at = NULL
-          WHERE id = $1 AND state = 'failed'",
+        "UPDATE jobs SET state = $2, attempts = 0, run_at = now(), finished_at = NULL
+          WHERE id = $1 AND state = $3",
     )
     .bind(id)
+    .bind(JobState::Queued)
+    .bind(JobState::Failed)
     .execute(conn)
     .await?
     .rows_affected()
@@ -511,5 +595,37 @@ where
         Err(e) => {
             tracing::warn!(job_id = %job.id, queue = %queue, error = %e, "recording job outcome failed")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The states the `jobs` table accepts, read from its CHECK constraint in the migration
+    /// that created it (the applied migration is the schema's truth; it is never edited).
+    fn states_in_the_check_constraint() -> Vec<String> {
+        let sql = include_str!("../migrations/0004_jobs.sql");
+        let from = sql.find("CHECK (state IN (").unwrap() + "CHECK (state IN (".len();
+        let to = from + sql[from..].find(')').unwrap();
+        sql[from..to]
+            .split(',')
+            .map(|s| s.trim().trim_matches('\'').to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn job_states_are_the_texts_the_check_constraint_allows() {
+        let texts: Vec<String> = JobState::ALL
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect();
+        assert_eq!(texts, states_in_the_check_constraint());
+        for s in JobState::ALL {
+            assert_eq!(JobState::parse(s.as_str()), Some(s));
+            assert_eq!(s.to_string(), s.as_str());
+        }
+        assert_eq!(JobState::parse("paused"), None);
     }
 }

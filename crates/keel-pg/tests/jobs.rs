@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_pg::jobs::{self, NewJob, Outcome, WorkerConfig};
+use keel_pg::jobs::{self, JobState, NewJob, Outcome, WorkerConfig};
 use keel_testkit::{TestDb, eventually};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -46,7 +46,7 @@ async fn enqueue_many(pool: &PgPool, queue: &str, n: usize, max_attempts: i32) -
     ids
 }
 
-async fn count_in_state(pool: &PgPool, state: &str) -> i64 {
+async fn count_in_state(pool: &PgPool, state: JobState) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = $1")
         .bind(state)
         .fetch_one(pool)
@@ -54,7 +54,7 @@ async fn count_in_state(pool: &PgPool, state: &str) -> i64 {
         .unwrap()
 }
 
-async fn count(pool: &PgPool, queue: &str, state: &str) -> i64 {
+async fn count(pool: &PgPool, queue: &str, state: JobState) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM jobs WHERE queue = $1 AND state = $2")
         .bind(queue)
         .bind(state)
@@ -90,16 +90,18 @@ async fn naive_select_then_update_claims_run_jobs_twice() {
         workers.spawn(async move {
             for _ in 0..100 {
                 let ids: Vec<Uuid> = sqlx::query_scalar(
-                    "SELECT id FROM jobs WHERE state = 'queued' ORDER BY run_at LIMIT 10",
+                    "SELECT id FROM jobs WHERE state = $1 ORDER BY run_at LIMIT 10",
                 )
+                .bind(JobState::Queued)
                 .fetch_all(&pool)
                 .await
                 .unwrap();
                 if ids.is_empty() {
                     break;
                 }
-                sqlx::query("UPDATE jobs SET state = 'succeeded' WHERE id = ANY($1)")
+                sqlx::query("UPDATE jobs SET state = $2 WHERE id = ANY($1)")
                     .bind(&ids)
+                    .bind(JobState::Succeeded)
                     .execute(&pool)
                     .await
                     .unwrap();
@@ -146,7 +148,7 @@ async fn skip_locked_workers_run_every_job_exactly_once() {
     eventually(
         Duration::from_secs(30),
         "all 400 jobs succeeded",
-        || async { (count_in_state(&pool, "succeeded").await == 400).then_some(()) },
+        || async { (count_in_state(&pool, JobState::Succeeded).await == 400).then_some(()) },
     )
     .await;
     stop.cancel();
@@ -186,7 +188,7 @@ async fn a_dead_workers_job_is_retried_after_its_lease_expires_and_its_late_outc
     eventually(
         Duration::from_secs(10),
         "job taken over and done",
-        || async { (count_in_state(&pool, "succeeded").await == 1).then_some(()) },
+        || async { (count_in_state(&pool, JobState::Succeeded).await == 1).then_some(()) },
     )
     .await;
     stop.cancel();
@@ -205,7 +207,7 @@ async fn a_dead_workers_job_is_retried_after_its_lease_expires_and_its_late_outc
         !late,
         "a worker that lost its lease cannot overwrite the outcome"
     );
-    assert_eq!(count_in_state(&pool, "succeeded").await, 1);
+    assert_eq!(count_in_state(&pool, JobState::Succeeded).await, 1);
 }
 
 #[tokio::test]
@@ -235,11 +237,13 @@ async fn a_job_that_keeps_failing_ends_failed_and_an_operator_retry_requeues_it(
     eventually(
         Duration::from_secs(10),
         "job failed after 3 attempts",
-        || async { (count_in_state(&pool, "failed").await == 1).then_some(()) },
+        || async { (count_in_state(&pool, JobState::Failed).await == 1).then_some(()) },
     )
     .await;
     let mut conn = pool.acquire().await.unwrap();
-    let failed = jobs::list(&mut conn, Some("failed"), 10).await.unwrap();
+    let failed = jobs::list(&mut conn, Some(JobState::Failed), 10)
+        .await
+        .unwrap();
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0].attempts, 3);
     assert_eq!(failed[0].last_error.as_deref(), Some("dependency down"));
@@ -247,7 +251,7 @@ async fn a_job_that_keeps_failing_ends_failed_and_an_operator_retry_requeues_it(
     healthy.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(jobs::retry_failed(&mut conn, id).await.unwrap());
     eventually(Duration::from_secs(10), "retried job succeeded", || async {
-        (count_in_state(&pool, "succeeded").await == 1).then_some(())
+        (count_in_state(&pool, JobState::Succeeded).await == 1).then_some(())
     })
     .await;
     stop.cancel();
@@ -282,7 +286,7 @@ async fn a_handler_that_panics_counts_an_attempt_and_ends_failed() {
     eventually(
         Duration::from_secs(20),
         "the panicking job failed after 3 attempts",
-        || async { (count(&pool, "panics", "failed").await == 1).then_some(()) },
+        || async { (count(&pool, "panics", JobState::Failed).await == 1).then_some(()) },
     )
     .await;
     stop.cancel();
@@ -367,7 +371,7 @@ async fn a_job_cut_off_at_shutdown_hands_its_lease_back_at_once() {
         "the naive worker claimed its job",
         || {
             let pool = pool.clone();
-            async move { (count(&pool, "naive-stop", "running").await == 1).then_some(()) }
+            async move { (count(&pool, "naive-stop", JobState::Running).await == 1).then_some(()) }
         },
     )
     .await;
@@ -380,7 +384,7 @@ async fn a_job_cut_off_at_shutdown_hands_its_lease_back_at_once() {
 
     eventually(Duration::from_secs(5), "keel's job is queued again", || {
         let pool = pool.clone();
-        async move { (count(&pool, "keel-stop", "queued").await == 1).then_some(()) }
+        async move { (count(&pool, "keel-stop", JobState::Queued).await == 1).then_some(()) }
     })
     .await;
     let (attempts, locked_by, due): (i32, Option<String>, bool) = sqlx::query_as(
@@ -396,7 +400,7 @@ async fn a_job_cut_off_at_shutdown_hands_its_lease_back_at_once() {
     );
     // The failure, shown: the naive worker's job is still held by a worker that is gone,
     // and no other worker may claim it until its lease expires.
-    assert_eq!(count(&pool, "naive-stop", "running").await, 1);
+    assert_eq!(count(&pool, "naive-stop", JobState::Running).await, 1);
     let mut conn = pool.acquire().await.unwrap();
     let reclaimed = jobs::claim(&mut conn, "naive-stop", "other", lease, 1)
         .await

@@ -12,9 +12,10 @@ use uuid::Uuid;
 use crate::targets::Target;
 use keel_config::SecretString;
 
-/// The states of the platform's job queue (`jobs.state`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
+/// `--state`: the states of the platform's job queue as a command-line choice. Its own enum
+/// because the platform's ([`keel_pg::jobs::JobState`], the one mapping to `jobs.state`)
+/// carries no clap derive; clap spells these in lowercase, as the table does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum JobState {
     Queued,
     Running,
@@ -22,14 +23,13 @@ pub enum JobState {
     Failed,
 }
 
-impl JobState {
-    /// Its spelling in the `jobs` table.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Queued => "queued",
-            Self::Running => "running",
-            Self::Succeeded => "succeeded",
-            Self::Failed => "failed",
+impl From<JobState> for keel_pg::jobs::JobState {
+    fn from(state: JobState) -> Self {
+        match state {
+            JobState::Queued => Self::Queued,
+            JobState::Running => Self::Running,
+            JobState::Succeeded => Self::Succeeded,
+            JobState::Failed => Self::Failed,
         }
     }
 }
@@ -40,7 +40,7 @@ pub struct JobRow {
     pub service: String,
     pub id: Uuid,
     pub queue: String,
-    pub state: String,
+    pub state: keel_pg::jobs::JobState,
     pub attempts: i32,
     pub max_attempts: i32,
     pub run_at: DateTime<Utc>,
@@ -88,7 +88,7 @@ pub async fn list(
             listing.without_queue.push(service.clone());
             continue;
         }
-        let jobs = keel_pg::jobs::list(&mut conn, state.map(JobState::as_str), limit)
+        let jobs = keel_pg::jobs::list(&mut conn, state.map(Into::into), limit)
             .await
             .map_err(|source| JobsError::Queue {
                 service: service.clone(),
@@ -146,11 +146,32 @@ pub fn table(rows: &[JobRow]) -> comfy_table::Table {
             j.id.to_string(),
             j.service.clone(),
             j.queue.clone(),
-            j.state.clone(),
+            j.state.to_string(),
             format!("{}/{}", j.attempts, j.max_attempts),
             j.last_error.clone().unwrap_or_default(),
         ]);
     }
     crate::output::keep_whole(&mut t, &[0, 3, 4]);
     t
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::ValueEnum;
+
+    use super::*;
+
+    #[test]
+    fn each_state_choice_is_spelled_as_the_state_it_selects() {
+        for choice in JobState::value_variants() {
+            let name = choice.to_possible_value().unwrap();
+            let state = keel_pg::jobs::JobState::from(*choice);
+            assert_eq!(name.get_name(), state.as_str());
+        }
+        assert_eq!(
+            JobState::value_variants().len(),
+            keel_pg::jobs::JobState::ALL.len()
+        );
+    }
 }
