@@ -1,10 +1,15 @@
 #![doc = include_str!("../README.md")]
 
+mod commit;
+pub mod identifiers;
 mod name;
 pub mod registry;
 pub mod workspace;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+use commit::{File, Replace};
 
 pub use name::{NameError, ServiceName};
 
@@ -19,6 +24,12 @@ pub const REGISTRY: &str = "infra/services.toml";
 
 /// The template's placeholder name, in its three spellings.
 pub const PLACEHOLDER: [&str; 3] = ["skeleton", "Skeleton", "SKELETON"];
+
+/// What the template appends to the camel-cased name to name the service's command-line type
+/// (`SkeletonService`, `InventoryService`): a suffix, so the type can never be one of the
+/// template's own names (`App`, `Config`) or the prelude's (`Result`, `Option`), which the bare
+/// camel-cased name could.
+pub const MARKER_SUFFIX: &str = "Service";
 
 /// The template's placeholder HTTP port: `port = 8099` in its `config/default.toml` and
 /// `http = 8099` in its registry entry, each replaced by the port the generator picks.
@@ -35,6 +46,12 @@ pub enum ScaffoldError {
     /// The name is free as a word but taken in this workspace.
     #[error("`{name}` is taken: {by}")]
     Taken { name: String, by: String },
+    /// Writing failed and so did undoing part of it: what is left is named.
+    #[error("{source}; undoing it failed too: {left}")]
+    Incomplete {
+        source: Box<ScaffoldError>,
+        left: String,
+    },
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -89,11 +106,70 @@ fn set_port(text: &str, key: &str, port: u16, file: &str) -> Result<String, Scaf
     Ok(text.replace(&placeholder, &format!("{key} = {port}")))
 }
 
-/// One file of the service to write: its path under the service's folder and its content.
-#[derive(Debug)]
-struct File {
-    path: PathBuf,
-    content: Vec<u8>,
+/// Every name the template's Rust files (`src/` and `tests/`) use at module level, lowercased,
+/// with one place it was found (`App` in `src/lib.rs`).
+fn template_names(
+    dir: &Path,
+    rel: &Path,
+    out: &mut BTreeMap<String, String>,
+) -> Result<(), ScaffoldError> {
+    let here = dir.join(rel);
+    let mut entries: Vec<_> = std::fs::read_dir(&here)
+        .map_err(io(&here))?
+        .collect::<Result<_, _>>()
+        .map_err(io(&here))?;
+    entries.sort_by_key(std::fs::DirEntry::file_name);
+    for entry in entries {
+        let rel_path = rel.join(entry.file_name());
+        let path = entry.path();
+        if entry.file_type().map_err(io(&path))?.is_dir() {
+            if entry.file_name() != "target" {
+                template_names(dir, &rel_path, out)?;
+            }
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let text = read(&path)?;
+            for ident in identifiers::module_level(&text) {
+                out.entry(ident.to_ascii_lowercase())
+                    .or_insert_with(|| format!("`{ident}` in {}", rel_path.display()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a name that would collide with what the template or the dependency graph already
+/// calls that: the service's crate is named `name` and its command-line type
+/// `{Camel}Service`, and both share scopes with the template's own names.
+fn check_collisions(root: &Path, name: &ServiceName) -> Result<(), ScaffoldError> {
+    let taken = |by: String| ScaffoldError::Taken {
+        name: name.to_string(),
+        by,
+    };
+    let template_dir = root.join(TEMPLATE_DIR);
+    let mut names = BTreeMap::new();
+    template_names(&template_dir, Path::new(""), &mut names)?;
+    if let Some(place) = names.get(name.as_str()) {
+        return Err(taken(format!(
+            "the template already uses {place} at module level, and a service's name must \
+             differ from those in any letter case (it becomes the crate `{name}` and the type \
+             `{}{MARKER_SUFFIX}` beside them). Pick another name",
+            name.camel()
+        )));
+    }
+    let marker = format!("{}{MARKER_SUFFIX}", name.camel());
+    if let Some(place) = names.get(&marker.to_ascii_lowercase()) {
+        return Err(taken(format!(
+            "the service's command-line type would be `{marker}`, and the template already \
+             uses {place} at module level"
+        )));
+    }
+    if workspace::lock_packages(root)?.contains(name.as_str()) {
+        return Err(taken(format!(
+            "Cargo.lock has a package `{name}` (a dependency): a service crate of the same \
+             name would shadow it and break the build. Pick another name"
+        )));
+    }
+    Ok(())
 }
 
 /// Reads the template into memory, rendered. Build output (`target/`) is not part of it.
@@ -179,6 +255,7 @@ pub fn new_service(root: &Path, raw_name: &str) -> Result<Scaffolded, ScaffoldEr
     if members.contains(&member) {
         return Err(taken(format!("`{member}` is a workspace member")));
     }
+    check_collisions(root, &name)?;
     let http_port = registry::next_http_port(&in_registry)?;
 
     // 2. The new texts, in memory.
@@ -200,7 +277,8 @@ pub fn new_service(root: &Path, raw_name: &str) -> Result<Scaffolded, ScaffoldEr
         .filter(|l| !l.trim_start().starts_with('#'))
         .collect::<Vec<_>>()
         .join("\n");
-    let registry_text = registry::append_service(&registry_text, &entry);
+    let old_registry = registry_text;
+    let registry_text = registry::append_service(&old_registry, &entry);
     if !registry::taken(&registry_text)?
         .services
         .contains(name.as_str())
@@ -209,27 +287,26 @@ pub fn new_service(root: &Path, raw_name: &str) -> Result<Scaffolded, ScaffoldEr
             reason: format!("{REGISTRY_ENTRY} did not add a service called `{name}`"),
         });
     }
-    let manifest = workspace::add_member(&manifest, &member)?;
+    let new_manifest = workspace::add_member(&manifest, &member)?;
 
-    // 3. Write: the folder under a temporary name first, so a failure leaves no half service.
-    let staging = root.join("services").join(format!(".{name}.scaffolding"));
-    let _ = std::fs::remove_dir_all(&staging);
-    let write = || -> Result<(), ScaffoldError> {
-        for file in &files {
-            let path = staging.join(&file.path);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(io(parent))?;
-            }
-            std::fs::write(&path, &file.content).map_err(io(&path))?;
-        }
-        std::fs::rename(&staging, &target).map_err(io(&target))
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(e);
-    }
-    std::fs::write(&registry_path, registry_text).map_err(io(&registry_path))?;
-    std::fs::write(&manifest_path, manifest).map_err(io(&manifest_path))?;
+    // 3. Write the folder, the registry entry and the workspace member all or nothing.
+    commit::apply(
+        &target,
+        &files,
+        &[
+            Replace {
+                path: registry_path,
+                old: old_registry.into_bytes(),
+                new: registry_text.into_bytes(),
+            },
+            Replace {
+                path: manifest_path,
+                old: manifest.into_bytes(),
+                new: new_manifest.into_bytes(),
+            },
+        ],
+        name.as_str(),
+    )?;
     Ok(Scaffolded {
         name,
         dir,

@@ -11,9 +11,11 @@
 
 use std::fmt;
 
-/// Words a service cannot be called: Rust keywords and the crates every Rust program sees
-/// (a crate named `core` or `test` would shadow them), the template's placeholder, the
-/// platform's role prefix, and `pg` (roles starting `pg_` are reserved by Postgres).
+/// Words a service cannot be called whatever the workspace holds: Rust keywords, the crates
+/// every Rust program sees (a crate named `core` or `test` would shadow them), primitive
+/// types, the template's placeholder, the platform's role prefix, and `pg` (roles starting
+/// `pg_` are reserved by Postgres). What depends on the workspace (its packages, the
+/// dependencies in `Cargo.lock`, the names the template uses) is checked by the generator.
 #[rustfmt::skip]
 const RESERVED: &[&str] = &[
     // Rust: strict, reserved and weak keywords that fit the pattern.
@@ -24,6 +26,11 @@ const RESERVED: &[&str] = &[
     "override", "priv", "try", "typeof", "unsized", "virtual", "yield", "union",
     // Crates in every Rust program's prelude or test harness.
     "std", "core", "alloc", "test",
+    // Primitive types: a path root is looked up among crates before primitive types, so a
+    // crate `u8` would turn every `u8::MAX` and `str::from_utf8` in the service into a path
+    // into itself.
+    "bool", "char", "str", "i8", "i16", "i32", "i64", "i128", "isize", "u8", "u16", "u32",
+    "u64", "u128", "usize", "f32", "f64",
     // Keel's own words.
     "skeleton", "platform", "keel", "pg",
 ];
@@ -70,7 +77,7 @@ impl ServiceName {
         }
         if RESERVED.contains(&raw) {
             return Err(refuse(
-                "it is reserved (a Rust keyword or crate, or Keel's own word)",
+                "it is reserved (a Rust keyword, crate or primitive type, or Keel's own word)",
             ));
         }
         Ok(Self(raw.to_owned()))
@@ -133,6 +140,7 @@ mod tests {
             "self",
             "test",
             "std",
+            "u8",
             "skeleton",
             "platform",
             "pg",

@@ -51,6 +51,33 @@ pub fn package_names(root: &Path, members: &[String]) -> Result<BTreeSet<String>
     Ok(names)
 }
 
+/// Every package name in `Cargo.lock` (the workspace's members and every dependency, direct
+/// or not), with `-` read as `_`. A service called like one of them (`serde`, `sqlx`) would be
+/// a second package of that name in the graph, and a crate name that shadows a dependency the
+/// service itself uses: the build breaks. Read at generation time, so a dependency added
+/// yesterday is refused today.
+pub fn lock_packages(root: &Path) -> Result<BTreeSet<String>, ScaffoldError> {
+    let path = root.join("Cargo.lock");
+    let text = std::fs::read_to_string(&path).map_err(|source| ScaffoldError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let value: toml::Table = toml::from_str(&text).map_err(|e| ScaffoldError::Workspace {
+        reason: format!("Cargo.lock: {e}"),
+    })?;
+    let packages = value
+        .get("package")
+        .and_then(toml::Value::as_array)
+        .ok_or_else(|| ScaffoldError::Workspace {
+            reason: "Cargo.lock lists no [[package]]".to_owned(),
+        })?;
+    Ok(packages
+        .iter()
+        .filter_map(|p| p.get("name").and_then(toml::Value::as_str))
+        .map(|n| n.replace('-', "_"))
+        .collect())
+}
+
 /// `manifest` with `member` added to `[workspace] members`, after the last `services/` entry
 /// (or as the last member if there is none).
 pub fn add_member(manifest: &str, member: &str) -> Result<String, ScaffoldError> {

@@ -1,7 +1,8 @@
 //! What `make new-service` writes, checked on a scratch copy of the workspace's manifests,
 //! registry and template (no build): the placeholder is gone everywhere, the service has its
 //! own port, database, roles, queue and routing keys, keelctl accepts the registry it leaves,
-//! and a name that cannot be used writes nothing at all.
+//! a name that cannot be used (malformed, taken, one of the template's own names, a
+//! dependency's) writes nothing at all, and neither does a write that fails halfway.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -24,8 +25,8 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
-/// A scratch root with what the generator reads: the root manifest and every member's, the
-/// registry and the template.
+/// A scratch root with what the generator reads: the root manifest and every member's,
+/// `Cargo.lock`, the registry and the template.
 fn scratch(test: &str) -> PathBuf {
     let root = keel_testkit::workspace_root();
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("scaffold-{test}"));
@@ -40,6 +41,7 @@ fn scratch(test: &str) -> PathBuf {
         .unwrap();
     }
     std::fs::copy(root.join("Cargo.toml"), dir.join("Cargo.toml")).unwrap();
+    std::fs::copy(root.join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
     std::fs::create_dir_all(dir.join("infra")).unwrap();
     std::fs::copy(
         root.join("infra/services.toml"),
@@ -107,7 +109,7 @@ fn a_new_service_is_the_template_renamed_with_its_own_port_and_registry_entry() 
         assert!(config.contains(expected), "{expected} in:\n{config}");
     }
     let lib = std::fs::read_to_string(service.join("src/lib.rs")).unwrap();
-    assert!(lib.contains("pub struct Inventory;"), "{lib}");
+    assert!(lib.contains("pub struct InventoryService;"), "{lib}");
     let items = std::fs::read_to_string(service.join("src/items/mod.rs")).unwrap();
     assert!(items.contains("\"inventory.item.created\""));
 
@@ -138,18 +140,31 @@ fn a_new_service_is_the_template_renamed_with_its_own_port_and_registry_entry() 
     assert!(members.contains(&"services/inventory".to_owned()));
 }
 
+/// What the generator may change: the root manifest, the registry, every file under
+/// `services/` and every file at the two folders' top (where its temporary files go).
+fn snapshot(root: &Path) -> (String, String, Option<Vec<PathBuf>>, Vec<PathBuf>) {
+    let top = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    };
+    let mut tops = top(root);
+    tops.extend(top(&root.join("infra")));
+    tops.sort();
+    (
+        std::fs::read_to_string(root.join("Cargo.toml")).unwrap(),
+        std::fs::read_to_string(root.join("infra/services.toml")).unwrap(),
+        root.join("services")
+            .exists()
+            .then(|| files(&root.join("services"))),
+        tops,
+    )
+}
+
 #[test]
 fn a_name_that_cannot_be_used_writes_nothing() {
     let root = scratch("refused");
-    let snapshot = |root: &Path| {
-        (
-            std::fs::read_to_string(root.join("Cargo.toml")).unwrap(),
-            std::fs::read_to_string(root.join("infra/services.toml")).unwrap(),
-            root.join("services")
-                .exists()
-                .then(|| files(&root.join("services"))),
-        )
-    };
     let before = snapshot(&root);
     for (name, why) in [
         ("Inventory", "uppercase"),
@@ -186,4 +201,84 @@ fn two_new_services_get_two_ports() {
     let registry = keelctl::Registry::load(&root.join("infra/services.toml")).unwrap();
     let names: Vec<_> = registry.services.iter().map(|s| s.name.as_str()).collect();
     assert!(names.ends_with(&["inventory", "shipping"]), "{names:?}");
+}
+
+#[test]
+fn a_name_the_template_or_a_dependency_already_uses_is_refused_and_nothing_is_written() {
+    let root = scratch("collisions");
+    let before = snapshot(&root);
+    for (name, why) in [
+        ("app", "`App` in src/lib.rs"),
+        ("config", "`Config` in src/config.rs"),
+        ("service", "`Service` in src/lib.rs"),
+        ("drained", "`Drained` in src/lib.rs"),
+        ("items", "`items` in src/"),
+        ("support", "`support` in tests/"),
+        ("serde", "Cargo.lock has a package `serde`"),
+        ("sqlx", "Cargo.lock has a package `sqlx`"),
+    ] {
+        let err = new_service(&root, name).expect_err(name);
+        assert!(matches!(err, ScaffoldError::Taken { .. }), "{name}: {err}");
+        assert!(
+            err.to_string().contains(why),
+            "{name}: `{err}` should say {why}"
+        );
+    }
+    assert_eq!(snapshot(&root), before, "nothing written");
+}
+
+#[test]
+fn the_command_refuses_a_colliding_name_with_exit_64_and_says_why() {
+    let root = scratch("exit64");
+    let before = snapshot(&root);
+    for name in ["app", "config", "service", "drained", "serde", "sqlx"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keel-scaffold"))
+            .arg("--root")
+            .arg(&root)
+            .args(["new", name])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{name}: {stderr}");
+        assert!(
+            stderr.contains(&format!("`{name}` is taken")),
+            "{name}: {stderr}"
+        );
+    }
+    assert_eq!(snapshot(&root), before, "nothing written");
+}
+
+#[test]
+fn a_name_that_once_shadowed_the_prelude_now_makes_a_service_with_unique_names() {
+    // With the command-line type named by the bare camel-cased name, `result` wrote
+    // `pub struct Result;` into lib.rs, and every `Result<…>` there stopped compiling.
+    let root = scratch("prelude");
+    new_service(&root, "result").unwrap();
+    let lib = std::fs::read_to_string(root.join("services/result/src/lib.rs")).unwrap();
+    let names = keel_scaffold::identifiers::module_level(&lib);
+    assert!(names.iter().any(|n| n == "ResultService"), "{names:?}");
+    assert!(!names.iter().any(|n| n == "Result"), "{names:?}");
+    let mut unique = names.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), names.len(), "a name given twice: {names:?}");
+}
+
+#[test]
+fn a_write_that_fails_halfway_leaves_nothing_half_written() {
+    let root = scratch("halfway");
+    // Where the generator writes the root manifest's new text, something it did not make: by
+    // then the service's folder and the registry's new text are already written aside.
+    std::fs::create_dir_all(root.join(".Cargo.toml.inventory.scaffolding/keep")).unwrap();
+    let before = snapshot(&root);
+    let err = new_service(&root, "inventory").unwrap_err();
+    assert!(matches!(err, ScaffoldError::Io { .. }), "{err}");
+    assert_eq!(
+        snapshot(&root),
+        before,
+        "no folder, no registry entry, no member, no temporary file"
+    );
+    // Once the obstacle is gone, the same name goes through: nothing was left to refuse it.
+    std::fs::remove_dir_all(root.join(".Cargo.toml.inventory.scaffolding")).unwrap();
+    new_service(&root, "inventory").unwrap();
 }

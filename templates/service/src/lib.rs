@@ -80,11 +80,13 @@ impl App {
     }
 }
 
-/// skeleton's command line (`skeleton serve|migrate|check-config`).
+/// skeleton's command line (`skeleton serve|migrate|check-config`). Named with a suffix, not
+/// the bare `Skeleton`: a service's camel-cased name could be one of this file's own names
+/// (`App`, `Config`) or the prelude's (`Result`), which the generator cannot rename around.
 #[derive(Debug)]
-pub struct Skeleton;
+pub struct SkeletonService;
 
-impl keel_service::ServiceMain for Skeleton {
+impl keel_service::ServiceMain for SkeletonService {
     const NAME: &'static str = NAME;
     const ABOUT: &'static str = "skeleton: items in, item events out (a Keel service)";
     const DEFAULT_CONFIG: &'static str = DEFAULT_CONFIG;

@@ -2,5 +2,5 @@
 //! exit codes 0 / 64 / 69 / 78 / 1); everything specific to skeleton is in the library.
 
 fn main() {
-    keel_service::cli::main::<skeleton::Skeleton>()
+    keel_service::cli::main::<skeleton::SkeletonService>()
 }
