@@ -15,6 +15,7 @@
 //!               full jitter: keel_resilience, P24) and go on; rows stay in the table and
 //!               drain when the broker returns
 //!   idle: wait `poll_interval`
+//! on stop: claim and publish until a claim comes back empty (or a batch fails), then return
 //! ```
 //!
 //! Guarantees, and what they rest on:
@@ -29,6 +30,12 @@
 //!   not waited on, by the others. (A redelivered duplicate of *n* may still arrive after
 //!   *n + 1*; consumers that care compare versions.) Across aggregates there is no order.
 //! - **Two relays are safe**: `SKIP LOCKED` hands each row to one transaction at a time.
+//! - **A final publish on stop.** The service runtime stops the relays after its consumers and
+//!   job workers precisely so that the relays publish what those stages committed on their
+//!   way out. So `stop` does not end the loop after its current batch (that would leave up to
+//!   a poll interval of rows for the next start): it ends the idle wait at once and the loop
+//!   drains the outbox, returning on the first empty claim or failed batch. The runtime's
+//!   `relays` stage bounds how long that may take (a slow broker, a writer that never stops).
 //!
 //! Metrics: `outbox_published_total`, `outbox_publish_failures_total`,
 //! `outbox_relay_batch_duration_seconds`, and the backlog gauges `outbox_unsent` and
@@ -143,8 +150,9 @@ impl From<sqlx::Error> for RelayError {
     }
 }
 
-/// Starts the relay as a task; it stops (after finishing its current batch) when `stop` is
-/// cancelled. Await the handle to know it has stopped.
+/// Starts the relay as a task; when `stop` is cancelled it publishes what is committed (until
+/// a claim finds nothing, or a batch fails) and returns. Await the handle to know it has
+/// stopped; bound that wait (the runtime's `relays` stage does).
 pub fn spawn(
     pool: PgPool,
     broker: Broker,
@@ -155,7 +163,7 @@ pub fn spawn(
 }
 
 /// The relay (see the module docs): `relay.concurrency` batch loops and the backlog gauges;
-/// returns when `stop` is cancelled and every loop has finished its batch.
+/// returns when `stop` is cancelled and every loop has drained the outbox (or failed to).
 pub async fn run(pool: PgPool, broker: Broker, config: RelayConfig, stop: CancellationToken) {
     let backlog = tokio::spawn(watch_backlog(
         pool.clone(),
@@ -176,16 +184,16 @@ pub async fn run(pool: PgPool, broker: Broker, config: RelayConfig, stop: Cancel
     tracing::info!("outbox relay stopped");
 }
 
-/// One batch loop: claim, publish, confirm, mark, commit; back off on failure.
+/// One batch loop: claim, publish, confirm, mark, commit; back off on failure. Once `stop`
+/// is cancelled, a final drain: batches back to back until one claims nothing or fails.
 async fn relay_loop(pool: PgPool, broker: Broker, config: RelayConfig, stop: CancellationToken) {
     let mut publisher = Publisher::new(broker, config.publish_timeout);
     let mut backoff = BackoffPolicy::new(Duration::from_millis(100), config.max_backoff).backoff();
     let limit = i64::from(config.batch_size);
     let mut failing = false;
     loop {
-        if stop.is_cancelled() {
-            break;
-        }
+        // Read before the batch: a stop that fires during it is answered by the next one.
+        let draining = stop.is_cancelled();
         let started = Instant::now();
         let pause = match relay_batch(&pool, &mut publisher, limit).await {
             Ok(published) => {
@@ -201,7 +209,17 @@ async fn relay_loop(pool: PgPool, broker: Broker, config: RelayConfig, stop: Can
                     // claimable: go again at once; only an empty claim means idle.
                     continue;
                 }
+                if draining {
+                    // Everything committed before the stop is out.
+                    break;
+                }
                 config.poll_interval
+            }
+            Err(e) if draining => {
+                // No backoff on the way out: what is unsent waits in the outbox for the next
+                // start (or another instance's relay).
+                tracing::warn!(error = %e, "outbox relay's final publish failed; stopping");
+                break;
             }
             Err(e) => {
                 let pause = backoff.next_delay_without_deadline();
@@ -216,7 +234,8 @@ async fn relay_loop(pool: PgPool, broker: Broker, config: RelayConfig, stop: Can
             }
         };
         tokio::select! {
-            () = stop.cancelled() => break,
+            // Not `break`: the rows committed since the last claim are published first.
+            () = stop.cancelled() => {}
             () = tokio::time::sleep(pause) => {}
         }
     }

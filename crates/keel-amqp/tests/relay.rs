@@ -484,3 +484,77 @@ async fn events_accumulate_while_the_broker_is_unreachable_and_drain_after() {
         assert!(all_ids.contains(&id.to_string()), "{id} published");
     }
 }
+
+/// Shutdown (P20 for relays): the runtime stops the relays *after* the consumers and job
+/// workers, so that the relays publish what those stages committed on their way out. A relay
+/// that ends at `stop` after its current batch leaves the rows committed during its last poll
+/// interval in the outbox until the next start (here 5 s of them). Keel's relay, told to
+/// stop, keeps claiming until a claim comes back empty, then returns.
+#[tokio::test]
+async fn rows_committed_just_before_stop_are_published_before_the_relay_returns() {
+    const N: usize = 25;
+    let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
+    let vhost = TestVhost::create().await;
+    let pool = pool(&db).await;
+    let collector = Collector::start(&vhost).await;
+
+    // The broker outlives the relay, as in the runtime (it closes in a later stage).
+    let broker_stop = CancellationToken::new();
+    let stop = CancellationToken::new();
+    let config = RelayConfig {
+        poll_interval: Duration::from_secs(5),
+        ..relay_config()
+    };
+    let relay = keel_amqp::relay::spawn(
+        pool.clone(),
+        broker(vhost.url(), &broker_stop),
+        config,
+        stop.clone(),
+    );
+    // Once the warm-up event is marked sent, the relay's next claim finds nothing and it
+    // waits out its poll interval: the rows below land in that wait.
+    commit(
+        &pool,
+        &[("warmup", "checkout.order.placed", serde_json::json!({}))],
+    )
+    .await;
+    collector.wait_for(1).await;
+    eventually(WAIT, "warm-up marked sent", || async {
+        (unsent(&pool).await == 0).then_some(())
+    })
+    .await;
+
+    let mut ids = Vec::new();
+    for i in 0..N {
+        let aggregate = format!("order-{}", i % 5);
+        ids.extend(
+            commit(
+                &pool,
+                &[(
+                    &aggregate,
+                    "checkout.order.placed",
+                    serde_json::json!({ "n": i }),
+                )],
+            )
+            .await,
+        );
+    }
+    // The stage stops the relay at once, well before its next poll.
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(4), relay)
+        .await
+        .expect("the relay returns without waiting for another poll")
+        .unwrap();
+
+    assert_eq!(
+        unsent(&pool).await,
+        0,
+        "every row committed before stop is marked sent when the relay returns"
+    );
+    let all = collector.wait_for(1 + N).await;
+    let published: HashSet<String> = all.iter().map(Received::message_id).collect();
+    for id in ids {
+        assert!(published.contains(&id.to_string()), "{id} published");
+    }
+    broker_stop.cancel();
+}
