@@ -76,25 +76,30 @@ impl PgError {
     /// answers these with a retry after a backoff (P03) instead of spending the message's
     /// delivery limit, which is for messages that fail every time.
     pub fn is_transient(&self) -> bool {
-        let Self::Sqlx(e) = self else {
-            return false;
-        };
-        match e {
-            sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed
-            | sqlx::Error::Protocol(_) => true,
-            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-                // 08: connection exception; 40001/40P01: serialization failure, deadlock;
-                // 53: insufficient resources; 57P01-03: shutdown / cannot connect now.
-                code.starts_with("08")
-                    || code.starts_with("53")
-                    || matches!(&*code, "40001" | "40P01" | "57P01" | "57P02" | "57P03")
-            }),
+        match self {
+            Self::Sqlx(e) => is_transient(e),
             _ => false,
         }
+    }
+}
+
+/// [`PgError::is_transient`] for a bare `sqlx::Error`, as handlers get them from queries.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception; 40001/40P01: serialization failure, deadlock;
+            // 53: insufficient resources; 57P01-03: shutdown / cannot connect now.
+            code.starts_with("08")
+                || code.starts_with("53")
+                || matches!(&*code, "40001" | "40P01" | "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
     }
 }
 

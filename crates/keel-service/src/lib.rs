@@ -3,6 +3,7 @@
 pub mod cli;
 mod config;
 mod health;
+pub mod problem;
 pub mod runtime;
 mod signal;
 mod tls;

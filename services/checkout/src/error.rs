@@ -97,32 +97,12 @@ impl ApiError {
             Self::OrderNotFound => {
                 Problem::new(StatusCode::NOT_FOUND, "order-not-found", "Order not found")
             }
-            Self::Database(e) => db_problem(e),
-            Self::Pg(keel_pg::PgError::Sqlx(e)) => db_problem(e),
+            Self::Database(e) => keel_service::problem::database(e),
+            Self::Pg(keel_pg::PgError::Sqlx(e)) => keel_service::problem::database(e),
             Self::Pg(e) => {
                 tracing::error!(error = %e, "request failed");
                 Problem::for_status(StatusCode::INTERNAL_SERVER_ERROR)
             }
-        }
-    }
-}
-
-/// An outage (pool exhausted, database unreachable) is a 503 the client may retry; anything
-/// else is a 500. Either way the cause is logged here, once.
-fn db_problem(e: &sqlx::Error) -> Problem {
-    match e {
-        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-            tracing::warn!(error = %e, "database unavailable");
-            Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "Service unavailable",
-            )
-            .with_detail("the service is temporarily unavailable; retry later")
-        }
-        _ => {
-            tracing::error!(error = %e, "database query failed");
-            Problem::for_status(StatusCode::INTERNAL_SERVER_ERROR)
         }
     }
 }

@@ -54,27 +54,7 @@ impl ApiError {
                         serde_json::to_value(errors).unwrap_or(serde_json::Value::Null),
                     )
             }
-            Self::Database(e) => db_problem(e),
-        }
-    }
-}
-
-/// An outage (pool exhausted, database unreachable) is a 503 the client may retry; anything
-/// else is a 500. Either way the cause is logged here, once.
-fn db_problem(e: &sqlx::Error) -> Problem {
-    match e {
-        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-            tracing::warn!(error = %e, "database unavailable");
-            Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "Service unavailable",
-            )
-            .with_detail("the service is temporarily unavailable; retry later")
-        }
-        _ => {
-            tracing::error!(error = %e, "database query failed");
-            Problem::for_status(StatusCode::INTERNAL_SERVER_ERROR)
+            Self::Database(e) => keel_service::problem::database(e),
         }
     }
 }
