@@ -4,6 +4,8 @@
 //! A key is scoped by the RPC ([`Scope`]): the same key string sent to two methods is two
 //! keys. A [`Call`] is one command's scope and key; it also names the command in the ledger
 //! events' metadata. What recording an event does with the key is named by [`Completes`].
+//! A call that finds its key in progress (a concurrent call with the same key) waits for it
+//! with Keel's one backoff (P24: jittered, capped, within the caller's deadline).
 //!
 //! Must not break: a success stores its answer in the transaction that records its effect
 //! (or, for a command that changed nothing, right after deciding so); only a failure releases
@@ -13,6 +15,7 @@ use std::time::Duration;
 
 use keel_config::{ConfigError, Validate, ensure_range, millis as ms};
 use keel_pg::idempotency::{self, Begin, Timing};
+use keel_resilience::BackoffPolicy;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -32,12 +35,33 @@ pub struct IdempotencyConfig {
     /// exceed `grpc.max_deadline`: a live call never runs longer than that.
     #[serde(with = "keel_config::duration")]
     pub stale_after: Duration,
-    /// How often a call waiting behind a concurrent one with the same key looks again.
+    /// How soon a call waiting behind a concurrent one with the same key looks again: the
+    /// ceiling of its first pause, doubling up to [`IN_PROGRESS_MAX_FACTOR`] times this, with
+    /// full jitter ([`IdempotencyConfig::in_progress_backoff`]). Also how long `begin` waits
+    /// on the key's row lock.
     #[serde(with = "keel_config::duration")]
     pub poll_interval: Duration,
     /// How often expired keys are deleted (in batches of [`PURGE_BATCH`]).
     #[serde(with = "keel_config::duration")]
     pub purge_interval: Duration,
+}
+
+/// The cap of a waiting call's pause, as a multiple of `idempotency.poll_interval`: a call
+/// ahead that runs long (a slow payment provider) is polled less and less often, but its end
+/// is still noticed within this many intervals.
+pub const IN_PROGRESS_MAX_FACTOR: u32 = 8;
+
+impl IdempotencyConfig {
+    /// The pauses of a call waiting behind a concurrent one with the same key: Keel's one
+    /// backoff (P24). Jittered because such calls come together (a client's retries after a
+    /// timeout, a saga's and its redelivery's): at a fixed interval they would poll the key in
+    /// step for as long as the call ahead runs.
+    pub fn in_progress_backoff(&self) -> BackoffPolicy {
+        BackoffPolicy::new(
+            self.poll_interval,
+            self.poll_interval.saturating_mul(IN_PROGRESS_MAX_FACTOR),
+        )
+    }
 }
 
 impl Validate for IdempotencyConfig {
@@ -216,6 +240,7 @@ impl Payments {
             wait: self.idempotency.poll_interval,
             stale_after: self.idempotency.stale_after,
         };
+        let mut backoff = self.idempotency.in_progress_backoff().backoff();
         loop {
             let mut tx = self.pool.begin().await?;
             match idempotency::begin(&mut tx, call.scope.as_str(), call.key, hash, timing).await? {
@@ -236,12 +261,15 @@ impl Payments {
                 }
                 Begin::InProgress => {
                     tx.rollback().await?;
-                    let pause = self.idempotency.poll_interval;
-                    if Instant::now() + pause >= deadline {
+                    // `None`: the pause would end at or past the caller's deadline, so the
+                    // look after it could not answer in time; say so now instead.
+                    let Some(pause) =
+                        backoff.next_delay(Instant::now().into_std(), deadline.into_std())
+                    else {
                         return Err(PaymentError::DeadlineExceeded(
                             "a call with this idempotency key is still in progress".to_owned(),
                         ));
-                    }
+                    };
                     tokio::time::sleep(pause).await;
                 }
             }
@@ -296,5 +324,37 @@ impl Payments {
             }
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    /// Calls retrying one key together (a client's retries after a timeout) must not poll in
+    /// step: their pauses are jittered, grow while the call ahead runs long, stay capped, and
+    /// none outlasts the caller's deadline.
+    #[test]
+    fn a_call_waiting_behind_its_key_polls_with_jittered_capped_pauses_within_its_deadline() {
+        let config = IdempotencyConfig {
+            ttl: Duration::from_secs(3600),
+            stale_after: Duration::from_secs(60),
+            poll_interval: Duration::from_millis(25),
+            purge_interval: Duration::from_secs(300),
+        };
+        let policy = config.in_progress_backoff();
+        let first: HashSet<Duration> = (0..100).map(|_| policy.delay(1)).collect();
+        assert!(first.len() > 10, "jittered, not a fixed 25 ms: {first:?}");
+        assert!(first.iter().all(|d| *d <= Duration::from_millis(25)));
+        assert!((1..40).all(|n| policy.delay(n) <= Duration::from_millis(200)));
+
+        let now = std::time::Instant::now();
+        let mut backoff = policy.backoff();
+        assert_eq!(
+            backoff.next_delay(now, now + Duration::from_millis(0)),
+            None
+        );
     }
 }
