@@ -11,12 +11,17 @@
 //! The next run is enqueued *before* purging: a run that fails (database down) never breaks
 //! the chain. Deleting happens in batches of `orders.idempotency_purge_batch` (short locks,
 //! small WAL bursts), at most [`MAX_BATCHES_PER_RUN`] per run; what is left waits for the next.
+//!
+//! The payload is typed ([`MaintenanceJob`], serde, as the saga's `SagaJob`): the handler gets
+//! a task or a decode error, never a `serde_json::Value` to pick fields out of. Must not
+//! break: the task names and field names are stored in `jobs.payload` of queued jobs.
 
 use keel_resilience::BackoffPolicy;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keel_pg::PgError;
 use keel_pg::jobs::{self, Job, NewJob, Outcome, WorkerConfig};
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -26,8 +31,29 @@ use crate::config::{MaintenanceConfig, OrdersConfig};
 /// The queue of checkout's housekeeping jobs.
 pub const MAINTENANCE_QUEUE: &str = "checkout.maintenance";
 
-/// The task name in the purge job's payload.
-pub const PURGE_IDEMPOTENCY_KEYS: &str = "purge_idempotency_keys";
+/// The payload of a maintenance job: its task, named by the `task` field, and the task's
+/// fields beside it (`{"task": "purge_idempotency_keys", "slot": 29043}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "task", deny_unknown_fields)]
+pub enum MaintenanceJob {
+    /// Delete expired idempotency keys; `slot` is the time slot the run belongs to (its job
+    /// id is derived from it, [`purge_job_id`]).
+    #[serde(rename = "purge_idempotency_keys")]
+    PurgeIdempotencyKeys { slot: u64 },
+}
+
+/// A job whose payload is not a [`MaintenanceJob`] (a bug or a hand-edited row: retrying
+/// cannot fix it, so the job fails for an operator).
+#[derive(Debug, thiserror::Error)]
+#[error("maintenance job payload: {0}")]
+pub struct PayloadError(#[from] serde_json::Error);
+
+impl MaintenanceJob {
+    /// The payload of a claimed job.
+    pub fn from_job(job: &Job) -> Result<Self, PayloadError> {
+        Ok(Self::deserialize(&job.payload)?)
+    }
+}
 
 /// Upper half of every purge job id ("keel" "purg" in ASCII); the lower half is the slot.
 const PURGE_JOB_ID_HIGH: u64 = 0x6b65_656c_7075_7267;
@@ -76,12 +102,14 @@ impl Maintenance {
     }
 
     async fn enqueue_purge(&self, slot: u64, delay: Duration) -> Result<(), PgError> {
+        let payload = serde_json::to_value(MaintenanceJob::PurgeIdempotencyKeys { slot })
+            .map_err(|e| PgError::Encode(e.to_string()))?;
         let mut conn = self.pool.acquire().await?;
         jobs::enqueue(
             &mut conn,
             &NewJob {
                 queue: MAINTENANCE_QUEUE,
-                payload: serde_json::json!({ "task": PURGE_IDEMPOTENCY_KEYS, "slot": slot }),
+                payload,
                 max_attempts: PURGE_MAX_ATTEMPTS,
                 delay,
                 id: Some(purge_job_id(slot)),
@@ -114,10 +142,14 @@ impl Maintenance {
     }
 
     async fn handle(&self, job: Job) -> Outcome {
-        match job.payload.get("task").and_then(|t| t.as_str()) {
-            Some(PURGE_IDEMPOTENCY_KEYS) => {}
-            other => return Outcome::Fail(format!("unknown maintenance task {other:?}")),
+        match MaintenanceJob::from_job(&job) {
+            Ok(MaintenanceJob::PurgeIdempotencyKeys { .. }) => self.purge_run().await,
+            Err(e) => Outcome::Fail(e.to_string()),
         }
+    }
+
+    /// One run of the purge job: the next slot's run enqueued, then the purge.
+    async fn purge_run(&self) -> Outcome {
         // The next run first, so a failure below cannot end the chain.
         let (slot, until_next) = self.slot();
         if let Err(e) = self.enqueue_purge(slot + 1, until_next).await {
@@ -164,5 +196,26 @@ impl Maintenance {
             async move { this.handle(job).await }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_purge_payload_is_the_task_and_its_slot_as_queued_rows_hold_them() {
+        let job = MaintenanceJob::PurgeIdempotencyKeys { slot: 7 };
+        let stored = serde_json::json!({ "task": "purge_idempotency_keys", "slot": 7 });
+        assert_eq!(serde_json::to_value(job).unwrap(), stored);
+        assert_eq!(MaintenanceJob::deserialize(&stored).unwrap(), job);
+        for unknown in [
+            serde_json::json!({ "task": "vacuum", "slot": 7 }),
+            serde_json::json!({ "task": "purge_idempotency_keys" }),
+            serde_json::json!({ "slot": 7 }),
+        ] {
+            assert!(MaintenanceJob::deserialize(&unknown).is_err(), "{unknown}");
+        }
     }
 }
