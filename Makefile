@@ -9,7 +9,7 @@ CARGO ?= cargo
 # What `make new-service` runs; the scaffolding test passes the binary it already built.
 SCAFFOLD ?= $(CARGO) run -q -p keel-scaffold --
 
-.PHONY: help dev down status demo deps build tools test lint fmt bench new-service
+.PHONY: help dev down status demo deps build tools test lint fmt bench new-service reset-dev-data
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,6 +26,10 @@ dev: deps build ## every service in infra/services.toml, natively; returns once 
 down: ## stop everything `make dev` started, and nothing else
 	infra/dev/services.sh stop
 	infra/dev/stack.sh down
+
+reset-dev-data: ## drop the services' dev databases (asks first; YES=1 skips that), recreate them empty
+	YES="$(YES)" infra/dev/services.sh reset-data
+	infra/dev/stack.sh up
 
 demo: ## against `make dev`: every kind of order, their final states, then `keelctl audit`
 	infra/dev/services.sh demo

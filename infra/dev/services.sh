@@ -2,7 +2,7 @@
 # Starts, stops and reports every service in the registry (infra/services.toml) natively
 # (`make dev` / `make down` / `make status` / `make demo`).
 #
-#   infra/dev/services.sh start|stop|status|demo|keelctl <args>|env <service>
+#   infra/dev/services.sh start|stop|status|demo|keelctl <args>|env <service>|reset-data
 #
 # Services run the debug binaries from target/debug (the same artifacts the tests use, so
 # `make dev` after `make test` builds nothing). Each one gets its ports and dependency URLs
@@ -134,12 +134,19 @@ start() {
     [[ -x "$BIN/$svc" ]] || { log "missing $BIN/$svc: run \`cargo build --bins\` (make dev does)"; exit 1; }
   done
   local -a migrate
+  local mlog from
   for svc in "${KEELDEV_DB_SERVICES[@]}"; do
     read -r -a migrate <<<"$(reg_get "$svc" migrate)"
     ((${#migrate[@]} > 0)) || continue
     log "migrating $svc (owner role, direct connection)"
-    (exec_with_env "$svc" "$BIN/$svc" "${migrate[@]}") >>"$LOGS/$svc.migrate.log" 2>&1 ||
-      { tail -n 20 "$LOGS/$svc.migrate.log" >&2; exit 1; }
+    mlog="$LOGS/$svc.migrate.log"
+    # The log is appended to: only what this run wrote is shown, and read for the hint.
+    from=$(($(stat -c %s "$mlog" 2>/dev/null || echo 0) + 1))
+    if ! (exec_with_env "$svc" "$BIN/$svc" "${migrate[@]}") >>"$mlog" 2>&1; then
+      tail -c "+$from" "$mlog" | tail -n 20 >&2
+      migrate_hint "$svc" "$mlog" "$from"
+      exit 1
+    fi
   done
   for svc in "${SERVICES[@]}"; do
     if pid="$(running_pid "$svc")"; then
@@ -182,6 +189,18 @@ Next:
 EOT
 }
 
+# A database an older Keel migrated is refused by today's migrations: one was edited or
+# renumbered since (sqlx: "was previously applied but has been modified"), or the platform's
+# tables it already has by a service's own migration are now created by keel-pg's
+# ("relation \"outbox\" already exists"). Not repairable in place, and dev data is disposable:
+# say which command starts afresh, in one line.
+migrate_hint() {
+  local svc="$1" mlog="$2" from="$3"
+  if tail -c "+$from" "$mlog" | grep -Eq 'was previously applied but has been modified|already exists'; then
+    log "keel_$svc was migrated by an older Keel and cannot be migrated forward: \`YES=1 make reset-dev-data\` drops the dev databases (their data is lost), then \`make dev\` again"
+  fi
+}
+
 stop() {
   # SIGTERM to all first, then wait for each: the drains run in parallel, not one by one.
   local -A pids=()
@@ -217,6 +236,44 @@ demo() {
   (exec_with_env keelctl "$BIN/keelctl" "$@")
 }
 
+# `make reset-dev-data`: stops the services and drops every registered service's database
+# (keel_<name>, names from the registry), so that `make deps` creates them empty and `make dev`
+# migrates them from nothing. For dev databases an older Keel migrated (see migrate_hint).
+# Only on a dev stack (`make deps` wrote .keel/stack.env, naming its Postgres), and only after
+# a typed "yes" or YES=1.
+reset_data() {
+  if [[ ! -f "$KEELDEV_HOME/stack.env" ]]; then
+    log "no $KEELDEV_HOME/stack.env, so no dev stack here to reset (make deps makes one); nothing dropped"
+    exit 64
+  fi
+  local -a dbs=()
+  local svc db answer
+  for svc in "${KEELDEV_DB_SERVICES[@]}"; do dbs+=("keel_$svc"); done
+  if ((${#dbs[@]} == 0)); then
+    log "no registered service has a database; nothing to drop"
+    return 0
+  fi
+  log "this drops ${dbs[*]} (all their data) on the dev stack's Postgres, 127.0.0.1:${PG_PORT}"
+  if [[ "${YES:-}" != 1 ]]; then
+    if [[ ! -t 0 ]]; then
+      log "no terminal to ask on: run \`YES=1 make reset-dev-data\` to confirm; nothing dropped"
+      exit 64
+    fi
+    read -r -p "Type yes to drop them: " answer
+    if [[ "$answer" != yes ]]; then
+      log "nothing dropped"
+      exit 1
+    fi
+  fi
+  stop
+  for db in "${dbs[@]}"; do
+    log "dropping $db"
+    # FORCE: pgbouncer still holds server connections to it; they are closed, and pgbouncer
+    # opens new ones to the recreated database.
+    psql_admin "$PG_PORT" -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)"
+  done
+}
+
 status() {
   for svc in "${SERVICES[@]}"; do
     local pid port ready
@@ -234,6 +291,7 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) status ;;
+  reset-data) reset_data ;;
   demo) demo demo ;;
   keelctl) shift; demo_args=("$@"); (exec_with_env keelctl "$BIN/keelctl" "${demo_args[@]}") ;;
   env)
@@ -246,5 +304,5 @@ case "${1:-}" in
       service_env "$2"
     fi
     ;;
-  *) echo "usage: $0 start|stop|status|demo|keelctl <args>|env <service>" >&2; exit 64 ;;
+  *) echo "usage: $0 start|stop|status|demo|keelctl <args>|env <service>|reset-data" >&2; exit 64 ;;
 esac
