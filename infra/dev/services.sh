@@ -212,12 +212,14 @@ stop() {
       pids[$svc]="$pid"
     fi
   done
-  local deadline=$((SECONDS + 40))
+  # Above the longest shutdown any registered service can take with every stage at its
+  # bound (psp-sim: 42 s), so SIGKILL never cuts a drain that is still within its bounds.
+  local deadline=$((SECONDS + 45))
   for svc in "${!pids[@]}"; do
     pid="${pids[$svc]}"
     while kill -0 "$pid" 2>/dev/null; do
       if ((SECONDS >= deadline)); then
-        log "$svc still running after 40 s; SIGKILL"
+        log "$svc still running after 45 s; SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true
         break
       fi

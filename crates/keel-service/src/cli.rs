@@ -199,7 +199,7 @@ pub async fn run<S: ServiceMain>(args: impl IntoIterator<Item = std::ffi::OsStri
             tracing::error!(
                 command = name,
                 exit_code = code,
-                error = format!("{e:#}"),
+                error = causes(e),
                 "{} failed",
                 S::NAME
             );
@@ -209,6 +209,22 @@ pub async fn run<S: ServiceMain>(args: impl IntoIterator<Item = std::ffi::OsStri
     // Inside the runtime: the exporter's flush is a task on it.
     telemetry.shutdown();
     code
+}
+
+/// The error and its causes on one line, each said once: a library error that shows its
+/// source in its own message (`migration failed: <cause>`) would otherwise repeat it.
+fn causes(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 /// The exit code for an error, by what it is.
