@@ -56,8 +56,9 @@ async fn outbox_drained(
 
 async fn no_failed_jobs(service: &str, conn: &mut PgConnection) -> Result<Check, AuditError> {
     let failed: Vec<(uuid::Uuid, String, Option<String>)> = sqlx::query_as(
-        "SELECT id, queue, last_error FROM jobs WHERE state = 'failed' ORDER BY created_at",
+        "SELECT id, queue, last_error FROM jobs WHERE state = $1 ORDER BY created_at",
     )
+    .bind(keel_pg::jobs::JobState::Failed)
     .fetch_all(&mut *conn)
     .await
     .map_err(db(service))?;
