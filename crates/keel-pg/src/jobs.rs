@@ -92,33 +92,8 @@ impl std::fmt::Display for JobState {
     }
 }
 
-// Stored as Postgres `text` through `as_str`/`parse`: SQL binds the enum itself, and a row
-// with a state the code does not know fails to decode instead of travelling on as a string.
-impl sqlx::Type<sqlx::Postgres> for JobState {
-    fn type_info() -> sqlx::postgres::PgTypeInfo {
-        <str as sqlx::Type<sqlx::Postgres>>::type_info()
-    }
-
-    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
-        <str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
-    }
-}
-
-impl sqlx::Encode<'_, sqlx::Postgres> for JobState {
-    fn encode_by_ref(
-        &self,
-        buf: &mut sqlx::postgres::PgArgumentBuffer,
-    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
-        <&str as sqlx::Encode<'_, sqlx::Postgres>>::encode(self.as_str(), buf)
-    }
-}
-
-impl<'r> sqlx::Decode<'r, sqlx::Postgres> for JobState {
-    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
-        let text = <&str as sqlx::Decode<'r, sqlx::Postgres>>::decode(value)?;
-        Self::parse(text).ok_or_else(|| format!("unknown job state {text:?}").into())
-    }
-}
+// Stored as Postgres `text` through `as_str`/`parse` (crate::text).
+crate::text_column!(JobState, "job state");
 
 /// A job to enqueue.
 #[derive(Debug, Clone)]

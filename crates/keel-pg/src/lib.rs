@@ -14,6 +14,7 @@ pub mod inbox;
 pub mod jobs;
 pub mod outbox;
 pub mod schema;
+pub mod text;
 
 pub use schema::{PLATFORM_MIGRATOR, PLATFORM_TABLES};
 pub use sqlx;

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::orders::state::text_column;
+use keel_pg::text_column;
 
 /// Where one (order, SKU) reservation stands; stored in `reservations.state` through
 /// [`ReservationState::as_str`], the one mapping.

@@ -86,31 +86,7 @@ impl TryFrom<String> for PaymentStatus {
     }
 }
 
-impl sqlx::Type<sqlx::Postgres> for PaymentStatus {
-    fn type_info() -> sqlx::postgres::PgTypeInfo {
-        <str as sqlx::Type<sqlx::Postgres>>::type_info()
-    }
-
-    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
-        <str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
-    }
-}
-
-impl sqlx::Encode<'_, sqlx::Postgres> for PaymentStatus {
-    fn encode_by_ref(
-        &self,
-        buf: &mut sqlx::postgres::PgArgumentBuffer,
-    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
-        <&str as sqlx::Encode<'_, sqlx::Postgres>>::encode(self.as_str(), buf)
-    }
-}
-
-impl<'r> sqlx::Decode<'r, sqlx::Postgres> for PaymentStatus {
-    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
-        let text = <&str as sqlx::Decode<'r, sqlx::Postgres>>::decode(value)?;
-        Self::parse(text).ok_or_else(|| format!("unknown payment status {text:?}").into())
-    }
-}
+keel_pg::text_column!(PaymentStatus, "payment status");
 
 /// A payment as the fold of its events: the projection row, and what commands decide on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

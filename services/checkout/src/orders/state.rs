@@ -2,8 +2,8 @@
 //!
 //! Every state checkout keeps in a `text` column (an order's and a saga's state, a step's
 //! name and outcome, a reservation's state) is an enum with one `as_str` — the text in the
-//! column, the API and the events — and a `parse` that inverts it. [`text_column!`] derives
-//! the sqlx encoding from those two, so SQL binds the enum itself (`.bind(OrderState::Pending)`)
+//! column, the API and the events — and a `parse` that inverts it. `keel_pg::text_column!`
+//! derives the sqlx encoding from those two (the platform's one way to store a state), so SQL binds the enum itself (`.bind(OrderState::Pending)`)
 //! and rows decode into it: no state is ever spelled as a string literal in a query, and a
 //! value the code does not know fails to decode instead of travelling on as a string. The
 //! columns' CHECK constraints (migrations) list the same texts; the round-trip tests here and
@@ -12,43 +12,8 @@
 //! Must not break: `as_str` is the stored format. Renaming a variant's text needs a migration
 //! of the rows (and the CHECK constraint), never just a code change.
 
+use keel_pg::text_column;
 use serde::Serialize;
-
-/// Implements sqlx's `Type`, `Encode` and `Decode` for Postgres `text` on an enum with
-/// `fn as_str(self) -> &'static str` and `fn parse(&str) -> Option<Self>`; `$what` names the
-/// enum in a decode error ("unknown saga state \"X\"").
-macro_rules! text_column {
-    ($ty:ty, $what:literal) => {
-        impl ::sqlx::Type<::sqlx::Postgres> for $ty {
-            fn type_info() -> ::sqlx::postgres::PgTypeInfo {
-                <str as ::sqlx::Type<::sqlx::Postgres>>::type_info()
-            }
-
-            fn compatible(ty: &::sqlx::postgres::PgTypeInfo) -> bool {
-                <str as ::sqlx::Type<::sqlx::Postgres>>::compatible(ty)
-            }
-        }
-
-        impl ::sqlx::Encode<'_, ::sqlx::Postgres> for $ty {
-            fn encode_by_ref(
-                &self,
-                buf: &mut ::sqlx::postgres::PgArgumentBuffer,
-            ) -> Result<::sqlx::encode::IsNull, ::sqlx::error::BoxDynError> {
-                <&str as ::sqlx::Encode<'_, ::sqlx::Postgres>>::encode(self.as_str(), buf)
-            }
-        }
-
-        impl<'r> ::sqlx::Decode<'r, ::sqlx::Postgres> for $ty {
-            fn decode(
-                value: ::sqlx::postgres::PgValueRef<'r>,
-            ) -> Result<Self, ::sqlx::error::BoxDynError> {
-                let text = <&str as ::sqlx::Decode<'r, ::sqlx::Postgres>>::decode(value)?;
-                Self::parse(text).ok_or_else(|| format!("unknown {} {text:?}", $what).into())
-            }
-        }
-    };
-}
-pub(crate) use text_column;
 
 /// The states an order goes through, as customers see them (the saga has one more of its
 /// own, COMPENSATING, during which the order keeps its last state).

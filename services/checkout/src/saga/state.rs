@@ -1,6 +1,6 @@
 //! The saga's vocabulary (P04): where a saga is, which step it takes, how a step ended, why
 //! it compensates and what compensation must void — each an enum or a struct with named
-//! fields, stored through one mapping ([`text_column!`]).
+//! fields, stored through one mapping (`keel_pg::text_column!`).
 //!
 //! Named, not positional, because a saga's decisions are the lesson: a reader of
 //! `Compensation { ends_in: PaymentFailed, reason: DeadlineExceeded, void: ByOrder, .. }` sees
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::orders::OrderState;
-use crate::orders::state::text_column;
+use keel_pg::text_column;
 
 /// A saga's id (also the id of its job).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
