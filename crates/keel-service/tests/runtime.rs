@@ -309,12 +309,12 @@ async fn a_blocked_runtime_shows_as_lag_and_fails_readiness() {
     let lag = LagMonitor::spawn(Duration::from_millis(20), stop.clone());
     let health = Health::new(Duration::from_secs(1));
     health.watch_runtime_lag(lag.clone(), Duration::from_millis(200));
-    poll(|| async { health.ready().await.ready }).await;
+    ready_is(&health, true, "ready before the stall").await;
 
     tokio::spawn(async { std::thread::sleep(Duration::from_millis(600)) })
         .await
         .unwrap();
-    poll(|| async { !health.ready().await.ready }).await;
+    ready_is(&health, false, "the stall fails readiness").await;
     let r = health.ready().await;
     assert!(r.checks["runtime"].starts_with("scheduler lag"), "{r:?}");
     assert!(
@@ -323,20 +323,13 @@ async fn a_blocked_runtime_shows_as_lag_and_fails_readiness() {
         lag.recent_max()
     );
     // It recovers by itself once the stall has left the window (50 × 20 ms).
-    poll(|| async { health.ready().await.ready }).await;
+    ready_is(&health, true, "ready again once the stall left the window").await;
     stop.cancel();
 }
 
-async fn poll<F, Fut>(mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..250 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("condition not met within 5 s");
+async fn ready_is(health: &Health, ready: bool, what: &str) {
+    keel_testkit::eventually(Duration::from_secs(5), what, || async {
+        (health.ready().await.ready == ready).then_some(())
+    })
+    .await;
 }
