@@ -21,7 +21,8 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use keel_http::idempotency::KeyError;
 use keel_pg::idempotency::{self, Begin, Timing};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -35,15 +36,6 @@ use crate::{catalogue, saga};
 
 /// The idempotency scope of order placement (see the module doc on API keys).
 pub const IDEMPOTENCY_SCOPE: &str = "POST /v1/orders";
-
-/// The request header carrying the client's idempotency key.
-pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-
-/// Set on a response that was stored earlier and is being replayed.
-pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
-
-/// Longest idempotency key accepted (UUIDs and similar fit many times over).
-const MAX_KEY_LEN: usize = 255;
 
 /// What the handlers need.
 #[derive(Debug, Clone)]
@@ -62,12 +54,7 @@ pub fn routes(state: OrdersState) -> Router {
 }
 
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
-    if json {
+    if keel_http::idempotency::is_json(headers) {
         Ok(())
     } else {
         Err(ApiError::UnsupportedMediaType)
@@ -75,19 +62,14 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<&str, ApiError> {
-    let value = headers.get(&IDEMPOTENCY_KEY).ok_or(ApiError::IdempotencyKey(
-        "send an Idempotency-Key header: a unique value per order, e.g. a UUID, reused on retries",
-    ))?;
-    let key = value.to_str().unwrap_or_default();
-    let usable =
-        (1..=MAX_KEY_LEN).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic());
-    if usable {
-        Ok(key)
-    } else {
-        Err(ApiError::IdempotencyKey(
-            "the Idempotency-Key must be 1 to 255 visible ASCII characters",
-        ))
-    }
+    keel_http::idempotency::key(headers).map_err(|e| {
+        ApiError::IdempotencyKey(match e {
+            KeyError::Missing => {
+                "send an Idempotency-Key header: a unique value per order, e.g. a UUID, reused on retries"
+            }
+            KeyError::Unusable => KeyError::UNUSABLE,
+        })
+    })
 }
 
 /// Where an accepted order's answer came from: `Idempotent-Replayed: true` says which.
@@ -110,9 +92,7 @@ fn accepted(status: StatusCode, body: serde_json::Value, answer: Answer) -> Resp
         response.headers_mut().insert(header::LOCATION, location);
     }
     if answer == Answer::Replayed {
-        response
-            .headers_mut()
-            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        keel_http::idempotency::mark_replayed(&mut response);
     }
     response
 }

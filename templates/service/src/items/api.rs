@@ -24,9 +24,10 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use keel_http::idempotency::KeyError;
 use keel_pg::idempotency::{self, Begin, Timing};
 use keel_pg::outbox::{self, NewEvent};
 use serde::Serialize;
@@ -40,15 +41,6 @@ use crate::history::{self, HistoryEntry};
 
 /// The idempotency scope of item creation (see the module docs).
 pub const IDEMPOTENCY_SCOPE: &str = "POST /v1/items";
-
-/// The request header carrying the client's idempotency key.
-pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-
-/// Set on a response that was stored earlier and is being replayed.
-pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
-
-/// Longest idempotency key accepted (UUIDs and similar fit many times over).
-const MAX_KEY_LEN: usize = 255;
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
@@ -74,37 +66,35 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        let value = parts.headers.get(&IDEMPOTENCY_KEY).ok_or(ApiError::IdempotencyKey(
-            "send an Idempotency-Key header: a unique value per item, e.g. a UUID, reused on retries",
-        ))?;
-        let key = value.to_str().unwrap_or_default();
-        let usable =
-            (1..=MAX_KEY_LEN).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic());
-        if usable {
-            Ok(Self(key.to_owned()))
-        } else {
-            Err(ApiError::IdempotencyKey(
-                "the Idempotency-Key must be 1 to 255 visible ASCII characters",
-            ))
+        match keel_http::idempotency::key(&parts.headers) {
+            Ok(key) => Ok(Self(key.to_owned())),
+            Err(KeyError::Missing) => Err(ApiError::IdempotencyKey(
+                "send an Idempotency-Key header: a unique value per item, e.g. a UUID, reused on retries",
+            )),
+            Err(KeyError::Unusable) => Err(ApiError::IdempotencyKey(KeyError::UNUSABLE)),
         }
     }
 }
 
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
-    if json {
+    if keel_http::idempotency::is_json(headers) {
         Ok(())
     } else {
         Err(ApiError::UnsupportedMediaType)
     }
 }
 
+/// Where a created item's answer came from: `Idempotent-Replayed: true` says which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// Created by this request.
+    Fresh,
+    /// The stored answer of an earlier request with the same key (P13).
+    Replayed,
+}
+
 /// 201 with `Location`, from a fresh or a stored answer.
-fn created(status: StatusCode, body: serde_json::Value, replayed: bool) -> Response {
+fn created(status: StatusCode, body: serde_json::Value, answer: Answer) -> Response {
     let location = body
         .get("id")
         .and_then(|id| id.as_str())
@@ -113,10 +103,8 @@ fn created(status: StatusCode, body: serde_json::Value, replayed: bool) -> Respo
     if let Some(location) = location {
         response.headers_mut().insert(header::LOCATION, location);
     }
-    if replayed {
-        response
-            .headers_mut()
-            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    if answer == Answer::Replayed {
+        keel_http::idempotency::mark_replayed(&mut response);
     }
     response
 }
@@ -154,7 +142,7 @@ async fn create(
                 .ok()
                 .and_then(|s| StatusCode::from_u16(s).ok())
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            return Ok(created(status, response, true));
+            return Ok(created(status, response, Answer::Replayed));
         }
         Begin::Mismatch => return Err(ApiError::IdempotencyMismatch),
         Begin::InProgress => return Err(ApiError::IdempotencyInProgress),
@@ -188,7 +176,7 @@ async fn create(
     .await?;
     tx.commit().await?;
     metrics::counter!("items_created_total").increment(1);
-    Ok(created(StatusCode::CREATED, body, false))
+    Ok(created(StatusCode::CREATED, body, Answer::Fresh))
 }
 
 fn encode(value: &impl Serialize) -> Result<serde_json::Value, ApiError> {
