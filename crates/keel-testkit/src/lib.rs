@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 pub mod bench;
+mod broker;
 mod db;
 pub mod privilege;
 mod process;
@@ -12,6 +13,7 @@ mod stack;
 use std::future::Future;
 use std::time::Duration;
 
+pub use broker::{QueueCounts, TestBroker};
 pub use db::TestDb;
 pub use process::ServiceProcess;
 pub use proxy::FaultProxy;

@@ -5,12 +5,8 @@
 
 use std::time::Duration;
 
-use keel_testkit::{FaultProxy, TestDb, TestVhost, eventually};
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use keel_testkit::{FaultProxy, TestBroker, TestDb, TestVhost, eventually};
+use lapin::options::BasicGetOptions;
 use notification::{App, Config};
 use serde_json::{Value, json};
 use sqlx::{Connection as _, PgConnection};
@@ -86,96 +82,22 @@ impl Running {
     }
 }
 
-/// A direct (never proxied) connection to the test's vhost.
-struct Broker {
-    conn: Connection,
-    publish: Channel,
+/// Messages ready in `queue` once the service has gone away. Waiting for the consumer count
+/// to reach zero first matters: a quorum queue's declare-ok counters can trail it by a moment,
+/// and the consumer's removal is what returns its unacked messages.
+async fn ready_after_stop(broker: &TestBroker, queue: &str) -> u32 {
+    eventually(WAIT, "the consumer is gone", || async {
+        let q = broker.queue(queue).await?;
+        (q.consumers == 0).then_some(q.ready)
+    })
+    .await
 }
 
-impl Broker {
-    async fn connect(vhost: &TestVhost) -> Self {
-        let conn = Connection::connect(&vhost.url(), ConnectionProperties::default())
-            .await
-            .unwrap();
-        let publish = conn.create_channel().await.unwrap();
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
-        Self { conn, publish }
-    }
-
-    /// Publishes to `keel.events` and waits for the broker's confirm.
-    async fn publish(&self, routing_key: &str, message_id: &str, body: &[u8]) {
-        let confirm = self
-            .publish
-            .basic_publish(
-                "keel.events".into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                body,
-                BasicProperties::default()
-                    .with_message_id(message_id.into())
-                    .with_type(routing_key.into())
-                    .with_content_type("application/json".into())
-                    .with_delivery_mode(2),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(confirm.is_ack());
-    }
-
-    /// Messages ready in `queue` (not counting ones delivered and unacked), or `None` if it
-    /// does not exist (yet).
-    async fn ready(&self, queue: &str) -> Option<u32> {
-        self.declare_passive(queue).await.map(|q| q.message_count())
-    }
-
-    async fn declare_passive(&self, queue: &str) -> Option<lapin::Queue> {
-        let channel = self.conn.create_channel().await.ok()?;
-        let q = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .ok()?;
-        let _ = channel.close(200, "done".into()).await;
-        Some(q)
-    }
-
-    /// Waits until the service consumes `queue`; it subscribes only after declaring the queue
-    /// and its bindings, so from then on published events reach it.
-    async fn wait_for_consumer(&self, queue: &str) {
-        eventually(WAIT, "the service consumes its queue", || async {
-            (self.declare_passive(queue).await?.consumer_count() > 0).then_some(())
-        })
-        .await;
-    }
-
-    /// Messages ready once the service has gone away. Waiting for the consumer count to reach
-    /// zero first matters: a quorum queue's declare-ok counters can trail it by a moment, and
-    /// the consumer's removal is what returns its unacked messages.
-    async fn ready_after_stop(&self, queue: &str) -> u32 {
-        eventually(WAIT, "the consumer is gone", || async {
-            let q = self.declare_passive(queue).await?;
-            (q.consumer_count() == 0).then_some(q.message_count())
-        })
-        .await
-    }
-
-    async fn wait_ready(&self, queue: &str, n: u32, what: &str) {
-        eventually(WAIT, what, || async {
-            (self.ready(queue).await? == n).then_some(())
-        })
-        .await;
-    }
+async fn wait_ready(broker: &TestBroker, queue: &str, n: u32, what: &str) {
+    eventually(WAIT, what, || async {
+        (broker.queue(queue).await?.ready == n).then_some(())
+    })
+    .await;
 }
 
 fn order_event(
@@ -246,9 +168,9 @@ async fn count(db: &TestDb, sql: &str) -> i64 {
 async fn redelivered_message_has_one_effect() {
     let db = TestDb::create("notification", &notification::MIGRATOR).await;
     let vhost = TestVhost::create().await;
-    let broker = Broker::connect(&vhost).await;
+    let broker = TestBroker::connect(&vhost).await;
     let app = Running::start(&db, &vhost.url(), &db.app_url(), &[]).await;
-    broker.wait_for_consumer(QUEUE).await;
+    broker.wait_for_consumer(QUEUE, WAIT).await;
 
     // One event, delivered 100 times: what a relay that crashed between confirm and commit,
     // or a consumer that lost its ack, produces.
@@ -269,7 +191,7 @@ async fn redelivered_message_has_one_effect() {
     // After a graceful stop an unacked copy would be back in the queue: none is.
     app.stop().await;
     assert_eq!(
-        broker.ready_after_stop(QUEUE).await,
+        ready_after_stop(&broker, QUEUE).await,
         0,
         "all 100 copies acked"
     );
@@ -291,9 +213,9 @@ async fn redelivered_message_has_one_effect() {
 async fn final_order_event_records_a_customer_notification_visible_over_http() {
     let db = TestDb::create("notification", &notification::MIGRATOR).await;
     let vhost = TestVhost::create().await;
-    let broker = Broker::connect(&vhost).await;
+    let broker = TestBroker::connect(&vhost).await;
     // Someone listening to notification's own events (declared before anything is published).
-    let observer = broker.conn.create_channel().await.unwrap();
+    let observer = broker.channel().await;
     keel_amqp::topology::declare_queue(
         &observer,
         &keel_amqp::topology::QueueSpec {
@@ -305,7 +227,7 @@ async fn final_order_event_records_a_customer_notification_visible_over_http() {
     .await
     .unwrap();
     let app = Running::start(&db, &vhost.url(), &db.app_url(), &[]).await;
-    broker.wait_for_consumer(QUEUE).await;
+    broker.wait_for_consumer(QUEUE, WAIT).await;
 
     let order = Uuid::new_v4();
     let (id, body) = order_event(
@@ -378,9 +300,9 @@ async fn final_order_event_records_a_customer_notification_visible_over_http() {
 async fn non_final_and_payment_events_record_no_notification() {
     let db = TestDb::create("notification", &notification::MIGRATOR).await;
     let vhost = TestVhost::create().await;
-    let broker = Broker::connect(&vhost).await;
+    let broker = TestBroker::connect(&vhost).await;
     let app = Running::start(&db, &vhost.url(), &db.app_url(), &[]).await;
-    broker.wait_for_consumer(QUEUE).await;
+    broker.wait_for_consumer(QUEUE, WAIT).await;
 
     let order = Uuid::new_v4();
     for (routing_key, (id, body)) in [
@@ -413,7 +335,7 @@ async fn non_final_and_payment_events_record_no_notification() {
 async fn ack_happens_only_after_commit() {
     let db = TestDb::create("notification", &notification::MIGRATOR).await;
     let vhost = TestVhost::create().await;
-    let broker = Broker::connect(&vhost).await;
+    let broker = TestBroker::connect(&vhost).await;
     // The service reaches both its database and the broker through fault proxies.
     let pg = FaultProxy::to_pgbouncer().await;
     let mq = FaultProxy::to_amqp().await;
@@ -424,27 +346,29 @@ async fn ack_happens_only_after_commit() {
         &[],
     )
     .await;
-    broker.wait_for_consumer(QUEUE).await;
+    broker.wait_for_consumer(QUEUE, WAIT).await;
 
     // The database goes away; a final order event arrives.
     pg.cut();
     let order = Uuid::new_v4();
     let (id, body) = order_event("checkout.order.confirmed", order, "CONFIRMED", None);
     broker.publish("checkout.order.confirmed", &id, &body).await;
-    broker
-        .wait_ready(QUEUE, 0, "the message delivered to the consumer")
-        .await;
+    wait_ready(&broker, QUEUE, 0, "the message delivered to the consumer").await;
     assert_eq!(count(&db, "SELECT count(*) FROM notifications").await, 0);
 
     // Not acked: when the consumer's connection drops, the message is back in the queue.
     mq.cut();
-    broker
-        .wait_ready(QUEUE, 1, "the unacked message returned to the queue")
-        .await;
+    wait_ready(
+        &broker,
+        QUEUE,
+        1,
+        "the unacked message returned to the queue",
+    )
+    .await;
 
     // The consumer reconnects and gets it again; the database is still down.
     mq.restore();
-    broker.wait_ready(QUEUE, 0, "the message redelivered").await;
+    wait_ready(&broker, QUEUE, 0, "the message redelivered").await;
     assert_eq!(count(&db, "SELECT count(*) FROM notifications").await, 0);
 
     // The database returns: the effect happens once, then the ack.
@@ -455,7 +379,7 @@ async fn ack_happens_only_after_commit() {
     .await;
     app.stop().await;
     assert_eq!(
-        broker.ready_after_stop(QUEUE).await,
+        ready_after_stop(&broker, QUEUE).await,
         0,
         "acked after the commit"
     );
@@ -474,7 +398,7 @@ async fn unparseable_message_is_rejected_not_looped() {
     const Q: &str = "notification.events.rejects";
     let db = TestDb::create("notification", &notification::MIGRATOR).await;
     let vhost = TestVhost::create().await;
-    let broker = Broker::connect(&vhost).await;
+    let broker = TestBroker::connect(&vhost).await;
     let app = Running::start(
         &db,
         &vhost.url(),
@@ -485,7 +409,7 @@ async fn unparseable_message_is_rejected_not_looped() {
         ],
     )
     .await;
-    broker.wait_for_consumer(Q).await;
+    broker.wait_for_consumer(Q, WAIT).await;
 
     let unknown_version_order = Uuid::new_v4();
     let (id, body) = order_event(
@@ -536,7 +460,7 @@ async fn unparseable_message_is_rejected_not_looped() {
         "nothing was requeued:\n{metrics}"
     );
     assert_eq!(
-        broker.ready_after_stop(Q).await,
+        ready_after_stop(&broker, Q).await,
         0,
         "the bad messages are gone, not waiting"
     );

@@ -5,9 +5,9 @@
 
 mod support;
 
-use keel_testkit::{TestVhost, eventually};
+use keel_testkit::{TestBroker, TestVhost, eventually};
 use serde_json::json;
-use support::{Broker, QUEUE, Running, WAIT, count, database, env, settled};
+use support::{QUEUE, Running, WAIT, count, database, env, settled};
 use uuid::Uuid;
 
 /// An envelope as a relay writes it, for `skeleton.item.created`.
@@ -28,9 +28,9 @@ fn item_created(item_id: Uuid) -> (String, Vec<u8>) {
 async fn a_redelivered_message_is_recorded_once() {
     let db = database().await;
     let vhost = TestVhost::create().await;
-    let broker = Broker::connect(&vhost).await;
+    let broker = TestBroker::connect(&vhost).await;
     let app = Running::start(&env(&db, &vhost)).await;
-    broker.wait_for_consumer(QUEUE).await;
+    broker.wait_for_consumer(QUEUE, WAIT).await;
     let acked_before = settled(QUEUE, "ack");
 
     // One event, delivered 20 times: what a relay that crashed between the broker's confirm
@@ -59,11 +59,11 @@ async fn a_message_that_can_never_be_processed_is_rejected_not_looped() {
     const Q: &str = "skeleton.events.rejects";
     let db = database().await;
     let vhost = TestVhost::create().await;
-    let broker = Broker::connect(&vhost).await;
+    let broker = TestBroker::connect(&vhost).await;
     let mut vars = env(&db, &vhost);
     vars.push(("KEEL_CONSUMER__QUEUE".into(), Q.into()));
     let app = Running::start(&vars).await;
-    broker.wait_for_consumer(Q).await;
+    broker.wait_for_consumer(Q, WAIT).await;
 
     broker
         .publish("skeleton.item.created", "garbage-1", b"not json at all")
@@ -82,6 +82,6 @@ async fn a_message_that_can_never_be_processed_is_rejected_not_looped() {
     .await;
     assert_eq!(settled(Q, "requeue"), 0, "nothing was requeued");
     app.stop().await;
-    let (ready, _) = broker.queue(Q).await.unwrap();
+    let ready = broker.queue(Q).await.unwrap().ready;
     assert_eq!(ready, 0, "the bad message is gone, not waiting");
 }

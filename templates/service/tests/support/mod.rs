@@ -5,10 +5,7 @@
 
 use std::time::Duration;
 
-use keel_testkit::{TestDb, TestVhost, eventually};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use keel_testkit::{TestDb, TestVhost};
 use skeleton::{App, Config};
 use sqlx::{Connection as _, PgConnection};
 use tokio::sync::oneshot;
@@ -82,75 +79,6 @@ impl Running {
             .await
             .expect("service stops in time")
             .unwrap();
-    }
-}
-
-/// A direct connection to the test's vhost, publishing as a relay does.
-pub struct Broker {
-    conn: Connection,
-    publish: Channel,
-}
-
-impl Broker {
-    pub async fn connect(vhost: &TestVhost) -> Self {
-        let conn = Connection::connect(&vhost.url(), ConnectionProperties::default())
-            .await
-            .unwrap();
-        let publish = conn.create_channel().await.unwrap();
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
-        Self { conn, publish }
-    }
-
-    /// Publishes to `keel.events` and waits for the broker's confirm.
-    pub async fn publish(&self, routing_key: &str, message_id: &str, body: &[u8]) {
-        let confirm = self
-            .publish
-            .basic_publish(
-                "keel.events".into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                body,
-                BasicProperties::default()
-                    .with_message_id(message_id.into())
-                    .with_type(routing_key.into())
-                    .with_content_type("application/json".into())
-                    .with_delivery_mode(2),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(confirm.is_ack());
-    }
-
-    /// `queue`'s (ready messages, consumers), or `None` while it does not exist.
-    pub async fn queue(&self, queue: &str) -> Option<(u32, u32)> {
-        let channel = self.conn.create_channel().await.ok()?;
-        let q = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .ok()?;
-        let _ = channel.close(200, "done".into()).await;
-        Some((q.message_count(), q.consumer_count()))
-    }
-
-    /// Waits until the service consumes `queue`: it subscribes only after declaring the queue
-    /// and its bindings, so from then on published events reach it.
-    pub async fn wait_for_consumer(&self, queue: &str) {
-        eventually(WAIT, "the service consumes its queue", || async {
-            (self.queue(queue).await?.1 > 0).then_some(())
-        })
-        .await;
     }
 }
 
