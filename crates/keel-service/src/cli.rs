@@ -272,7 +272,9 @@ async fn migrate<S: ServiceMain>(config: &S::Config, m: &ArgMatches) -> anyhow::
     loop {
         match keel_pg::migrate(database, &format!("{}-migrate", S::NAME), migrator).await {
             Ok(()) => return Ok(()),
-            Err(keel_pg::PgError::Sqlx(e)) if is_unreachable(&e) => {
+            // Keel's one classification of "goes away by itself" (unreachable, starting up,
+            // shutting down, a conflict): worth waiting for; anything else fails at once.
+            Err(keel_pg::PgError::Sqlx(e)) if keel_pg::is_transient(&e) => {
                 let Some(pause) = backoff.next_delay(Instant::now(), deadline) else {
                     return Err(Unavailable {
                         dependency: "postgres",
@@ -293,16 +295,6 @@ fn humantime_parse(s: &str) -> anyhow::Result<Duration> {
     keel_config::parse_duration(s).map_err(|e| {
         ConfigError::invalid("--wait", format!("expected a duration like `30s` ({e})")).into()
     })
-}
-
-/// Errors that mean "not there (yet)", as opposed to "there and said no".
-fn is_unreachable(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => true,
-        // 57P03 cannot_connect_now: the server is starting up or shutting down.
-        sqlx::Error::Database(db) => db.code().as_deref() == Some("57P03"),
-        _ => false,
-    }
 }
 
 /// Panics are logged once, as a JSON line with their location, instead of the default hook's
