@@ -10,25 +10,13 @@
 use std::time::Duration;
 
 use keel_pg::{DatabaseConfig, PLATFORM_MIGRATOR, PLATFORM_TABLES, schema};
+use keel_testkit::privilege::assert_denied;
 use keel_testkit::{Stack, TestDb};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{Connection, PgConnection, SqlSafeStr};
 
 async fn connect(url: &str) -> PgConnection {
     PgConnection::connect(url).await.unwrap()
-}
-
-fn denied<T: std::fmt::Debug>(what: &str, result: Result<T, sqlx::Error>) {
-    let err = result.expect_err(what);
-    let code = err
-        .as_database_error()
-        .and_then(|e| e.code())
-        .unwrap_or_default()
-        .to_string();
-    assert_eq!(
-        code, "42501",
-        "{what}: insufficient_privilege expected, got {err}"
-    );
 }
 
 /// How to exercise each platform table with the app role: one row in, changed, deleted.
@@ -129,7 +117,7 @@ async fn app_role_cannot_alter_truncate_or_drop_platform_tables() {
             format!("TRUNCATE {table}"),
             format!("DROP TABLE {table}"),
         ] {
-            denied(&sql, exec(&mut app, &sql).await);
+            assert_denied(&sql, exec(&mut app, &sql).await);
         }
     }
     // Positive control: the owner may; the denials above are the role's doing.
@@ -157,7 +145,7 @@ async fn app_role_cannot_read_the_platform_migration_history() {
 
     let mut app = connect(&db.app_url()).await;
     let sql = format!("SELECT * FROM {}", schema::PLATFORM_MIGRATIONS_TABLE);
-    denied(&sql, exec(&mut app, &sql).await);
+    assert_denied(&sql, exec(&mut app, &sql).await);
 }
 
 /// A service's own migrations, as `sqlx::migrate!` would embed them: numbered from 1, like
@@ -239,7 +227,7 @@ async fn migrate_applies_platform_then_service_in_separate_histories() {
     .unwrap();
     for history in ["_sqlx_migrations", schema::PLATFORM_MIGRATIONS_TABLE] {
         let sql = format!("SELECT * FROM {history}");
-        denied(&sql, exec(&mut app, &sql).await);
+        assert_denied(&sql, exec(&mut app, &sql).await);
     }
 }
 

@@ -6,7 +6,8 @@ use sqlx::{Connection, PgConnection};
 
 use crate::{Stack, TestDb};
 
-fn assert_denied<T: std::fmt::Debug>(what: &str, result: Result<T, sqlx::Error>) {
+/// Asserts `result` is Postgres's `insufficient_privilege` (42501), naming `what` otherwise.
+pub fn assert_denied<T: std::fmt::Debug>(what: &str, result: Result<T, sqlx::Error>) {
     let err = result.expect_err(what);
     let code = err
         .as_database_error()
