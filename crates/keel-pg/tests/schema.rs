@@ -179,10 +179,10 @@ fn service_migrator() -> Migrator {
 #[tokio::test]
 async fn migrate_applies_platform_then_service_in_separate_histories() {
     // A database with nothing in it but the roles' grants: what `<svc> migrate` meets first.
-    let db = ScratchDb::create("platform_owner").await;
+    let db = TestDb::empty("platform").await;
     let config = DatabaseConfig {
-        url: db.url("platform_app").into(),
-        migrate_url: db.url("platform_owner").into(),
+        url: db.app_direct_url().into(),
+        migrate_url: db.owner_url().into(),
         max_connections: 1,
         acquire_timeout: Duration::from_secs(5),
     };
@@ -195,7 +195,7 @@ async fn migrate_applies_platform_then_service_in_separate_histories() {
         .await
         .unwrap();
 
-    let mut owner = connect(&db.url("platform_owner")).await;
+    let mut owner = connect(&db.owner_url()).await;
     let platform: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT version FROM {} ORDER BY version",
         schema::PLATFORM_MIGRATIONS_TABLE
@@ -216,7 +216,7 @@ async fn migrate_applies_platform_then_service_in_separate_histories() {
     );
 
     // The app role uses both kinds of table, and neither history.
-    let mut app = connect(&db.url("platform_app")).await;
+    let mut app = connect(&db.app_direct_url()).await;
     exec(
         &mut app,
         "INSERT INTO jobs (id, queue, payload, max_attempts)
@@ -235,7 +235,7 @@ async fn migrate_applies_platform_then_service_in_separate_histories() {
 async fn platform_migrations_refuse_a_role_that_is_not_a_service_owner() {
     // Migrating as the superuser would create the tables but grant them to nobody useful
     // (there is no `postgres_app`): the first platform migration stops it, by name.
-    let db = ScratchDb::create("platform_owner").await;
+    let db = TestDb::empty("platform").await;
     let mut superuser = connect(&Stack::load().admin_url(&db.name)).await;
     let err = PLATFORM_MIGRATOR.run(&mut superuser).await.unwrap_err();
     let msg = err.to_string();
@@ -247,59 +247,4 @@ async fn platform_migrations_refuse_a_role_that_is_not_a_service_owner() {
     .await
     .unwrap();
     assert_eq!(tables, 0, "the failed migration left nothing behind");
-}
-
-/// An empty database owned by `owner`, for what a template cannot show (the first migration
-/// ever run on a database). Named like TestDb's, so the stale-database sweep knows it.
-struct ScratchDb {
-    name: String,
-    stack: Stack,
-}
-
-impl ScratchDb {
-    async fn create(owner: &str) -> Self {
-        let stack = Stack::load();
-        let name = format!(
-            "keel_t_platform_scratch_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        let mut admin = connect(&stack.admin_url("postgres")).await;
-        let app = owner.replace("_owner", "_app");
-        for sql in [
-            format!(r#"CREATE DATABASE "{name}" OWNER "{owner}" TEMPLATE template0"#),
-            format!(r#"REVOKE ALL ON DATABASE "{name}" FROM PUBLIC"#),
-            format!(r#"GRANT CONNECT, TEMPORARY ON DATABASE "{name}" TO "{app}""#),
-        ] {
-            exec(&mut admin, &sql).await.unwrap();
-        }
-        Self { name, stack }
-    }
-
-    /// Direct URL for `role`, whose password is the development one.
-    fn url(&self, role: &str) -> String {
-        format!(
-            "postgres://{role}:{role}_dev@127.0.0.1:{}/{}",
-            self.stack.pg_port, self.name
-        )
-    }
-}
-
-impl Drop for ScratchDb {
-    fn drop(&mut self) {
-        let admin = self.stack.admin_url("postgres");
-        let sql = format!(r#"DROP DATABASE IF EXISTS "{}" WITH (FORCE)"#, self.name);
-        // Drop runs inside the test's runtime: do the async work on a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                if let Ok(mut conn) = PgConnection::connect(&admin).await {
-                    let _ = exec(&mut conn, &sql).await;
-                }
-            });
-            Ok::<_, std::io::Error>(())
-        })
-        .join();
-    }
 }

@@ -61,7 +61,6 @@ impl TestDb {
     pub async fn create(service: &str, migrator: &Migrator) -> Self {
         let stack = Stack::load();
         let owner = format!("{service}_owner");
-        let app = format!("{service}_app");
         let template = template_name(service, migrator);
 
         let mut admin = PgConnection::connect(&stack.admin_url("postgres"))
@@ -120,6 +119,33 @@ impl TestDb {
             .await
             .expect("advisory unlock");
 
+        let db = Self::from_template(&mut admin, stack, service, &template).await;
+        let _ = admin.close().await;
+        db
+    }
+
+    /// An empty database for `service` — no migration applied, same ownership and grants — for
+    /// what a template cannot show: the first migration ever run on a database.
+    pub async fn empty(service: &str) -> Self {
+        let stack = Stack::load();
+        let mut admin = PgConnection::connect(&stack.admin_url("postgres"))
+            .await
+            .expect("Postgres reachable on the direct port (is `make test`'s stack up?)");
+        let db = Self::from_template(&mut admin, stack, service, "template0").await;
+        let _ = admin.close().await;
+        db
+    }
+
+    /// A new database cloned from `template`, owned and granted as `init.sql` does for the
+    /// real one.
+    async fn from_template(
+        admin: &mut PgConnection,
+        stack: Stack,
+        service: &str,
+        template: &str,
+    ) -> Self {
+        let owner = format!("{service}_owner");
+        let app = format!("{service}_app");
         let name = format!(
             "keel_t_{service}_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
@@ -131,9 +157,8 @@ impl TestDb {
             format!(r#"GRANT CONNECT, TEMPORARY ON DATABASE "{name}" TO "{app}""#),
             format!(r#"GRANT ALL ON DATABASE "{name}" TO "{owner}""#),
         ] {
-            exec(&mut admin, sql).await.expect("create test database");
+            exec(admin, sql).await.expect("create test database");
         }
-        let _ = admin.close().await;
         Self {
             name,
             service: service.to_owned(),
