@@ -44,10 +44,13 @@ env_name() {
   echo "${n^^}"
 }
 
-# The KEEL_* environment of one service, one assignment per line: what its registry entry
-# implies (a port setting per port, the database URLs, the broker URL), then its own `env`.
+# The KEEL_* environment of one service, one assignment per line: the dev profile (its
+# checked-in development secrets; see docs/getting-started.md#configuration), what its
+# registry entry implies (a port setting per port, the database URLs, the broker URL), then
+# its own `env`.
 service_env() {
   local svc="$1" kind key
+  echo "KEEL_PROFILE=dev"
   for kind in $(reg_get "$svc" ports); do
     echo "KEEL_${kind^^}__PORT=$(reg_port "$svc" "$kind")"
   done

@@ -1,5 +1,8 @@
 #![doc = include_str!("../README.md")]
 
+mod profile;
+mod redact;
+
 use std::fmt;
 use std::path::PathBuf;
 
@@ -22,6 +25,54 @@ pub const ENV_PREFIX: &str = "KEEL_";
 /// Names an extra config file layered over the defaults; not itself a key.
 pub const CONFIG_FILE_VAR: &str = "KEEL_CONFIG_FILE";
 
+/// Selects a profile (`KEEL_PROFILE=dev`); not itself a key.
+pub const PROFILE_VAR: &str = "KEEL_PROFILE";
+
+pub use profile::DEV_PROFILE;
+
+/// A service's checked-in configuration, embedded in its binary (see [`embed!`]): the
+/// defaults, which hold no secret, and the development profile, which holds nothing but
+/// development secrets and is layered over the defaults only under `KEEL_PROFILE=dev`.
+///
+/// A bare `&'static str` converts to defaults with an empty profile, for a tool or a test
+/// that has no secrets to keep apart.
+#[derive(Debug, Clone, Copy)]
+pub struct Embedded {
+    /// `config/default.toml`: every setting's default, no secret.
+    pub defaults: &'static str,
+    /// `config/dev.toml`: every secret's development value; refused anywhere but in dev.
+    pub dev: &'static str,
+}
+
+impl Embedded {
+    /// The defaults and the development profile, as TOML text.
+    pub const fn new(defaults: &'static str, dev: &'static str) -> Self {
+        Self { defaults, dev }
+    }
+}
+
+impl From<&'static str> for Embedded {
+    fn from(defaults: &'static str) -> Self {
+        Self::new(defaults, "")
+    }
+}
+
+/// Embeds the calling crate's `config/default.toml` and `config/dev.toml` as an [`Embedded`]:
+/// the one line a service writes to get both, and the profile rules with them.
+///
+/// ```ignore
+/// pub const DEFAULT_CONFIG: keel_config::Embedded = keel_config::embed!();
+/// ```
+#[macro_export]
+macro_rules! embed {
+    () => {
+        $crate::Embedded::new(
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml")),
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev.toml")),
+        )
+    };
+}
+
 /// A configuration problem, always tied to the key it concerns.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -43,6 +94,45 @@ pub enum ConfigError {
         var: String,
         reason: String,
     },
+    /// `KEEL_PROFILE` names a profile that does not exist.
+    #[error(
+        "{PROFILE_VAR}: unknown profile `{value}`; the one profile is `dev` (the checked-in \
+         development secrets); leave it unset anywhere else"
+    )]
+    UnknownProfile { value: String },
+    /// Outside the dev profile, a secret is set nowhere. `also` names the other missing ones.
+    #[error(
+        "config key `{key}`: secret not set: mount it with {}_FILE (or set {}); \
+         KEEL_PROFILE=dev selects the development one{}",
+        profile::env_var(.key),
+        profile::env_var(.key),
+        also_missing(.also)
+    )]
+    MissingSecret { key: String, also: Vec<String> },
+    /// Outside the dev profile, a setting holds a value the dev profile holds.
+    #[error(
+        "config key `{key}`: holds a development secret{source_hint}, refused outside \
+         KEEL_PROFILE=dev; give it a secret of its own"
+    )]
+    DevSecret {
+        key: String,
+        /// Where the value came from (e.g. ` (from KEEL_DATABASE__URL)`), empty when unknown.
+        source_hint: String,
+    },
+    /// The embedded defaults set a key the dev profile holds as a secret.
+    #[error(
+        "config key `{key}`: set in the embedded defaults, but it is a secret: it belongs in \
+         the dev profile (config/dev.toml) and the deployment's secrets"
+    )]
+    SecretInDefaults { key: String },
+}
+
+fn also_missing(also: &[String]) -> String {
+    if also.is_empty() {
+        return String::new();
+    }
+    let keys: Vec<String> = also.iter().map(|k| format!("`{k}`")).collect();
+    format!("; also not set: {}", keys.join(", "))
 }
 
 impl ConfigError {
@@ -95,60 +185,73 @@ pub fn ensure_url(key: &str, value: &SecretString, schemes: &[&str]) -> Result<(
     }
 }
 
-/// Loads `T` from the embedded defaults and the process environment.
-pub fn load<T>(defaults_toml: &str) -> Result<T, ConfigError>
+/// Loads `T` from the embedded configuration and the process environment.
+pub fn load<T>(embedded: impl Into<Embedded>) -> Result<T, ConfigError>
 where
     T: DeserializeOwned + Validate,
 {
-    load_from(defaults_toml, std::env::vars())
+    load_from(embedded, std::env::vars())
 }
 
 /// Like [`load`], with the environment given explicitly (what tests use).
-pub fn load_from<T, I>(defaults_toml: &str, env: I) -> Result<T, ConfigError>
+pub fn load_from<T, I>(embedded: impl Into<Embedded>, env: I) -> Result<T, ConfigError>
 where
     T: DeserializeOwned + Validate,
     I: IntoIterator<Item = (String, String)>,
 {
-    load_effective_from(defaults_toml, env).map(|(config, _)| config)
+    load_effective_from(embedded, env).map(|(config, _)| config)
 }
 
 /// Like [`load_from`], and also every effective setting as `key = value` lines, sorted by key,
 /// with secrets redacted (what `<service> check-config` prints): a value under a key whose
-/// last part names a secret (`password`, `secret`, `secrets`, `token`, `api_key`…) is replaced
-/// whole; a URL keeps everything but its password.
+/// last part names a secret (`password`, `secret`, `secrets`, `token`, `api_key`…) or that
+/// the dev profile sets is replaced whole; a URL keeps everything but its password.
 pub fn load_effective_from<T, I>(
-    defaults_toml: &str,
+    embedded: impl Into<Embedded>,
     env: I,
 ) -> Result<(T, Vec<(String, String)>), ConfigError>
 where
     T: DeserializeOwned + Validate,
     I: IntoIterator<Item = (String, String)>,
 {
-    let (figment, origins) = layered(defaults_toml, env)?;
+    let embedded = embedded.into();
+    let env: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    let dev = profile::is_dev(&env)?;
+    let secrets = profile::DevSecrets::parse(embedded.dev)?;
+    secrets.ensure_not_in_defaults(&Figment::from(Toml::string(embedded.defaults)))?;
+    let (figment, origins) = layered(&embedded, dev, &env)?;
+    if !dev {
+        // A development secret first: of the two mistakes it is the dangerous one.
+        secrets.ensure_unused(&figment, |key| source_hint(&figment, &origins, key))?;
+        secrets.ensure_set(&figment)?;
+    }
     let config: T = figment
         .extract_lossy()
         .map_err(|e| to_config_error(&e, &origins))?;
     config.validate()?;
     let mut effective = Vec::new();
     if let Ok(value) = figment.extract::<figment::value::Value>() {
-        flatten("", &value, &mut effective);
+        redact::flatten("", &value, &secrets.keys, &mut effective);
     }
     effective.sort();
     Ok((config, effective))
 }
 
-/// The defaults, an optional `KEEL_CONFIG_FILE`, `KEEL_*` overrides and `*_FILE` secrets, in
-/// that order of precedence (later wins), plus which variable set which key.
-fn layered<I>(defaults_toml: &str, env: I) -> Result<(Figment, Vec<(String, String)>), ConfigError>
-where
-    I: IntoIterator<Item = (String, String)>,
-{
-    let env: Vec<(String, String)> = env
-        .into_iter()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-        .collect();
-
-    let mut figment = Figment::new().merge(Toml::string(defaults_toml));
+/// The defaults, the dev profile when selected, an optional `KEEL_CONFIG_FILE`, `KEEL_*`
+/// overrides and `*_FILE` secrets, in that order of precedence (later wins), plus which
+/// variable set which key.
+fn layered(
+    embedded: &Embedded,
+    dev: bool,
+    env: &[(String, String)],
+) -> Result<(Figment, Vec<(String, String)>), ConfigError> {
+    let mut figment = Figment::new().merge(Toml::string(embedded.defaults));
+    if dev {
+        figment = figment.merge(Toml::string(embedded.dev));
+    }
     if let Some((_, path)) = env.iter().find(|(k, _)| k == CONFIG_FILE_VAR) {
         figment = figment.merge(Toml::file_exact(PathBuf::from(path)));
     }
@@ -156,10 +259,11 @@ where
     // Plain KEEL_* overrides, kept as strings; `extract_lossy` turns `8080` into a number
     // only where the field is a number, so a numeric password stays a string.
     // `*_FILE` variables are handled below, so they are not keys themselves.
+    let is_key = |k: &str| k != CONFIG_FILE_VAR && k != PROFILE_VAR;
     let mut origins: Vec<(String, String)> = Vec::new();
     for (var, value) in env
         .iter()
-        .filter(|(k, _)| k != CONFIG_FILE_VAR && !k.ends_with("_FILE"))
+        .filter(|(k, _)| is_key(k) && !k.ends_with("_FILE"))
     {
         let key = env_var_to_key(var);
         figment = figment.merge((key.clone(), value.clone()));
@@ -169,7 +273,7 @@ where
     // Secrets from files win over everything: that is how mounted secrets rotate.
     for (var, path) in env
         .iter()
-        .filter(|(k, _)| k != CONFIG_FILE_VAR && k.ends_with("_FILE"))
+        .filter(|(k, _)| is_key(k) && k.ends_with("_FILE"))
     {
         let key = env_var_to_key(&var[..var.len() - "_FILE".len()]);
         let contents = std::fs::read_to_string(path).map_err(|e| ConfigError::SecretFile {
@@ -184,102 +288,29 @@ where
     Ok((figment, origins))
 }
 
-/// Key parts that name a secret: their values are never printed.
-const SECRET_KEYS: &[&str] = &["password", "secret", "secrets", "token", "api_key", "key"];
-
-fn flatten(prefix: &str, value: &figment::value::Value, out: &mut Vec<(String, String)>) {
-    use figment::value::Value;
-    let last = prefix.rsplit('.').next().unwrap_or(prefix);
-    match value {
-        // First, whatever the value's shape: a table or list under a secret's name
-        // (`[webhook.secrets] current = "whsec_…"`) is redacted whole too.
-        _ if is_secret_key(last) => {
-            out.push((prefix.to_owned(), "<redacted>".to_owned()));
-        }
-        Value::Dict(_, dict) => {
-            for (k, v) in dict {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                flatten(&key, v, out);
-            }
-        }
-        Value::String(_, s) => out.push((prefix.to_owned(), redact_url(s))),
-        Value::Array(_, items) => {
-            let items: Vec<String> = items
-                .iter()
-                .map(|v| match v {
-                    Value::String(_, s) => format!("{:?}", redact_url(s)),
-                    other => display(other),
-                })
-                .collect();
-            out.push((prefix.to_owned(), format!("[{}]", items.join(", "))));
-        }
-        other => out.push((prefix.to_owned(), display(other))),
-    }
-}
-
-fn display(value: &figment::value::Value) -> String {
-    use figment::value::Value;
-    match value {
-        Value::String(_, s) => s.clone(),
-        Value::Char(_, c) => c.to_string(),
-        Value::Bool(_, b) => b.to_string(),
-        Value::Num(_, n) => n
-            .to_i128()
-            .map(|i| i.to_string())
-            .or_else(|| n.to_f64().map(|f| f.to_string()))
-            .unwrap_or_default(),
-        Value::Empty(..) => String::new(),
-        Value::Dict(..) | Value::Array(..) => "…".to_owned(),
-    }
-}
-
-fn is_secret_key(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    SECRET_KEYS
+/// ` (from KEEL_X)` or ` (from /path/file.toml)` for `key`, empty when unknown.
+fn source_hint(figment: &Figment, origins: &[(String, String)], key: &str) -> String {
+    origins
         .iter()
-        .any(|s| key == *s || key.ends_with(&format!("_{s}")))
-}
-
-/// `postgres://app:pw@host/db?sslpassword=x` -> the password and every query parameter that
-/// names a secret redacted (libpq also takes `?password=`); anything that is not a URL as is.
-fn redact_url(s: &str) -> String {
-    let Ok(mut u) = url::Url::parse(s) else {
-        return s.to_owned();
-    };
-    if u.cannot_be_a_base() {
-        return s.to_owned();
-    }
-    if u.password().is_some() {
-        let _ = u.set_password(Some("<redacted>"));
-    }
-    if u.query().is_some() {
-        let pairs: Vec<(String, String)> = u
-            .query_pairs()
-            .map(|(k, v)| {
-                let v = if is_secret_key(&k) || k.to_ascii_lowercase().contains("password") {
-                    "<redacted>".to_owned()
-                } else {
-                    v.into_owned()
-                };
-                (k.into_owned(), v)
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, var)| format!(" (from {var})"))
+        .or_else(|| {
+            figment.find_metadata(key).and_then(|m| match &m.source {
+                Some(figment::Source::File(p)) => Some(format!(" (from {})", p.display())),
+                _ => None,
             })
-            .collect();
-        u.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    u.to_string()
+        })
+        .unwrap_or_default()
 }
 
 /// Loads the configuration or ends the process with exit code 78 and one line naming the key.
 /// For `main` only: a library must never exit the process.
-pub fn load_or_exit<T>(service: &str, defaults_toml: &str) -> T
+pub fn load_or_exit<T>(service: &str, embedded: impl Into<Embedded>) -> T
 where
     T: DeserializeOwned + Validate,
 {
-    match load(defaults_toml) {
+    match load(embedded) {
         Ok(config) => config,
         Err(e) => {
             // Telemetry is not up yet (its settings are part of this config), so stderr it is.

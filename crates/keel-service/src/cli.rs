@@ -45,8 +45,10 @@ pub trait ServiceMain {
     const NAME: &'static str;
     /// One line for `--help`.
     const ABOUT: &'static str;
-    /// The checked-in defaults (`config/default.toml`, embedded).
-    const DEFAULT_CONFIG: &'static str;
+    /// The checked-in configuration, embedded: `config/default.toml` (no secret) and the
+    /// development profile `config/dev.toml`, layered only under `KEEL_PROFILE=dev`
+    /// (`keel_config::embed!()` reads both).
+    const DEFAULT_CONFIG: keel_config::Embedded;
     /// The typed configuration.
     type Config: DeserializeOwned + Validate + Send + 'static;
 
@@ -89,8 +91,10 @@ fn command_line<S: ServiceMain>() -> Command {
         .long_about(format!(
             "{}\n\nConfiguration: defaults embedded in the binary, overridden by KEEL_* \
              variables (KEEL_HTTP__PORT sets http.port; KEEL_<KEY>_FILE reads a secret from a \
-             file). Exit codes: 0 ok, 64 usage, 69 dependency unavailable, 78 configuration, \
-             1 otherwise.",
+             file). The defaults hold no secret: KEEL_PROFILE=dev adds the checked-in \
+             development ones; without it every secret must be set, and a development secret \
+             is refused. Exit codes: 0 ok, 64 usage, 69 dependency unavailable, \
+             78 configuration, 1 otherwise.",
             S::ABOUT
         ))
         .subcommand(Command::new("serve").about("Run the service until SIGTERM/SIGINT (the default)"))

@@ -23,13 +23,18 @@ impl keel_config::Validate for DemoConfig {
 impl ServiceMain for Demo {
     const NAME: &'static str = "demo";
     const ABOUT: &'static str = "a service for the CLI's tests";
-    const DEFAULT_CONFIG: &'static str = r#"
+    // No secrets, so no dev profile: the profile rules are keel-config's tests and
+    // checkout's `tests/cli.rs` (the real binary).
+    const DEFAULT_CONFIG: keel_config::Embedded = keel_config::Embedded::new(
+        r#"
         port = 8080
         [telemetry]
         log_level = "info"
         lag_probe_interval = "100ms"
         max_runtime_lag = "1s"
-    "#;
+    "#,
+        "",
+    );
     type Config = DemoConfig;
     fn telemetry(config: &DemoConfig) -> &keel_telemetry::TelemetryConfig {
         &config.telemetry

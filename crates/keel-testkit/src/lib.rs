@@ -53,17 +53,26 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Builds a service config from `defaults` (the service's `DEFAULT_CONFIG`) and `overrides`
-/// given as `KEEL_*` variables, exactly as the binary would from its environment.
-pub fn config<T>(defaults: &str, overrides: &[(&str, &str)]) -> T
+/// Builds a service config from `embedded` (the service's `DEFAULT_CONFIG`) and `overrides`
+/// given as `KEEL_*` variables, exactly as the binary would from its environment under
+/// `KEEL_PROFILE=dev`, as `make dev` runs it: the development secrets are in. An override
+/// `("KEEL_PROFILE", "")` loads without them, as production would.
+pub fn config<T>(embedded: impl Into<keel_config::Embedded>, overrides: &[(&str, &str)]) -> T
 where
     T: serde::de::DeserializeOwned + keel_config::Validate,
 {
     install_crypto_provider();
-    let env = overrides
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
-    match keel_config::load_from(defaults, env) {
+    // First, so that a test's own KEEL_PROFILE (the last one wins) replaces it.
+    let env = std::iter::once((
+        keel_config::PROFILE_VAR.to_owned(),
+        keel_config::DEV_PROFILE.to_owned(),
+    ))
+    .chain(
+        overrides
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    match keel_config::load_from(embedded, env) {
         Ok(c) => c,
         Err(e) => panic!("test config invalid: {e}"),
     }

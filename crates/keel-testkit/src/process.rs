@@ -21,7 +21,8 @@ pub struct ServiceProcess {
 
 impl ServiceProcess {
     /// Starts `bin` with `env` (any inherited `KEEL_*` variables are removed so the test
-    /// decides the whole configuration) and waits for its `listening` log line.
+    /// decides the whole configuration) over `KEEL_PROFILE=dev`, which `("KEEL_PROFILE", "")`
+    /// in `env` turns off, and waits for its `listening` log line.
     pub async fn spawn(bin: &str, args: &[&str], env: &[(String, String)]) -> Self {
         // The test will talk to it with reqwest, which needs a TLS provider installed.
         crate::install_crypto_provider();
@@ -34,6 +35,7 @@ impl ServiceProcess {
         for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KEEL_")) {
             cmd.env_remove(k);
         }
+        dev_profile(&mut cmd);
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
         let logs = Arc::new(Mutex::new(Vec::new()));
@@ -81,7 +83,8 @@ impl ServiceProcess {
         Self { child, addr, logs }
     }
 
-    /// Runs `bin` to completion (for commands that are expected to exit, like a bad config).
+    /// Runs `bin` to completion (for commands that are expected to exit, like a bad config),
+    /// with `env` over `KEEL_PROFILE=dev` as [`ServiceProcess::spawn`].
     pub async fn run_to_exit(
         bin: &str,
         args: &[&str],
@@ -92,6 +95,7 @@ impl ServiceProcess {
         for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KEEL_")) {
             cmd.env_remove(k);
         }
+        dev_profile(&mut cmd);
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
             .await
@@ -137,4 +141,12 @@ impl ServiceProcess {
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().expect("logs lock").clone()
     }
+}
+
+/// Every spawned service runs under `KEEL_PROFILE=dev`, as `make dev` runs it: its checked-in
+/// development secrets are in, so a test sets only what it changes. Set before the test's own
+/// variables, so `("KEEL_PROFILE", "")` in `env` runs it as production would (no development
+/// secrets, and any of them refused).
+fn dev_profile(cmd: &mut Command) {
+    cmd.env(keel_config::PROFILE_VAR, keel_config::DEV_PROFILE);
 }

@@ -80,6 +80,8 @@ fn the_bash_reader_and_keelctl_read_the_same_registry() {
 fn expected_env(r: &Registry, name: &str, pg: u16, pgbouncer: u16, amqp: u16) -> Vec<String> {
     let s = r.service(name).unwrap();
     let mut env: BTreeMap<String, String> = BTreeMap::new();
+    // Every service runs on its checked-in development secrets.
+    env.insert("KEEL_PROFILE".into(), "dev".into());
     for (kind, port) in &s.ports {
         env.insert(
             format!("KEEL_{}__PORT", kind.to_ascii_uppercase()),

@@ -45,8 +45,9 @@ use crate::payments::{IdempotencyConfig, Payments};
 use crate::psp::{PspClient, PspConfig};
 use crate::webhook::{Verifier, WebhookConfig};
 
-/// The checked-in defaults, embedded.
-pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
+/// The checked-in configuration, embedded so the binary runs anywhere: `config/default.toml`
+/// (no secret) and the development profile `config/dev.toml` (`KEEL_PROFILE=dev` only).
+pub const DEFAULT_CONFIG: keel_config::Embedded = keel_config::embed!();
 
 /// Migrations, embedded.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -241,7 +242,7 @@ pub struct Billing;
 impl keel_service::ServiceMain for Billing {
     const NAME: &'static str = "billing";
     const ABOUT: &'static str = "Keel billing: payments over gRPC on an event-sourced ledger";
-    const DEFAULT_CONFIG: &'static str = DEFAULT_CONFIG;
+    const DEFAULT_CONFIG: keel_config::Embedded = DEFAULT_CONFIG;
     type Config = Config;
 
     fn telemetry(config: &Config) -> &TelemetryConfig {

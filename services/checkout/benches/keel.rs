@@ -68,6 +68,8 @@ fn quiet_process(bin: &str, env: &[(&str, String)]) -> Quiet {
     for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KEEL_")) {
         cmd.env_remove(k);
     }
+    // Its checked-in development secrets, as `make dev` and ServiceProcess run it.
+    cmd.env("KEEL_PROFILE", "dev");
     cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

@@ -38,8 +38,9 @@ use maintenance::Maintenance;
 use saga::Saga;
 use saga::billing::BillingEndpoint;
 
-/// The checked-in defaults (`config/default.toml`), embedded so the binary runs anywhere.
-pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
+/// The checked-in configuration, embedded so the binary runs anywhere: `config/default.toml`
+/// (no secret) and the development profile `config/dev.toml` (`KEEL_PROFILE=dev` only).
+pub const DEFAULT_CONFIG: keel_config::Embedded = keel_config::embed!();
 
 /// Migrations, embedded; `checkout migrate` and the test kit's template database run them.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -154,7 +155,7 @@ impl keel_service::ServiceMain for Checkout {
     const NAME: &'static str = "checkout";
     const ABOUT: &'static str =
         "Keel checkout: the orders API, saga orchestrator, stock and catalogue";
-    const DEFAULT_CONFIG: &'static str = DEFAULT_CONFIG;
+    const DEFAULT_CONFIG: keel_config::Embedded = DEFAULT_CONFIG;
     type Config = Config;
 
     fn telemetry(config: &Config) -> &keel_telemetry::TelemetryConfig {

@@ -62,9 +62,12 @@ impl Validate for Config {
 mod tests {
     use super::*;
 
+    /// Under the dev profile, as `make dev` and the tests run the service: the checked-in
+    /// development secrets are in, so the defaults alone are a complete configuration.
     fn load(overrides: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let env = overrides
+        let env = [("KEEL_PROFILE", "dev")]
             .iter()
+            .chain(overrides)
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
         keel_config::load_from(crate::DEFAULT_CONFIG, env)
     }

@@ -28,8 +28,9 @@ use keel_telemetry::TelemetryConfig;
 use crate::api::ApiState;
 pub use crate::config::Config;
 
-/// The checked-in defaults (`config/default.toml`), embedded so the binary runs anywhere.
-pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
+/// The checked-in configuration, embedded so the binary runs anywhere: `config/default.toml`
+/// (no secret) and the development profile `config/dev.toml` (`KEEL_PROFILE=dev` only).
+pub const DEFAULT_CONFIG: keel_config::Embedded = keel_config::embed!();
 
 /// notification's own migrations, embedded; `notification migrate` applies the platform's
 /// tables first (`keel_pg::migrate`), then these.
@@ -91,7 +92,7 @@ pub struct Notification;
 impl keel_service::ServiceMain for Notification {
     const NAME: &'static str = "notification";
     const ABOUT: &'static str = "Keel notification: journey events in, customer notifications out";
-    const DEFAULT_CONFIG: &'static str = DEFAULT_CONFIG;
+    const DEFAULT_CONFIG: keel_config::Embedded = DEFAULT_CONFIG;
     type Config = Config;
 
     fn telemetry(config: &Config) -> &TelemetryConfig {

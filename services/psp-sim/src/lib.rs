@@ -52,8 +52,9 @@ use crate::faults::{Faults, FaultsConfig};
 use crate::store::StoreConfig;
 use crate::webhooks::{WebhookConfig, WebhookError, Webhooks};
 
-/// The checked-in defaults, embedded.
-pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
+/// The checked-in configuration, embedded so the binary runs anywhere: `config/default.toml`
+/// (no secret) and the development profile `config/dev.toml` (`KEEL_PROFILE=dev` only).
+pub const DEFAULT_CONFIG: keel_config::Embedded = keel_config::embed!();
 
 /// psp-sim's configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -155,7 +156,7 @@ pub struct PspSim;
 impl keel_service::ServiceMain for PspSim {
     const NAME: &'static str = "psp-sim";
     const ABOUT: &'static str = "A stand-in payment service provider with fault knobs";
-    const DEFAULT_CONFIG: &'static str = DEFAULT_CONFIG;
+    const DEFAULT_CONFIG: keel_config::Embedded = DEFAULT_CONFIG;
     type Config = Config;
 
     fn telemetry(config: &Config) -> &TelemetryConfig {

@@ -4,10 +4,15 @@
 
 use psp_sim::Config;
 
+/// Under the dev profile, as `make dev` and the tests run psp-sim: its development webhook
+/// secret is in.
 fn load(vars: &[(&str, &str)]) -> Result<Config, keel_config::ConfigError> {
     keel_config::load_from(
         psp_sim::DEFAULT_CONFIG,
-        vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        [("KEEL_PROFILE", "dev")]
+            .iter()
+            .chain(vars)
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
     )
 }
 

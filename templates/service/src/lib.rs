@@ -29,8 +29,9 @@ use crate::items::api::ItemsState;
 /// The service's name: its binary, its connection and application name everywhere.
 pub const NAME: &str = "skeleton";
 
-/// The checked-in defaults (`config/default.toml`), embedded so the binary runs anywhere.
-pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
+/// The checked-in configuration, embedded so the binary runs anywhere: `config/default.toml`
+/// (no secret) and the development profile `config/dev.toml` (`KEEL_PROFILE=dev` only).
+pub const DEFAULT_CONFIG: keel_config::Embedded = keel_config::embed!();
 
 /// skeleton's own migrations, embedded; `skeleton migrate` applies the platform's tables first
 /// (`keel_pg::migrate`), then these.
@@ -89,7 +90,7 @@ pub struct SkeletonService;
 impl keel_service::ServiceMain for SkeletonService {
     const NAME: &'static str = NAME;
     const ABOUT: &'static str = "skeleton: items in, item events out (a Keel service)";
-    const DEFAULT_CONFIG: &'static str = DEFAULT_CONFIG;
+    const DEFAULT_CONFIG: keel_config::Embedded = DEFAULT_CONFIG;
     type Config = Config;
 
     fn telemetry(config: &Config) -> &TelemetryConfig {
