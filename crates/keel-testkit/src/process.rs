@@ -1,5 +1,7 @@
 //! Start a real service binary and talk to it like an operator would: signals, logs, exit
-//! codes. Used by process-level tests (SIGTERM under load, config exit codes).
+//! codes. Used by process-level tests (SIGTERM under load, config exit codes). Every process
+//! runs under `KEEL_PROFILE=dev`, as `make dev` runs it, unless the test's own variables set
+//! `KEEL_PROFILE` (empty: as production would).
 
 use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};
