@@ -5,10 +5,12 @@
 //! waits on an operator), and each queue a service consumes exists, has a consumer and is not
 //! backed up. Nothing here names a service.
 
+use std::time::Duration;
+
 use keel_config::ExposeSecret;
 use sqlx::PgConnection;
 
-use super::{AuditError, Check, check, db};
+use super::{AuditError, Check, db};
 use crate::targets::Targets;
 use crate::{AuditBounds, RabbitTarget};
 
@@ -23,7 +25,7 @@ pub async fn database_checks(
         .await
         .map_err(db(service))?
     {
-        checks.push(outbox_drained(service, conn, bounds.outbox_within.as_secs_f64()).await?);
+        checks.push(outbox_drained(service, conn, bounds.outbox_within).await?);
     }
     if crate::has_table(conn, "jobs").await.map_err(db(service))? {
         checks.push(no_failed_jobs(service, conn).await?);
@@ -31,27 +33,46 @@ pub async fn database_checks(
     Ok(checks)
 }
 
+/// Gated: a row younger than `within` may be on its way to the broker right now.
 async fn outbox_drained(
     service: &str,
     conn: &mut PgConnection,
-    within: f64,
+    within: Duration,
 ) -> Result<Check, AuditError> {
-    let (total, late): (i64, i64) = sqlx::query_as(
-        "SELECT count(*),
-                count(*) FILTER (WHERE sent_at IS NULL
-                                   AND created_at < now() - make_interval(secs => $1))
+    let (old, young): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE created_at < now() - make_interval(secs => $1)),
+                count(*) FILTER (WHERE created_at >= now() - make_interval(secs => $1))
            FROM outbox",
     )
-    .bind(within)
-    .fetch_one(conn)
+    .bind(within.as_secs_f64())
+    .fetch_one(&mut *conn)
     .await
     .map_err(db(service))?;
-    Ok(Check {
-        name: format!("{service} outbox: nothing unsent after {within}s"),
-        checked: total,
-        violations: late,
-        examples: Vec::new(),
-    })
+    let late: Vec<(uuid::Uuid, String, f64, i32)> = sqlx::query_as(
+        "SELECT id, event_type, extract(epoch FROM now() - created_at)::float8, attempts
+           FROM outbox
+          WHERE sent_at IS NULL AND created_at < now() - make_interval(secs => $1)
+          ORDER BY seq",
+    )
+    .bind(within.as_secs_f64())
+    .fetch_all(conn)
+    .await
+    .map_err(db(service))?;
+    Ok(Check::new(
+        format!("{service}.outbox_drained"),
+        format!(
+            "{service} outbox: nothing unsent after {}s",
+            within.as_secs()
+        ),
+        old,
+        "outbox rows",
+        late.into_iter()
+            .map(|(id, event, age, attempts)| {
+                format!("event {id} ({event}) unsent for {age:.0}s, {attempts} attempts")
+            })
+            .collect(),
+    )
+    .gated(within, young))
 }
 
 async fn no_failed_jobs(service: &str, conn: &mut PgConnection) -> Result<Check, AuditError> {
@@ -66,9 +87,11 @@ async fn no_failed_jobs(service: &str, conn: &mut PgConnection) -> Result<Check,
         .fetch_one(conn)
         .await
         .map_err(db(service))?;
-    Ok(check(
+    Ok(Check::new(
+        format!("{service}.no_failed_jobs"),
         format!("{service} jobs: none failed for good"),
         all,
+        "jobs",
         failed
             .into_iter()
             .map(|(id, q, e)| format!("job {id} ({q}): {}", e.unwrap_or_default()))
@@ -104,14 +127,17 @@ pub async fn queues(
             .send()
             .await
             .map_err(|e| AuditError::Broker(e.to_string()))?;
+        let id = format!("queue:{queue}");
         let name = format!(
             "queue {queue} ({service}): consumed, backlog <= {}",
             bounds.max_queue_backlog
         );
         if res.status() == reqwest::StatusCode::NOT_FOUND {
-            checks.push(check(
+            checks.push(Check::new(
+                id,
                 name,
                 0,
+                "messages",
                 vec![format!("queue {queue} does not exist")],
             ));
             continue;
@@ -124,6 +150,10 @@ pub async fn queues(
             .map_err(|e| AuditError::Broker(e.to_string()))?;
         let ready = body["messages_ready"].as_u64().unwrap_or(0);
         let consumers = body["consumers"].as_u64().unwrap_or(0);
+        // What the rule judged: every message routed to the queue so far, of which at most
+        // the bound may still wait. The management API samples these counters (every 5 s by
+        // default), so a message published a moment ago may not be counted yet.
+        let routed = body["message_stats"]["publish"].as_i64().unwrap_or(0);
         let mut broken = Vec::new();
         if consumers == 0 {
             broken.push(format!("queue {queue} has no consumer"));
@@ -131,7 +161,7 @@ pub async fn queues(
         if ready > bounds.max_queue_backlog {
             broken.push(format!("queue {queue} has {ready} ready messages"));
         }
-        checks.push(check(name, ready as i64, broken));
+        checks.push(Check::new(id, name, routed, "messages", broken));
     }
     Ok(checks)
 }

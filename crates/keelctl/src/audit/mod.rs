@@ -2,9 +2,17 @@
 //! broker (P02, P03, P04, P08, P11).
 //!
 //! Each service's tests prove its own part; this proves the whole: after any mix of orders and
-//! faults, when things settle, the states the services hold agree. Every check prints how many
-//! things it looked at and how many broke the rule; any broken rule makes the command exit 1.
-//! End-to-end tests and `make demo` finish with it.
+//! faults, when things settle, the states the services hold agree. Every check reports how
+//! many things it examined and how many broke the rule; any broken rule makes the command exit
+//! 1. End-to-end tests and `make demo` finish with it.
+//!
+//! Some rules hold only after a while (an order placed a second ago need not be final yet), so
+//! those checks have a time gate from `[audit]`: rows younger than it are not judged, and the
+//! check counts them as `too_recent` instead of `examined`. A pass with nothing examined proves
+//! nothing; callers that expect rows (the end-to-end tests) wait until nothing is too recent
+//! and require `examined > 0` for the checks their scenario feeds ([`Report::past_gates`]).
+//!
+//! Read-only: every query is a `SELECT`, so the audit can run as a role that may only read.
 //!
 //! Two kinds of checks, so that adding a service never means editing this code:
 //! - [`generic`] checks apply to every registered service by what its registry entry says:
@@ -22,6 +30,7 @@ pub mod journey;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use keel_config::ConfigError;
 use serde::Serialize;
@@ -33,20 +42,78 @@ use crate::{AuditBounds, Config, RabbitTarget};
 pub use journey::{FINAL_STATES, HOLDING_STATUSES, UNRESOLVED_STATUS};
 
 /// One invariant's result.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+///
+/// `examined` is what makes a pass mean something: a check that examined nothing passed
+/// vacuously (no rows yet, or every row younger than its time gate), and a test that expects
+/// rows treats that as a failure. A check with a time gate leaves rows younger than the gate
+/// unjudged (an order placed a second ago need not be final yet) and counts them in
+/// `too_recent`, so a caller that wants every row judged waits until that is 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Check {
+    /// Stable identifier, `<service>.<rule>` (`checkout.orders_final`), or `queue:<name>` for
+    /// a consumed queue: what tests and scripts match on. The name may change with bounds.
+    pub id: String,
+    /// The rule in words, with its bounds.
     pub name: String,
-    /// How many things the check looked at.
-    pub checked: i64,
+    /// How many things the rule was applied to: rows past the time gate, if it has one.
+    pub examined: i64,
+    /// What `examined` counts (`orders`, `SKUs`, `outbox rows`, `jobs`, `messages`).
+    pub unit: &'static str,
+    /// The check's time gate, if it has one: rows younger than this are not judged yet.
+    #[serde(serialize_with = "secs")]
+    pub gate: Option<Duration>,
+    /// Rows left unjudged because they are younger than the gate (0 without a gate).
+    pub too_recent: i64,
     /// How many broke the rule (0 = pass).
     pub violations: i64,
     /// Up to a few examples of violations, for the operator.
     pub examples: Vec<String>,
 }
 
+/// A gate in JSON: whole seconds (fractions kept), or null.
+fn secs<S: serde::Serializer>(gate: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match gate {
+        Some(d) => s.serialize_f64(d.as_secs_f64()),
+        None => s.serialize_none(),
+    }
+}
+
 impl Check {
+    /// A check without a time gate, from its violations, keeping a few as examples.
+    pub fn new(
+        id: impl Into<String>,
+        name: impl Into<String>,
+        examined: i64,
+        unit: &'static str,
+        broken: Vec<String>,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            name: name.into(),
+            examined,
+            unit,
+            gate: None,
+            too_recent: 0,
+            violations: broken.len() as i64,
+            examples: broken.into_iter().take(EXAMPLES).collect(),
+        }
+    }
+
+    /// This check with a time gate of `gate`, which left `too_recent` rows unjudged.
+    #[must_use]
+    pub fn gated(mut self, gate: Duration, too_recent: i64) -> Self {
+        self.gate = Some(gate);
+        self.too_recent = too_recent;
+        self
+    }
+
     pub fn passed(&self) -> bool {
         self.violations == 0
+    }
+
+    /// `examined` with its unit, as the table shows it (`3 orders`).
+    pub fn examined_text(&self) -> String {
+        format!("{} {}", self.examined, self.unit)
     }
 }
 
@@ -61,9 +128,29 @@ impl Report {
         self.checks.iter().all(Check::passed)
     }
 
+    /// The check with id `id`.
+    pub fn get(&self, id: &str) -> Option<&Check> {
+        self.checks.iter().find(|c| c.id == id)
+    }
+
+    /// The ids of the checks that failed, in report order.
+    pub fn failed(&self) -> Vec<&str> {
+        self.checks
+            .iter()
+            .filter(|c| !c.passed())
+            .map(|c| c.id.as_str())
+            .collect()
+    }
+
+    /// Whether every gated check judged every row: nothing was left as too recent.
+    pub fn past_gates(&self) -> bool {
+        self.checks.iter().all(|c| c.too_recent == 0)
+    }
+
     /// The report as a table of 100 columns, examples under their check.
     pub fn table(&self) -> comfy_table::Table {
-        let mut t = crate::output::table(["check", "checked", "violations", "result"]);
+        let mut t =
+            crate::output::table(["check", "examined", "too recent", "violations", "result"]);
         for c in &self.checks {
             let mut name = c.name.clone();
             for e in &c.examples {
@@ -72,11 +159,16 @@ impl Report {
             }
             t.add_row([
                 name,
-                c.checked.to_string(),
+                c.examined_text(),
+                match c.gate {
+                    Some(_) => c.too_recent.to_string(),
+                    None => "-".to_owned(),
+                },
                 c.violations.to_string(),
                 if c.passed() { "ok" } else { "FAIL" }.to_owned(),
             ]);
         }
+        crate::output::keep_whole(&mut t, &[1, 2, 3, 4]);
         t
     }
 
@@ -157,16 +249,6 @@ pub fn db(service: &str) -> impl FnOnce(sqlx::Error) -> AuditError {
 }
 
 const EXAMPLES: usize = 5;
-
-/// A check from its violations, keeping a few as examples.
-pub fn check(name: impl Into<String>, checked: i64, broken: Vec<String>) -> Check {
-    Check {
-        name: name.into(),
-        checked,
-        violations: broken.len() as i64,
-        examples: broken.into_iter().take(EXAMPLES).collect(),
-    }
-}
 
 /// What the checks work with: one connection per registered database and the bounds.
 #[derive(Debug)]

@@ -5,27 +5,31 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{Checks, FINAL_STATES, is_final, orders};
-use crate::audit::{AuditError, Check, Ctx, check, db};
+use crate::audit::{AuditError, Check, Ctx, db};
 
 pub(super) fn checks(cx: &mut Ctx) -> Checks<'_> {
     Box::pin(async move {
         let settle = cx.bounds.settle_within;
         let conn = cx.db("checkout", "checkout")?;
         let orders = orders(conn, settle.as_secs_f64()).await?;
-        let old: Vec<_> = orders.iter().filter(|o| o.settled).collect();
+        // Gated: an order younger than the bound may still be on its way.
+        let (old, young): (Vec<_>, Vec<_>) = orders.iter().partition(|o| o.placed_past_gate);
         let stuck = old
             .iter()
             .filter(|o| !is_final(&o.state))
             .map(|o| format!("order {} still {}", o.id, o.state))
             .collect();
         Ok(vec![
-            check(
+            Check::new(
+                "checkout.orders_final",
                 format!("orders older than {}s are final", settle.as_secs()),
                 old.len() as i64,
+                "orders",
                 stuck,
-            ),
+            )
+            .gated(settle, young.len() as i64),
             stock_conserved(conn).await?,
-            reservations_settled(conn).await?,
+            reservations_match(conn).await?,
         ])
     })
 }
@@ -57,16 +61,18 @@ async fn stock_conserved(conn: &mut PgConnection) -> Result<Check, AuditError> {
             )
         })
         .collect();
-    Ok(check(
-        "stock conserved per SKU (available + reserved + sold = initial)",
+    Ok(Check::new(
+        "checkout.stock_conserved",
+        "stock conserved per SKU (available + reserved + sold = initial, = reservations)",
         rows.len() as i64,
+        "SKUs",
         broken,
     ))
 }
 
-async fn reservations_settled(conn: &mut PgConnection) -> Result<Check, AuditError> {
+async fn reservations_match(conn: &mut PgConnection) -> Result<Check, AuditError> {
     let finals = FINAL_STATES.map(str::to_owned).to_vec();
-    let checked: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE state = ANY($1)")
+    let examined: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE state = ANY($1)")
         .bind(&finals)
         .fetch_one(&mut *conn)
         .await
@@ -88,9 +94,11 @@ async fn reservations_settled(conn: &mut PgConnection) -> Result<Check, AuditErr
     .fetch_all(conn)
     .await
     .map_err(db("checkout"))?;
-    Ok(check(
+    Ok(Check::new(
+        "checkout.reservations_match_orders",
         "final orders' reservations match their state",
-        checked,
+        examined,
+        "orders",
         broken
             .into_iter()
             .map(|(id, state, sku, r)| {

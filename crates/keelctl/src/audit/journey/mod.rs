@@ -62,25 +62,30 @@ pub(crate) fn is_final(state: &str) -> bool {
     FINAL_STATES.contains(&state)
 }
 
-/// An order as the journey checks see it.
+/// An order as the journey checks see it, with where it stands against the settle gate
+/// (`audit.settle_within`).
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct Order {
     pub id: Uuid,
     pub state: String,
     pub total_minor: i64,
     pub currency: String,
-    /// Old enough (`audit.settle_within`) that it must have settled.
-    pub settled: bool,
+    /// Placed longer ago than the gate: it must have reached a final state.
+    pub placed_past_gate: bool,
+    /// Last changed state longer ago than the gate: what follows its final state (the
+    /// notification, the provider's capture webhook) has had time to arrive.
+    pub changed_past_gate: bool,
 }
 
-/// checkout's orders, each marked with whether it must have settled by now.
+/// checkout's orders, each placed against the settle gate.
 pub(crate) async fn orders(
     conn: &mut PgConnection,
     settle_within: f64,
 ) -> Result<Vec<Order>, AuditError> {
     sqlx::query_as(
         "SELECT id, state, total_minor, currency,
-                created_at < now() - make_interval(secs => $1) AS settled
+                created_at < now() - make_interval(secs => $1) AS placed_past_gate,
+                updated_at < now() - make_interval(secs => $1) AS changed_past_gate
            FROM orders",
     )
     .bind(settle_within)
