@@ -124,6 +124,7 @@ impl Journey {
             &[],
             &kv(&[
                 ("KEEL_HTTP__PORT", psp_port.to_string()),
+                ("KEEL_ADMIN__PORT", "0".into()),
                 ("KEEL_FAULTS__SLOW_DELAY", secs(options.psp_slow_delay)),
                 ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s".into()),
                 (

@@ -145,7 +145,12 @@ pub async fn run(config: &Config, progress: &mut Progress) -> Result<Outcome, De
     let urls = Urls {
         checkout: http("checkout")?,
         notification: http("notification")?,
-        psp: http("psp-sim")?,
+        // Only psp-sim's admin routes are used: they listen on its registry `admin` port, on
+        // loopback, never on its public one.
+        psp: targets
+            .get("psp-sim")
+            .and_then(|t| Some(format!("http://127.0.0.1:{}", t.service.port("admin")?)))
+            .ok_or(DemoError::NotRegistered("psp-sim"))?,
     };
     let checkout_db = targets
         .get("checkout")

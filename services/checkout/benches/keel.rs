@@ -227,7 +227,10 @@ async fn main() {
                 ),
             ]),
         ),
-        ("psp-sim", common(vec![])),
+        (
+            "psp-sim",
+            common(vec![("KEEL_ADMIN__PORT".to_owned(), "0".to_owned())]),
+        ),
     ];
     for (svc, env) in services {
         let rss = idle_rss(svc, env).await;

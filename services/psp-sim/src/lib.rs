@@ -18,8 +18,14 @@
 //! `POST /v1/authorizations/{id}/capture`, `POST /v1/authorizations/{id}/void` (statuses in
 //! [`authorizations`]); `GET`/`PUT /admin/faults`; `GET /admin/webhooks`,
 //! `POST /admin/webhooks/{webhook_id}/redeliver`; plus the Keel stack's `/livez`, `/readyz`,
-//! `/metrics`. Errors are problem+json ([`error::ApiError`]). The admin routes have no
-//! authentication: the simulator listens on loopback and is never deployed as a real service.
+//! `/metrics`. Errors are problem+json ([`error::ApiError`]).
+//!
+//! The `/admin` routes are served on a listener of their own (`[admin]`, loopback
+//! `127.0.0.1:8091` by default), never on the card API's: exposing the card API (to billing in
+//! another container, say) must not expose the knobs that make it fail. They have no
+//! authentication, so the admin address is the whole of their protection; the public listener
+//! answers them 404 like any unknown path. Must not break: no `/admin` route is merged into
+//! the public router.
 //!
 //! Metrics besides the stack's RED set: `psp_store_entries{store}`,
 //! `psp_store_evictions_total{store}`, `psp_idempotent_replays_total`,
@@ -27,8 +33,9 @@
 //! `psp_webhook_queue_full_total`, `psp_webhook_deliveries_in_flight`,
 //! `psp_webhook_attempts_total{outcome}`.
 //!
-//! [`App::build`] binds the listener (port 0 in tests) and starts the webhook sender;
-//! [`App::run`] serves until the shutdown signal, drains (P20), and stops the sender.
+//! [`App::build`] binds both listeners (port 0 in tests; each logs a `listening` line, the
+//! admin one with `admin_addr`) and registers the webhook sender; [`App::run`] serves until the
+//! shutdown signal, drains both listeners together (P20), and stops the sender.
 
 pub mod authorizations;
 pub mod error;
@@ -39,7 +46,7 @@ pub mod store;
 pub mod webhooks;
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use keel_config::{ConfigError, Validate};
@@ -61,6 +68,7 @@ pub const DEFAULT_CONFIG: keel_config::Embedded = keel_config::embed!();
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub http: HttpConfig,
+    pub admin: AdminConfig,
     pub shutdown: ShutdownConfig,
     pub telemetry: TelemetryConfig,
     pub webhook: WebhookConfig,
@@ -68,9 +76,33 @@ pub struct Config {
     pub store: StoreConfig,
 }
 
+/// `[admin]`: where the unauthenticated `/admin` routes (fault knobs, webhook replay) listen.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Loopback by default: only a process on the same machine (or in the same pod) can turn
+    /// the knobs. Another address is allowed (a test rig in another container) and logged.
+    pub host: IpAddr,
+    /// 0 picks a free port (tests); the bound address is logged as `admin_addr`.
+    pub port: u16,
+}
+
+impl AdminConfig {
+    /// The socket address to bind.
+    pub fn addr(&self) -> SocketAddr {
+        (self.host, self.port).into()
+    }
+}
+
 impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.http.validate()?;
+        if self.admin.port != 0 && self.admin.addr() == self.http.addr() {
+            return Err(ConfigError::invalid(
+                "admin.port",
+                "must differ from http.port: the admin routes never share the public listener",
+            ));
+        }
         self.shutdown.validate()?;
         self.shutdown
             .ensure_grace_covers("http.request_timeout", self.http.request_timeout)?;
@@ -112,10 +144,11 @@ pub enum AppError {
 pub struct App {
     service: Service,
     addr: SocketAddr,
+    admin: SocketAddr,
 }
 
 impl App {
-    /// Binds the listener and wires the API; starts nothing.
+    /// Binds both listeners and wires the API; starts nothing.
     pub async fn build(config: Config) -> Result<Self, AppError> {
         let mut service =
             Service::new("psp-sim", &config.http, &config.shutdown, &config.telemetry);
@@ -130,23 +163,58 @@ impl App {
         ));
         let api =
             authorizations::Api::new(&config.store, Arc::clone(&faults), Arc::clone(&webhooks));
-        let routes = axum::Router::new()
-            .merge(authorizations::routes(api))
+        let admin_routes = axum::Router::new()
             .merge(faults::admin_routes(faults))
             .merge(webhooks::admin_routes(webhooks));
-        let addr = service.http(routes).await?;
-        Ok(Self { service, addr })
+        let admin = serve_admin(&mut service, &config, admin_routes).await?;
+        let addr = service.http(authorizations::routes(api)).await?;
+        Ok(Self {
+            service,
+            addr,
+            admin,
+        })
     }
 
-    /// The bound address.
+    /// The bound address of the card API (`/v1`, health, metrics).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound address of the `/admin` routes.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
     }
 
     /// Serves until `signal`, then stops in stages (keel_service).
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<Drained, ServiceError> {
         self.service.run(signal).await
     }
+}
+
+/// Binds `[admin]` and serves `routes` there inside the same Keel HTTP stack as the public
+/// listener (body limit, timeouts, problem+json), stopped with it: listeners close together.
+async fn serve_admin(
+    service: &mut Service,
+    config: &Config,
+    routes: axum::Router,
+) -> Result<SocketAddr, ServiceError> {
+    let want = config.admin.addr();
+    let listener = tokio::net::TcpListener::bind(want)
+        .await
+        .map_err(|source| ServiceError::Bind { addr: want, source })?;
+    let addr = listener.local_addr()?;
+    let router = keel_http::stack::build(routes, service.health().probe(), &config.http);
+    service.server("admin http", move |stop| async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    });
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "the admin listener is not on loopback: anyone who reaches it can turn the fault knobs");
+    }
+    // A field other than `addr`: tools read the public address from `addr` of a `listening` line.
+    tracing::info!(admin_addr = %addr, "listening");
+    Ok(addr)
 }
 
 /// psp-sim's command line (`psp-sim serve|migrate|check-config`; it has no database).

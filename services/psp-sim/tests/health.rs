@@ -9,6 +9,7 @@ use keel_testkit::{ServiceProcess, eventually};
 async fn psp_sim_answers_and_stops_cleanly_on_sigint() {
     let vars = vec![
         ("KEEL_HTTP__PORT".to_owned(), "0".to_owned()),
+        ("KEEL_ADMIN__PORT".to_owned(), "0".to_owned()),
         ("KEEL_SHUTDOWN__DRAIN_DELAY".to_owned(), "0s".to_owned()),
     ];
     let mut p = ServiceProcess::spawn(env!("CARGO_BIN_EXE_psp-sim"), &[], &vars).await;

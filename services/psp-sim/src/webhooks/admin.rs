@@ -2,8 +2,8 @@
 //! every attempt, and redeliver one — the same id and body with a fresh timestamp and
 //! signature, the duplicate a receiver must absorb.
 //!
-//! Unauthenticated, like every psp-sim admin route: the simulator listens on loopback and is
-//! never deployed as a real service. Must not break: a listing is bounded
+//! Unauthenticated, like every psp-sim admin route: they are served only on the admin listener
+//! (`[admin]`, loopback by default), never on the card API's. Must not break: a listing is bounded
 //! ([`MAX_LIST_LIMIT`]) however many webhooks are kept.
 
 use std::sync::Arc;

@@ -1,5 +1,6 @@
-//! Shared set-up for psp-sim's tests: the simulator in-process on port 0, and a tiny webhook
-//! receiver (billing's stand-in) on another free port that answers from a script.
+//! Shared set-up for psp-sim's tests: the simulator in-process on port 0 (both its listeners),
+//! and a tiny webhook receiver (billing's stand-in) on another free port that answers from a
+//! script.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::sync::{Arc, Mutex};
@@ -19,7 +20,10 @@ pub const DEV_SECRET_KEY_B64: &str = "S2vWrImrY1hJwx70XjbtZeu65l4ixwO6";
 
 /// A running simulator.
 pub struct Sim {
+    /// The card API's listener.
     pub base: String,
+    /// The `/admin` listener.
+    pub admin: String,
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     handle: JoinHandle<Drained>,
@@ -29,12 +33,14 @@ pub struct Sim {
 pub async fn start(overrides: &[(&str, &str)]) -> Sim {
     let mut vars = vec![
         ("KEEL_HTTP__PORT", "0"),
+        ("KEEL_ADMIN__PORT", "0"),
         ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s"),
     ];
     vars.extend_from_slice(overrides);
     let config: Config = keel_testkit::config(psp_sim::DEFAULT_CONFIG, &vars);
     let app = App::build(config).await.unwrap();
     let base = format!("http://{}", app.local_addr());
+    let admin = format!("http://{}", app.admin_addr());
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
         app.run(async {
@@ -45,6 +51,7 @@ pub async fn start(overrides: &[(&str, &str)]) -> Sim {
     });
     Sim {
         base,
+        admin,
         client: reqwest::Client::new(),
         stop: Some(tx),
         handle,
@@ -57,7 +64,18 @@ pub fn authorize_body(token: &str) -> Value {
 }
 
 impl Sim {
+    /// Where a caller finds `path`: `/admin/...` on the admin listener, the rest on the public
+    /// one.
     pub fn url(&self, path: &str) -> String {
+        if path.starts_with("/admin") {
+            format!("{}{path}", self.admin)
+        } else {
+            self.public_url(path)
+        }
+    }
+
+    /// `path` on the public listener, whatever it is.
+    pub fn public_url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
