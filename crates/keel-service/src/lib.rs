@@ -2,6 +2,8 @@
 
 pub mod cli;
 mod config;
+#[cfg(feature = "grpc")]
+mod grpc;
 mod health;
 pub mod problem;
 pub mod runtime;
@@ -10,6 +12,8 @@ mod tls;
 
 pub use cli::ServiceMain;
 pub use config::ShutdownConfig;
+#[cfg(feature = "grpc")]
+pub use grpc::GrpcConfig;
 pub use health::Health;
 pub use runtime::{BrokerReadiness, Drained, Service, ServiceError, Stage};
 pub use signal::shutdown_signal;

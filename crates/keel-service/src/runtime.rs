@@ -150,6 +150,8 @@ pub struct Service {
     tasks: Vec<Task>,
     brokers: Vec<Broker>,
     pools: Vec<(String, PgPool)>,
+    /// The latest readiness a `/readyz` call computed, for gRPC health (`crate::grpc`).
+    readiness_seen: tokio::sync::watch::Sender<Option<bool>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -196,6 +198,7 @@ impl Service {
             tasks: Vec::new(),
             brokers: Vec::new(),
             pools: Vec::new(),
+            readiness_seen: tokio::sync::watch::Sender::new(None),
         }
     }
 
@@ -317,7 +320,7 @@ impl Service {
     pub async fn http(&mut self, routes: axum::Router) -> Result<SocketAddr, ServiceError> {
         let listener = bind(self.http.addr()).await?;
         let addr = listener.local_addr()?;
-        let router = keel_http::stack::build(routes, self.health.probe(), &self.http);
+        let router = keel_http::stack::build(routes, self.probe(), &self.http);
         self.server("http", move |stop| async move {
             axum::serve(listener, router)
                 .with_graceful_shutdown(stop.cancelled_owned())
@@ -328,18 +331,43 @@ impl Service {
         Ok(addr)
     }
 
-    /// Binds `addr` and serves `routes` over gRPC until listeners stop accepting; in-flight
-    /// calls then get the grace period, like HTTP requests.
+    /// The readiness probe `/readyz` answers from: the health registry, each answer also
+    /// handed to gRPC health so both report the same state at the same moment.
+    fn probe(&self) -> keel_http::ReadinessProbe {
+        let (health, seen) = (self.health.clone(), self.readiness_seen.clone());
+        keel_http::ReadinessProbe::from_fn(move || {
+            let (health, seen) = (health.clone(), seen.clone());
+            async move {
+                let readiness = health.ready().await;
+                seen.send_replace(Some(readiness.ready));
+                readiness
+            }
+        })
+    }
+
+    /// Binds `config.host:config.port` and serves `routes` over gRPC, with `grpc.health.v1`
+    /// added (tonic-health, kept current from the health registry by one task) and the
+    /// server's limits from `config` (see [`crate::GrpcConfig`]), until listeners stop
+    /// accepting; in-flight calls then get the grace period, like HTTP requests.
     #[cfg(feature = "grpc")]
     pub async fn grpc(
         &mut self,
-        addr: SocketAddr,
+        config: &crate::GrpcConfig,
         routes: tonic::service::Routes,
     ) -> Result<SocketAddr, ServiceError> {
-        let listener = bind(addr).await?;
+        let listener = bind(config.addr()).await?;
         let bound = listener.local_addr()?;
+        let (routes, reporter) = crate::grpc::with_health(routes, self.name, config).await;
+        let (name, health, interval) = (self.name, self.health.clone(), config.health_interval);
+        let (seen, closed) = (self.readiness_seen.subscribe(), self.accept.clone());
+        // It ends by itself when listeners close; the stage is only where it is waited for.
+        self.task(Stage::Consumers, "grpc health reporter", move |_| {
+            crate::grpc::report(name, reporter, health, interval, seen, closed)
+        });
+        let server = crate::grpc::server(config);
         self.server("grpc", move |stop| async move {
-            tonic::transport::Server::builder()
+            let mut server = server;
+            server
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -4,39 +4,39 @@
 //! Two listeners, one lifecycle: gRPC on 50051 (`keel.billing.v1.PaymentService`, and
 //! `grpc.health.v1` so Kubernetes gRPC probes work) and HTTP on 8081 (health, metrics, and
 //! the payment provider's webhook). Both stop accepting at the same moment of the shutdown
-//! sequence (P20).
+//! sequence (P20). The gRPC server, its limits (`[grpc]`: calls per connection, message
+//! sizes, HTTP/2 keepalive, the longest call) and its health service are the platform's
+//! ([`keel_service::GrpcConfig`]); billing adds its API and applies the message sizes to it.
 //!
 //! Capabilities, one module each:
 //! - [`payments`]: Authorize, Capture, Void, GetPayment — idempotency keys (P13), deadlines,
 //!   gRPC status codes ([`payments::grpc`]).
 //! - [`ledger`]: the event-sourced ledger (P10): append-only `payment_events` with optimistic
 //!   concurrency, the `payments` projection, the outbox rows (P02), `rebuild-projections`.
-//! - [`psp`]: the payment provider's client: bounded retries within the caller's deadline.
+//! - [`psp`]: the payment provider's client: bounded retries within the caller's deadline,
+//!   bounded response bodies, encoded paths, a closed set of decline codes, redacted tokens.
 //! - [`webhook`]: the provider's signed webhook, replay-safe (P32).
-//! - [`grpc_health`]: `grpc.health.v1`, answering from the same readiness state as `/readyz`.
 //!
 //! Payment events leave through the outbox (P02): the ledger writes them in its transaction
 //! and `keel_amqp::relay` publishes them to `keel.events`. RabbitMQ is deliberately *not* a
 //! readiness check here: while it is down billing keeps taking payments and the events wait
 //! in the outbox, which is the point of the pattern.
 
-pub mod grpc_health;
 pub mod ledger;
 pub mod payments;
 pub mod psp;
 pub mod webhook;
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::net::SocketAddr;
 
 use keel_amqp::{AmqpConfig, RelayConfig};
-use keel_config::{ConfigError, Validate, ensure_range, millis as ms};
+use keel_config::{ConfigError, Validate};
 use keel_contracts::billing_v1::payment_service_server::PaymentServiceServer;
-use keel_contracts::grpc_health_v1::health_server::HealthServer;
 use keel_http::HttpConfig;
 use keel_pg::DatabaseConfig;
-use keel_service::{BrokerReadiness, Drained, Service, ServiceError, ShutdownConfig};
+pub use keel_service::GrpcConfig;
+use keel_service::{BrokerReadiness, Drained, Health, Service, ServiceError, ShutdownConfig};
 use keel_telemetry::TelemetryConfig;
 use serde::Deserialize;
 
@@ -51,42 +51,6 @@ pub const DEFAULT_CONFIG: keel_config::Embedded = keel_config::embed!();
 
 /// Migrations, embedded.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
-/// `[grpc]`: where the gRPC API listens and how it treats deadlines.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GrpcConfig {
-    pub host: IpAddr,
-    /// 0 picks a free port (tests).
-    pub port: u16,
-    /// The longest a call may run: caps the caller's `grpc-timeout`, and is the deadline of
-    /// a call that sets none (an unbounded call would hold its idempotency key forever).
-    #[serde(with = "keel_config::duration")]
-    pub max_deadline: Duration,
-    /// Kept back from the caller's deadline for billing's own database work and the answer,
-    /// so billing answers DEADLINE_EXCEEDED itself before the caller gives up.
-    #[serde(with = "keel_config::duration")]
-    pub deadline_reserve: Duration,
-}
-
-impl Validate for GrpcConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        ensure_range("grpc.max_deadline (ms)", ms(self.max_deadline), 1, 300_000)?;
-        ensure_range(
-            "grpc.deadline_reserve (ms)",
-            ms(self.deadline_reserve),
-            0,
-            10_000,
-        )?;
-        if self.deadline_reserve >= self.max_deadline {
-            return Err(ConfigError::invalid(
-                "grpc.deadline_reserve",
-                "must be less than grpc.max_deadline",
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// billing's configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -202,11 +166,14 @@ impl App {
             config.grpc.max_deadline,
             config.grpc.deadline_reserve,
         );
-        let grpc_health = grpc_health::GrpcHealth::new(service.health().clone());
-        let routes = tonic::service::Routes::new(HealthServer::new(grpc_health))
-            .add_service(PaymentServiceServer::new(payments));
+        let payments = config
+            .grpc
+            .limit(PaymentServiceServer::new(payments), |s, read, write| {
+                s.max_decoding_message_size(read)
+                    .max_encoding_message_size(write)
+            });
         let grpc = service
-            .grpc((config.grpc.host, config.grpc.port).into(), routes)
+            .grpc(&config.grpc, tonic::service::Routes::new(payments))
             .await?;
         let http = service
             .http(webhook::router(pool, Verifier::new(&config.webhook)?))
@@ -226,6 +193,11 @@ impl App {
     /// The bound gRPC address.
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc
+    }
+
+    /// The health registry behind `/readyz` and `grpc.health.v1` (add a check of your own).
+    pub fn health(&self) -> &Health {
+        self.service.health()
     }
 
     /// Runs until `signal`, then stops in stages (keel_service): HTTP and gRPC together, the

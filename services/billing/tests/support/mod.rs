@@ -205,6 +205,8 @@ pub struct Billing {
     pub psp: FakePsp,
     pub config: Config,
     pub http: String,
+    /// `http://<grpc addr>`, for a client or connection of a test's own.
+    pub grpc_url: String,
     pub grpc: PaymentServiceClient<Channel>,
     /// The app role's pool (through pgbouncer), for assertions.
     pub pool: PgPool,
@@ -247,7 +249,9 @@ impl Billing {
             (r.status() == 200).then_some(())
         })
         .await;
-        let grpc = PaymentServiceClient::connect(grpc_url).await.unwrap();
+        let grpc = PaymentServiceClient::connect(grpc_url.clone())
+            .await
+            .unwrap();
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(4)
             .connect(&db.app_url())
@@ -259,6 +263,7 @@ impl Billing {
             psp,
             config,
             http,
+            grpc_url,
             grpc,
             pool,
             stop: Some(stop),
