@@ -15,13 +15,23 @@
 //! A timed-out request is *not* retried: the provider is slow, not down, and a retry would
 //! only queue behind it. The caller gets [`PspError::Timeout`] and retries later with the same
 //! idempotency key (P13), which resumes the same operation.
+//!
+//! The provider is outside Keel's trust boundary (OWASP API10, unsafe consumption of APIs), so
+//! what comes back is bounded and what goes out is encoded:
+//! - a response body is read up to `psp.max_response_bytes` and no further (`read_bounded`):
+//!   a provider answering an endless or huge body costs billing that many bytes, not its memory;
+//! - an authorization id (the provider's own, stored in the ledger) becomes one percent-encoded
+//!   path segment: `/`, `?` or `#` inside it cannot change the path, and `.`/`..` are refused;
+//! - a decline code is one of [`DeclineCode`]'s, an unknown one being [`DeclineCode::Other`]:
+//!   the provider's string never reaches the ledger, the gRPC answer or a customer's email;
+//! - a payment token is a [`PaymentToken`], whose `Debug` never shows it.
 
 use keel_resilience::BackoffPolicy;
 use std::time::Duration;
 
 use keel_config::{ConfigError, Validate, ensure_range, millis as ms};
 use reqwest::StatusCode;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 /// `[psp]`: where the provider is and how long billing waits for it.
@@ -44,6 +54,14 @@ pub struct PspConfig {
     /// Cap on one backoff.
     #[serde(with = "keel_config::duration")]
     pub max_backoff: Duration,
+    /// Largest response body read from the provider; a longer one is a protocol error.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+}
+
+/// 64 KiB: the provider's answers are a few hundred bytes.
+fn default_max_response_bytes() -> usize {
+    64 * 1024
 }
 
 impl Validate for PspConfig {
@@ -74,6 +92,12 @@ impl Validate for PspConfig {
             60_000,
         )?;
         ensure_range("psp.max_backoff (ms)", ms(self.max_backoff), 1, 60_000)?;
+        ensure_range(
+            "psp.max_response_bytes",
+            self.max_response_bytes,
+            1_024,
+            16 * 1024 * 1024,
+        )?;
         if self.max_backoff < self.initial_backoff {
             return Err(ConfigError::invalid(
                 "psp.max_backoff",
@@ -87,9 +111,9 @@ impl Validate for PspConfig {
 /// Why a provider call did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum PspError {
-    /// 402: the card was declined; `code` is the problem's `decline_code`.
+    /// 402: the card was declined; `code` is the problem's `decline_code`, in billing's words.
     #[error("declined: {code}")]
-    Declined { code: String },
+    Declined { code: DeclineCode },
     /// 409: the authorization's state forbids this (capture of a voided one, …); `status`
     /// is the authorization's current state when the provider says (`captured`, `voided`),
     /// which tells "already done" from "wrong state".
@@ -110,9 +134,92 @@ pub enum PspError {
     /// The caller's deadline ran out (before or during a request).
     #[error("deadline exceeded")]
     DeadlineExceeded,
-    /// A 2xx whose body is not what the API promises.
+    /// The provider's answer (or an id it gave) is not what its API promises.
     #[error("unexpected provider response: {0}")]
-    Protocol(String),
+    Protocol(ProtocolError),
+}
+
+/// How the provider broke its API's promises.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The body went past `psp.max_response_bytes`; reading stopped there.
+    #[error("response body larger than psp.max_response_bytes ({limit} bytes)")]
+    TooLarge { limit: usize },
+    /// An authorization id that cannot be one path segment (empty, `.` or `..`).
+    #[error("authorization id {0:?} is not a valid path segment")]
+    InvalidId(String),
+    /// A body that does not parse as the API's JSON.
+    #[error("malformed body: {0}")]
+    Body(#[from] serde_json::Error),
+    /// The configured base URL cannot take a path (`data:`, `mailto:`).
+    #[error("psp.base_url cannot be a base")]
+    BaseUrl,
+}
+
+/// Why a card was declined, in billing's vocabulary. The provider's `decline_code` is mapped
+/// onto it, and any code billing does not know becomes [`DeclineCode::Other`] (`declined`):
+/// the set of values that reaches the ledger, the gRPC answer and notifications is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeclineCode {
+    CardDeclined,
+    InsufficientFunds,
+    ExpiredCard,
+    IncorrectCvc,
+    /// Anything else, or no code at all.
+    Other,
+}
+
+impl DeclineCode {
+    /// The code a provider sent (`None`: it sent none).
+    pub fn from_provider(code: Option<&str>) -> Self {
+        match code {
+            Some("card_declined") => Self::CardDeclined,
+            Some("insufficient_funds") => Self::InsufficientFunds,
+            Some("expired_card") => Self::ExpiredCard,
+            Some("incorrect_cvc") => Self::IncorrectCvc,
+            _ => Self::Other,
+        }
+    }
+
+    /// Its stable wire name (`decline_reason` of the gRPC answer and the ledger's event).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CardDeclined => "card_declined",
+            Self::InsufficientFunds => "insufficient_funds",
+            Self::ExpiredCard => "expired_card",
+            Self::IncorrectCvc => "incorrect_cvc",
+            Self::Other => "declined",
+        }
+    }
+}
+
+impl std::fmt::Display for DeclineCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A card's payment token: sent to the provider, never shown. `Debug` prints
+/// `PaymentToken(<redacted>)`, so a command or request logged with `?` carries no token.
+#[derive(Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct PaymentToken(String);
+
+impl PaymentToken {
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The token itself, for the provider's request and the idempotency fingerprint only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for PaymentToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PaymentToken(<redacted>)")
+    }
 }
 
 /// An authorization's state at the provider, as its API spells it (`capture_pending`).
@@ -133,11 +240,11 @@ pub struct Authorization {
 }
 
 /// What [`PspClient::authorize`] sends.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct AuthorizeRequest<'a> {
     pub amount_minor: i64,
     pub currency: &'a str,
-    pub token: &'a str,
+    pub token: &'a PaymentToken,
     /// billing's payment id: lets an operator match the provider's records to the ledger.
     pub reference: String,
 }
@@ -199,8 +306,9 @@ impl PspClient {
         request: &AuthorizeRequest<'_>,
         deadline: Instant,
     ) -> Result<Authorization, PspError> {
-        let body = serde_json::to_value(request).map_err(|e| PspError::Protocol(e.to_string()))?;
-        self.call("authorize", "v1/authorizations", key, Some(&body), deadline)
+        let body = serde_json::to_value(request).map_err(|e| PspError::Protocol(e.into()))?;
+        let url = self.url(&["v1", "authorizations"])?;
+        self.call("authorize", url, key, Some(&body), deadline)
             .await
     }
 
@@ -211,8 +319,8 @@ impl PspClient {
         authorization_id: &str,
         deadline: Instant,
     ) -> Result<Authorization, PspError> {
-        let path = format!("v1/authorizations/{authorization_id}/capture");
-        self.call("capture", &path, key, None, deadline).await
+        let url = self.url(&["v1", "authorizations", authorization_id, "capture"])?;
+        self.call("capture", url, key, None, deadline).await
     }
 
     /// `POST /v1/authorizations/{id}/void`.
@@ -222,19 +330,36 @@ impl PspClient {
         authorization_id: &str,
         deadline: Instant,
     ) -> Result<Authorization, PspError> {
-        let path = format!("v1/authorizations/{authorization_id}/void");
-        self.call("void", &path, key, None, deadline).await
+        let url = self.url(&["v1", "authorizations", authorization_id, "void"])?;
+        self.call("void", url, key, None, deadline).await
+    }
+
+    /// `psp.base_url` with `segments` appended, each percent-encoded as *one* segment (`/`
+    /// becomes `%2F`), so an id can never reach another path. `.` and `..` cannot be encoded
+    /// that way (URL parsers resolve them, and the url crate drops them), so they are refused.
+    pub fn url(&self, segments: &[&str]) -> Result<url::Url, PspError> {
+        if let Some(bad) = segments.iter().find(|s| matches!(**s, "" | "." | "..")) {
+            return Err(PspError::Protocol(ProtocolError::InvalidId(
+                (*bad).to_owned(),
+            )));
+        }
+        let mut url = self.config.base_url.clone();
+        url.path_segments_mut()
+            .map_err(|()| PspError::Protocol(ProtocolError::BaseUrl))?
+            .pop_if_empty()
+            .extend(segments);
+        Ok(url)
     }
 
     async fn call(
         &self,
         operation: &'static str,
-        path: &str,
+        url: url::Url,
         key: &str,
         body: Option<&serde_json::Value>,
         deadline: Instant,
     ) -> Result<Authorization, PspError> {
-        let result = self.post_with_retries(path, key, body, deadline).await;
+        let result = self.post_with_retries(url, key, body, deadline).await;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(PspError::Declined { .. }) => "declined",
@@ -249,16 +374,12 @@ impl PspClient {
 
     async fn post_with_retries(
         &self,
-        path: &str,
+        url: url::Url,
         key: &str,
         body: Option<&serde_json::Value>,
         deadline: Instant,
     ) -> Result<Authorization, PspError> {
-        let url = self
-            .config
-            .base_url
-            .join(path)
-            .map_err(|e| PspError::Protocol(e.to_string()))?;
+        let limit = self.config.max_response_bytes;
         let mut last = String::new();
         let mut attempt = 0;
         while attempt < self.config.max_attempts {
@@ -278,12 +399,20 @@ impl PspClient {
                 request = request.json(body);
             }
             let sent = async {
-                let response = request.send().await?;
+                let response = request.send().await.map_err(ReadError::Http)?;
                 let status = response.status();
-                let bytes = response.bytes().await?;
-                Ok::<_, reqwest::Error>((status, bytes))
+                let bytes = read_bounded(response, limit).await?;
+                Ok::<_, ReadError>((status, bytes))
             }
             .await;
+            let sent = match sent {
+                Ok(answer) => Ok(answer),
+                Err(ReadError::Http(e)) => Err(e),
+                // Not retried: the provider answered, only not within the API's promises.
+                Err(ReadError::TooLarge) => {
+                    return Err(PspError::Protocol(ProtocolError::TooLarge { limit }));
+                }
+            };
             match sent {
                 Ok((status, _)) if status.is_server_error() => last = format!("HTTP {status}"),
                 // Billing's earlier request with this key (one that timed out on billing's
@@ -332,16 +461,41 @@ impl PspClient {
     }
 }
 
+/// Why a body could not be read.
+enum ReadError {
+    Http(reqwest::Error),
+    TooLarge,
+}
+
+/// Reads `response`'s body, at most `limit` bytes: a declared length over it is refused before
+/// reading, and an undeclared (chunked) one is cut off as soon as it passes the limit, so the
+/// memory a provider's answer costs is bounded by `psp.max_response_bytes` whatever it sends.
+async fn read_bounded(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, ReadError> {
+    let declared = response.content_length().unwrap_or(0);
+    if declared > limit as u64 {
+        return Err(ReadError::TooLarge);
+    }
+    // The declared length is within the limit here, so this allocation is bounded too.
+    let mut body = Vec::with_capacity(usize::try_from(declared).unwrap_or(0));
+    while let Some(chunk) = response.chunk().await.map_err(ReadError::Http)? {
+        if body.len() + chunk.len() > limit {
+            return Err(ReadError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 fn interpret(status: StatusCode, body: &[u8]) -> Result<Authorization, PspError> {
     match status {
         s if s.is_success() => {
-            serde_json::from_slice(body).map_err(|e| PspError::Protocol(e.to_string()))
+            serde_json::from_slice(body).map_err(|e| PspError::Protocol(e.into()))
         }
         StatusCode::PAYMENT_REQUIRED => {
-            let code = ProviderProblem::parse(body)
-                .decline_code
-                .unwrap_or_else(|| "declined".to_owned());
-            Err(PspError::Declined { code })
+            let problem = ProviderProblem::parse(body);
+            Err(PspError::Declined {
+                code: DeclineCode::from_provider(problem.decline_code.as_deref()),
+            })
         }
         // A status billing does not know reads as "not said": the refusal stands.
         StatusCode::CONFLICT => Err(PspError::Conflict {

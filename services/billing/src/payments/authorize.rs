@@ -26,7 +26,7 @@ impl Payments {
             cmd.order_id.0.as_bytes(),
             &cmd.amount.minor.to_be_bytes(),
             cmd.amount.currency.as_str().as_bytes(),
-            cmd.payment_token.as_bytes(),
+            cmd.payment_token.expose().as_bytes(),
         ]);
         let call = Call {
             scope: Scope::Authorize,
@@ -103,7 +103,9 @@ impl Payments {
                         psp_authorization_id: auth.id,
                     }
                 }
-                Err(PspError::Declined { code }) => PaymentEvent::PaymentDeclined { reason: code },
+                Err(PspError::Declined { code }) => PaymentEvent::PaymentDeclined {
+                    reason: code.as_str().to_owned(),
+                },
                 Err(e) => return Err(e.into()),
             };
             match self

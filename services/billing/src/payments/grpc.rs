@@ -26,6 +26,7 @@ use tonic::{Request, Response, Status};
 
 use super::{AuthorizeCommand, PaymentError, Payments, VoidAnswer, VoidTarget};
 use crate::ledger::{Currency, Money, OrderId, Payment, PaymentId, PaymentStatus};
+use crate::psp::PaymentToken;
 
 /// Longest idempotency key accepted (checkout's are a saga id and a step name).
 pub const MAX_KEY_LEN: usize = 200;
@@ -153,7 +154,7 @@ fn authorize_command(r: pb::AuthorizeRequest) -> Result<AuthorizeCommand, Status
             minor: amount.amount_minor,
             currency,
         },
-        payment_token: r.payment_token,
+        payment_token: PaymentToken::new(r.payment_token),
     })
 }
 

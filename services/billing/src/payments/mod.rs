@@ -48,7 +48,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
 use crate::ledger::{self, LedgerError, Money, OrderId, Payment, PaymentEvent, PaymentId};
-use crate::psp::PspClient;
+use crate::psp::{PaymentToken, PspClient};
 
 pub use error::PaymentError;
 use keys::{Call, Completes};
@@ -63,7 +63,8 @@ pub struct AuthorizeCommand {
     pub idempotency_key: String,
     pub order_id: OrderId,
     pub amount: Money,
-    pub payment_token: String,
+    /// Redacted in `Debug`.
+    pub payment_token: PaymentToken,
 }
 
 /// What `Void` is asked to void.
