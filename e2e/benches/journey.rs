@@ -157,6 +157,8 @@ async fn relay_drain(pool: &sqlx::PgPool, amqp_url: &str) -> f64 {
         max_backoff: Duration::from_secs(1),
         backlog_interval: Duration::from_secs(60),
         concurrency: 2,
+        max_attempts: keel_amqp::relay::DEFAULT_MAX_ATTEMPTS,
+        max_message_bytes: keel_amqp::relay::DEFAULT_MAX_MESSAGE_BYTES,
     };
     let started = Instant::now();
     let relay = keel_amqp::relay::spawn(pool.clone(), broker.clone(), config, stop.clone());

@@ -189,9 +189,24 @@ impl Publisher {
             results.push(result);
         }
         if channel_suspect {
-            self.discard().await;
+            self.abandon();
         }
         Ok(results)
+    }
+
+    /// Drops the channel at once and closes it in the background (bounded). After a missed
+    /// deadline the channel is as stalled as the confirm was: waiting for its close would
+    /// delay the caller's handling of the failure by the close's own bound.
+    fn abandon(&mut self) {
+        if let Some(channel) = self.channel.take() {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    channel.close(200, "discarded".into()),
+                )
+                .await;
+            });
+        }
     }
 
     /// Drops the channel (closing it, bounded); the next publish opens a fresh one.
