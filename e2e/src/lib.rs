@@ -5,8 +5,10 @@
 //! artifacts `make dev` runs) wired to each other on ports chosen at run time, so journeys run
 //! in parallel with each other and with a running `make dev` stack. checkout reaches billing's
 //! gRPC port through a [`FaultProxy`], so a test can take billing away and give it back.
-//! Every journey test ends with [`Journey::audit`]: keelctl's invariants over the three
-//! databases and the broker must hold.
+//! Every journey test ends with [`Journey::assert_audit_passes`]: keelctl's invariants over
+//! the three databases and the broker must hold once every row is past the audit's time gates,
+//! and each check the test's scenario feeds ([`Examines`]) must have examined rows, so no check
+//! passes merely because it had nothing to look at.
 //!
 //! The service crates are dependencies only for their embedded default configs and migrators
 //! (the template databases); the services themselves run as processes.
@@ -259,8 +261,9 @@ impl Journey {
         .await
     }
 
-    /// keelctl's audit over this journey's databases and vhost, with bounds tight enough for
-    /// a test that has waited for its orders to settle.
+    /// keelctl's audit over this journey's databases and vhost. Its time gates are the
+    /// shortest the configuration allows (1 s), so a test waits little past them; its queue
+    /// backlog bound is 0, as nothing is in flight once a journey has settled.
     pub async fn audit(&self) -> Result<keelctl::audit::Report, keelctl::audit::AuditError> {
         let stack = keel_testkit::Stack::load();
         let config: keelctl::Config = keel_testkit::config(
@@ -272,22 +275,44 @@ impl Journey {
                 ("KEEL_RABBITMQ__MANAGEMENT_URL", &stack.amqp_mgmt_base()),
                 ("KEEL_RABBITMQ__VHOST", &self.vhost.name),
                 ("KEEL_AUDIT__SETTLE_WITHIN", "1s"),
-                ("KEEL_AUDIT__OUTBOX_WITHIN", "5s"),
+                ("KEEL_AUDIT__OUTBOX_WITHIN", "1s"),
                 ("KEEL_AUDIT__MAX_QUEUE_BACKLOG", "0"),
             ],
         );
         keelctl::audit::run(&config).await
     }
 
-    /// Asserts the audit passes, printing it either way (it is the journey's summary).
-    pub async fn assert_audit_passes(&self) {
-        // Settled means: every outbox drained and every final order notified. Wait for that
-        // (bounded) before judging, so the audit judges state, not timing.
-        let report = eventually(Duration::from_secs(30), "audit passes", || async {
-            // An audit that could not run (a transient API error) is retried, not fatal.
-            let r = self.audit().await.ok()?;
-            r.passed().then_some(r)
-        })
+    /// Asserts the audit passes with every row judged, and that each check in `examines`
+    /// examined at least one row; prints the report (it is the journey's summary).
+    ///
+    /// Polls (bounded) until every check passes and none has rows younger than its time gate:
+    /// a row past the gate is judged, so the audit judges the state the journey settled in,
+    /// never a moment in which everything was too young to count. The broker's queue counters
+    /// come from the management API's samples (every 5 s), which the same poll waits for.
+    pub async fn assert_audit_passes(&self, examines: &Examines) {
+        let last = std::sync::Mutex::new(String::from("no audit ran"));
+        let _show = ShowOnPanic(&last);
+        let report = eventually(
+            Duration::from_secs(30),
+            "audit passes with every row past its gate and every expected check examining rows",
+            || async {
+                // An audit that could not run (a transient API error) is retried, not fatal.
+                let r = match self.audit().await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        *last.lock().unwrap() = format!("the audit could not run: {e}");
+                        return None;
+                    }
+                };
+                let unfed = examines.unfed(&r);
+                let settled = r.passed() && r.past_gates() && unfed.is_empty();
+                if !settled {
+                    *last.lock().unwrap() =
+                        format!("{r}\nexpected to examine rows but did not: {unfed:?}");
+                }
+                settled.then_some(r)
+            },
+        )
         .await;
         eprintln!("{report}");
     }
@@ -342,6 +367,79 @@ impl Journey {
                 .unwrap();
         }
         conns.len()
+    }
+}
+
+/// Prints the last audit if the wait for it panics: the report says which check failed, which
+/// rows were still too recent, and which expected check examined nothing.
+struct ShowOnPanic<'a>(&'a std::sync::Mutex<String>);
+
+impl Drop for ShowOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let last = self.0.lock().map(|l| l.clone()).unwrap_or_default();
+            eprintln!("last audit:\n{last}");
+        }
+    }
+}
+
+/// The audit checks a journey test feeds, by what it did: each must examine at least one row.
+///
+/// Explicit per test, because which checks have rows depends on the scenario: an order rejected
+/// for stock never reaches billing, so billing's payment checks legitimately examine nothing
+/// there, while a confirmed order must show up in every payment check. A check not named here
+/// may examine nothing; a check named here that examined nothing fails the test.
+#[derive(Debug, Clone)]
+pub struct Examines(Vec<&'static str>);
+
+impl Examines {
+    /// What every journey feeds: it places orders (checkout's saga jobs and order events),
+    /// they end (stock and reservations settle) and are announced (notification consumes its
+    /// queue and records each with an event of its own).
+    pub fn journey() -> Self {
+        Self(vec![
+            "checkout.orders_final",
+            "checkout.stock_conserved",
+            "checkout.reservations_match_orders",
+            "notification.final_orders_notified_once",
+            "checkout.outbox_drained",
+            "checkout.no_failed_jobs",
+            "notification.outbox_drained",
+            "queue:notification.events",
+        ])
+    }
+
+    /// An order was confirmed: billing holds its payment, captured by the provider's webhook,
+    /// and published the payment's events.
+    #[must_use]
+    pub fn confirmed(self) -> Self {
+        self.and(&[
+            "billing.confirmed_orders_paid_once",
+            "billing.settled_payments_captured",
+            "billing.outbox_drained",
+        ])
+    }
+
+    /// An order ended unpaid (rejected, declined or failed): billing must hold nothing for it.
+    #[must_use]
+    pub fn unpaid(self) -> Self {
+        self.and(&["billing.failed_orders_hold_nothing"])
+    }
+
+    /// More checks by id.
+    #[must_use]
+    pub fn and(mut self, ids: &[&'static str]) -> Self {
+        self.0.extend_from_slice(ids);
+        self
+    }
+
+    /// The expected checks that examined nothing in `report`, or that it does not have at all.
+    pub fn unfed<'a>(&'a self, report: &keelctl::audit::Report) -> Vec<&'a str> {
+        self.0
+            .iter()
+            .copied()
+            .filter(|id| report.get(id).is_none_or(|c| c.examined == 0))
+            .collect()
     }
 }
 

@@ -1,11 +1,12 @@
 //! The order journey end to end (P04 saga, P02 outbox, P03 inbox, P13 idempotency, P32
 //! webhooks, P08 job leases): four real binaries per test, faults injected between them, and
-//! keelctl's audit at the end of every test.
+//! keelctl's audit at the end of every test, naming the checks the test's orders must have fed
+//! (a check that examined nothing there fails the test).
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
-use keel_e2e::{Journey, Options, order_body};
+use keel_e2e::{Examines, Journey, Options, order_body};
 use keel_testkit::eventually;
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
@@ -45,7 +46,8 @@ async fn happy_path_order_is_confirmed_captured_and_notified() {
     .await;
     let n = j.notified(&id).await;
     assert_eq!(n["notifications"].as_array().unwrap().len(), 1);
-    j.assert_audit_passes().await;
+    j.assert_audit_passes(&Examines::journey().confirmed())
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,7 +75,7 @@ async fn out_of_stock_order_is_rejected_and_reserves_nothing() {
         .unwrap();
     assert_eq!(after, available, "nothing reserved");
     j.notified(&id).await;
-    j.assert_audit_passes().await;
+    j.assert_audit_passes(&Examines::journey().unpaid()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,7 +90,12 @@ async fn declined_card_ends_payment_declined_with_stock_released() {
     assert_eq!(j.order(&broke).await["reason"], "insufficient_funds");
     j.notified(&declined).await;
     j.notified(&broke).await;
-    j.assert_audit_passes().await;
+    j.assert_audit_passes(
+        &Examines::journey()
+            .unpaid()
+            .and(&["billing.outbox_drained"]),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,7 +104,8 @@ async fn provider_5xx_then_success_confirms_with_one_authorization() {
     let id = j.place("tok_flaky", &[("KEEL-TEE-M", 1)]).await;
     assert_eq!(j.final_state(&id, SETTLE).await, "CONFIRMED");
     j.notified(&id).await;
-    j.assert_audit_passes().await;
+    j.assert_audit_passes(&Examines::journey().confirmed())
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,7 +119,12 @@ async fn provider_timeout_compensates_to_payment_failed() {
     let id = j.place("tok_timeout", &[("KEEL-STICKERS", 3)]).await;
     assert_eq!(j.final_state(&id, SETTLE).await, "PAYMENT_FAILED");
     j.notified(&id).await;
-    j.assert_audit_passes().await;
+    j.assert_audit_passes(
+        &Examines::journey()
+            .unpaid()
+            .and(&["billing.outbox_drained"]),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,7 +152,8 @@ async fn billing_down_for_a_while_the_saga_retries_then_resumes() {
     j.billing_link.restore();
     assert_eq!(j.final_state(&id, SETTLE).await, "CONFIRMED");
     j.notified(&id).await;
-    j.assert_audit_passes().await;
+    j.assert_audit_passes(&Examines::journey().confirmed())
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,7 +187,7 @@ async fn billing_down_past_the_deadline_compensates() {
     j.billing_link.restore();
     assert_eq!(j.final_state(&id, SETTLE).await, "PAYMENT_FAILED");
     j.notified(&id).await;
-    j.assert_audit_passes().await;
+    j.assert_audit_passes(&Examines::journey().unpaid()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,7 +238,8 @@ async fn checkout_killed_mid_saga_resumes_without_double_reservation_or_charge()
     j.notified(&id).await;
     // The audit checks one payment of the order's amount, captured, and conserved stock with
     // the reservations sold exactly once.
-    j.assert_audit_passes().await;
+    j.assert_audit_passes(&Examines::journey().confirmed())
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,7 +294,8 @@ async fn duplicate_posts_create_one_order() {
     assert_eq!(orders, 1);
     assert_eq!(j.final_state(&id, SETTLE).await, "CONFIRMED");
     j.notified(&id).await;
-    j.assert_audit_passes().await;
+    j.assert_audit_passes(&Examines::journey().confirmed())
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,7 +345,8 @@ async fn replayed_webhook_has_no_second_effect() {
         scalar_i64(&j.billing_db.admin_url(), captured, &id).await,
         1
     );
-    j.assert_audit_passes().await;
+    j.assert_audit_passes(&Examines::journey().confirmed())
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -351,5 +368,6 @@ async fn broker_connections_dropped_mid_flow_lose_and_double_nothing() {
             "one notification for {id}"
         );
     }
-    j.assert_audit_passes().await;
+    j.assert_audit_passes(&Examines::journey().confirmed())
+        .await;
 }

@@ -111,9 +111,15 @@ impl Check {
         self.violations == 0
     }
 
-    /// `examined` with its unit, as the table shows it (`3 orders`).
+    /// `examined` with its unit, as the table shows it (`3 orders`, `1 order`).
     pub fn examined_text(&self) -> String {
-        format!("{} {}", self.examined, self.unit)
+        // Every unit is a regular plural.
+        let unit = if self.examined == 1 {
+            self.unit.trim_end_matches('s')
+        } else {
+            self.unit
+        };
+        format!("{} {unit}", self.examined)
     }
 }
 
