@@ -101,12 +101,22 @@ fn a_new_service_is_the_template_renamed_with_its_own_port_and_registry_entry() 
     assert!(cargo.contains("name = \"inventory\""), "{cargo}");
     let config = std::fs::read_to_string(service.join("config/default.toml")).unwrap();
     for expected in [
-        "inventory_app:inventory_app_dev@127.0.0.1:6432/keel_inventory",
-        "inventory_owner:inventory_owner_dev@127.0.0.1:5432/keel_inventory",
         "queue = \"inventory.events\"",
         &format!("port = {}", made.http_port),
     ] {
         assert!(config.contains(expected), "{expected} in:\n{config}");
+    }
+    // Its development secrets, in its dev profile (KEEL_PROFILE=dev), not in the defaults.
+    let dev = std::fs::read_to_string(service.join("config/dev.toml")).unwrap();
+    for expected in [
+        "inventory_app:inventory_app_dev@127.0.0.1:6432/keel_inventory",
+        "inventory_owner:inventory_owner_dev@127.0.0.1:5432/keel_inventory",
+    ] {
+        assert!(dev.contains(expected), "{expected} in:\n{dev}");
+        assert!(
+            !config.contains(expected),
+            "{expected} in the defaults:\n{config}"
+        );
     }
     let lib = std::fs::read_to_string(service.join("src/lib.rs")).unwrap();
     assert!(lib.contains("pub struct InventoryService;"), "{lib}");
