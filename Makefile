@@ -9,7 +9,7 @@ CARGO ?= cargo
 # What `make new-service` runs; the scaffolding test passes the binary it already built.
 SCAFFOLD ?= $(CARGO) run -q -p keel-scaffold --
 
-.PHONY: help dev down status demo deps build tools test lint fmt bench new-service reset-dev-data
+.PHONY: help dev down status demo deps build tools test lint fmt bench new-service reset-dev-data mutants
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -53,7 +53,7 @@ tools: ## test tools a fresh machine may lack (shellcheck, curl, cargo-nextest, 
 lint: tools ## formatting, clippy (warnings are errors), shellcheck, unused and forbidden dependencies
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	shellcheck infra/dev/*.sh .ci/run
+	shellcheck infra/dev/*.sh infra/mutants/*.sh .ci/run
 	@# Declared but unused dependencies (generated code's are listed in its crate's
 	@# [package.metadata.cargo-machete]); exits non-zero when it finds one.
 	$(CARGO) machete
@@ -72,6 +72,9 @@ bench: deps ## release build; prints Keel-vs-baseline ratios and writes target/b
 	$(CARGO) build --profile bench --workspace --bins --example bare_axum
 	$(CARGO) bench --workspace --bench keel
 	$(CARGO) bench --workspace --bench journey
+
+mutants: deps ## mutation testing of the pattern modules (slow, not part of test); MODULES=a,b for a subset
+	infra/mutants/run.sh
 
 fmt: ## format the code
 	$(CARGO) fmt --all
