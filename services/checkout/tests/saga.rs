@@ -2,6 +2,10 @@
 //! whose worker died resumes without reserving or charging twice. P08: the saga runs as jobs
 //! on the Postgres queue, visible in the `jobs` table.
 //!
+//! The failure side first: [`naive_checkout`] runs the same steps with no saga (nothing
+//! persisted between them, nothing undone), under the same billing failure or crash, and
+//! leaves half-finished work that the saga then shows it does not.
+//!
 //! Billing is a scripted fake `PaymentService` served over real gRPC (tests/common); the
 //! journey across the real services is tested end to end elsewhere.
 #![allow(clippy::unwrap_used)]
@@ -10,14 +14,114 @@ mod common;
 
 use std::time::Duration;
 
-use checkout::saga::billing::Billing;
+use checkout::saga::billing::{Billing, CallError};
 use checkout::saga::{SAGA_QUEUE, Saga, SagaId, Step};
 use common::{Behaviour, FakeBilling, TestApp, order};
+use keel_contracts::billing_v1::PaymentStatus;
+use keel_events::{Currency, Money};
 use keel_pg::jobs::{self, Outcome};
 use keel_testkit::eventually;
 use serde_json::Value;
+use sqlx::PgPool;
 use tonic::Code;
 use uuid::Uuid;
+
+/// Checkout without a saga, as it is often first written: reserve, authorize, capture,
+/// confirm, one after another in one task's memory. Nothing records which step it reached and
+/// nothing undoes the earlier steps when a later one fails; each run starts from the top with
+/// fresh idempotency keys, because there is no persisted saga to derive stable ones from. It
+/// exists only here, as the failure the saga in `src/saga/` prevents.
+async fn naive_checkout(pool: PgPool, billing: Billing, order_id: Uuid) -> Result<(), CallError> {
+    let lines: Vec<(String, i32)> =
+        sqlx::query_as("SELECT sku, quantity FROM order_lines WHERE order_id = $1 ORDER BY sku")
+            .bind(order_id)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    for (sku, quantity) in &lines {
+        sqlx::query(
+            "UPDATE stock SET available = available - $2, reserved = reserved + $2 WHERE sku = $1",
+        )
+        .bind(sku)
+        .bind(quantity)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let (minor, currency): (i64, String) =
+        sqlx::query_as("SELECT total_minor, currency FROM orders WHERE id = $1")
+            .bind(order_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let amount = Money {
+        minor,
+        currency: Currency::parse(&currency).unwrap(),
+    };
+    let budget = Duration::from_secs(2);
+    let payment = billing
+        .authorize(
+            Uuid::new_v4().to_string(),
+            order_id.to_string(),
+            amount,
+            "tok_approve".to_owned(),
+            budget,
+        )
+        .await?;
+    billing
+        .capture(Uuid::new_v4().to_string(), payment.payment_id, budget)
+        .await?;
+    for (sku, quantity) in &lines {
+        sqlx::query("UPDATE stock SET reserved = reserved - $2, sold = sold + $2 WHERE sku = $1")
+            .bind(sku)
+            .bind(quantity)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    sqlx::query("UPDATE orders SET state = 'CONFIRMED', updated_at = now() WHERE id = $1")
+        .bind(order_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    Ok(())
+}
+
+/// A checkout whose saga worker is off, an order placed on it (so the naive orchestrator has
+/// a real order, lines and stock to work on), and the naive orchestrator's pool and client.
+async fn naive_setup(
+    billing: &FakeBilling,
+    lines: &[(&str, i64)],
+) -> (TestApp, Uuid, PgPool, Billing) {
+    let app = TestApp::start(
+        &billing.serve().await,
+        &[("KEEL_SAGA__RUN_WORKER", "false")],
+    )
+    .await;
+    let id: Uuid = app
+        .place(&order("tok_approve", lines))
+        .await
+        .parse()
+        .unwrap();
+    let pool = PgPool::connect(&app.db.app_url()).await.unwrap();
+    let client = Billing::connect_lazy(&app.config.billing).unwrap();
+    (app, id, pool, client)
+}
+
+async fn order_state(app: &TestApp, id: Uuid) -> String {
+    sqlx::query_scalar("SELECT state FROM orders WHERE id = $1")
+        .bind(id)
+        .fetch_one(&app.admin)
+        .await
+        .unwrap()
+}
+
+fn authorized(payments: &[keel_contracts::billing_v1::Payment]) -> usize {
+    payments
+        .iter()
+        .filter(|p| p.status == PaymentStatus::Authorized as i32)
+        .count()
+}
 
 fn states(order: &Value) -> Vec<String> {
     order["history"]
@@ -283,7 +387,30 @@ async fn a_final_billing_error_compensates_to_payment_failed_without_retrying() 
 }
 
 #[tokio::test]
-async fn a_failed_capture_voids_the_authorization_and_releases_the_stock() {
+async fn a_failed_capture_strands_a_naive_checkout_but_the_saga_voids_and_releases() {
+    // The failure point for both: billing authorizes, then refuses the capture.
+    let naive_billing = FakeBilling::default();
+    naive_billing.otherwise("capture", Behaviour::Fail(Code::FailedPrecondition));
+    let (naive, naive_id, pool, client) = naive_setup(&naive_billing, &[("KEEL-TEE-M", 2)]).await;
+    let err = naive_checkout(pool.clone(), client, naive_id)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    // Half-finished work, and nothing left that knows it: two shirts held for an order that
+    // will never ship, the customer's money held by an authorization nobody will void, the
+    // order PENDING for good.
+    assert_eq!(
+        naive.stock("KEEL-TEE-M").await,
+        (998, 2, 0),
+        "stock stranded"
+    );
+    assert_eq!(authorized(&naive_billing.payments()), 1, "money held");
+    assert!(naive_billing.calls("void").is_empty());
+    assert_eq!(order_state(&naive, naive_id).await, "PENDING");
+    pool.close().await;
+    naive.stop().await;
+
+    // The saga, same order, same failure.
     let billing = FakeBilling::default();
     billing.otherwise("capture", Behaviour::Fail(Code::FailedPrecondition));
     let app = TestApp::start(&billing.serve().await, &[]).await;
@@ -345,7 +472,46 @@ fn saga_for(app: &TestApp, pool: sqlx::PgPool) -> Saga {
 }
 
 #[tokio::test]
-async fn a_saga_resumed_after_its_worker_died_neither_reserves_nor_charges_twice() {
+async fn a_naive_rerun_after_a_crash_reserves_and_charges_twice_but_the_saga_resumes_once() {
+    // The crash for both: the first Authorize takes effect at billing, but the process
+    // running the order dies before the answer arrives.
+    let naive_billing = FakeBilling::default();
+    naive_billing.script("authorize", &[Behaviour::OkThenHang]);
+    let (naive, naive_id, pool, client) = naive_setup(&naive_billing, &[("KEEL-MUG", 3)]).await;
+    let run = tokio::spawn(naive_checkout(pool.clone(), client.clone(), naive_id));
+    eventually(
+        Duration::from_secs(10),
+        "the naive run is inside Authorize",
+        || async { (naive_billing.calls("authorize").len() == 1).then_some(()) },
+    )
+    .await;
+    run.abort();
+    assert!(run.await.unwrap_err().is_cancelled());
+    // Stranded: stock reserved, money authorized, order PENDING, and no record of any of it.
+    assert_eq!(naive.stock("KEEL-MUG").await, (997, 3, 0));
+    assert_eq!(authorized(&naive_billing.payments()), 1);
+    assert_eq!(order_state(&naive, naive_id).await, "PENDING");
+    // With no persisted step the only way on is from the top (a restarted worker, a client's
+    // retry): it reserves again and authorizes again under a new key.
+    naive_checkout(pool.clone(), client, naive_id)
+        .await
+        .unwrap();
+    assert_eq!(order_state(&naive, naive_id).await, "CONFIRMED");
+    assert_eq!(
+        naive.stock("KEEL-MUG").await,
+        (994, 3, 3),
+        "3 sold and 3 more reserved for nobody"
+    );
+    assert_eq!(naive_billing.payments().len(), 2, "charged twice");
+    assert_eq!(
+        authorized(&naive_billing.payments()),
+        1,
+        "the first authorization still holds the customer's money"
+    );
+    pool.close().await;
+    naive.stop().await;
+
+    // The saga, same order, same crash.
     let billing = FakeBilling::default();
     // The first Authorize takes effect at billing, but its worker dies before the answer.
     billing.script("authorize", &[Behaviour::OkThenHang]);
