@@ -1,10 +1,16 @@
 //! P10 proofs for the ledger: the projection rebuilt from the events equals the live one
 //! (even after the projection was damaged), a writer with a stale version is rejected and
 //! nobody's event is lost, and the event store is append-only for the runtime role.
+//!
+//! The lost update comes first: two writers decide on the same version of a stream, and a
+//! naive append (the next version taken at insert time, written here in the test) lets the
+//! second one write an event its view ruled out; the same interleaving, fixed by a barrier,
+//! through `ledger::record` and its expected version is refused.
 #![allow(clippy::unwrap_used)]
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use billing::ledger::{
@@ -74,6 +80,175 @@ async fn new_stream(conn: &mut PgConnection) -> (PaymentId, ledger::Payment) {
         .unwrap();
     tx.commit().await.unwrap();
     (id, p)
+}
+
+/// How a writer appends.
+#[derive(Debug, Clone, Copy)]
+enum Append {
+    /// The next version is whatever follows the stream's end at insert time: no check that
+    /// the stream is still where the writer's decision was taken. Test code only.
+    Naive,
+    /// Keel's: `ledger::record` with the version the writer decided on.
+    Expected,
+}
+
+impl Append {
+    async fn run(
+        self,
+        tx: &mut PgConnection,
+        id: PaymentId,
+        view: &ledger::Payment,
+        event: PaymentEvent,
+    ) -> Result<(), LedgerError> {
+        let meta = serde_json::json!({});
+        match self {
+            Self::Expected => ledger::record(tx, id, Some(view), &[event], &meta)
+                .await
+                .map(|_| ()),
+            Self::Naive => {
+                let mut stored = serde_json::to_value(&event).unwrap();
+                sqlx::query(
+                    "INSERT INTO payment_events (stream_id, version, event_type, data, metadata)
+                     SELECT $1, COALESCE(max(version), 0) + 1, $2, $3, $4
+                       FROM payment_events WHERE stream_id = $1",
+                )
+                .bind(id.0)
+                .bind(event.event_type())
+                .bind(stored["data"].take())
+                .bind(&meta)
+                .execute(tx)
+                .await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A stream at version 2 (`AuthorizationRequested`, `PaymentAuthorized`), then two writers
+/// that both load it before either appends — a barrier makes sure of that — and append in a
+/// fixed order: the capture (the provider's webhook) commits first, then the void (an
+/// operator's command), decided on the view the capture has since made stale. Returns the
+/// stream and the void's result.
+async fn capture_races_void(db: &TestDb, append: Append) -> (PaymentId, Result<(), LedgerError>) {
+    let mut setup = PgConnection::connect(&db.app_url()).await.unwrap();
+    let (id, v1) = new_stream(&mut setup).await;
+    let mut tx = setup.begin().await.unwrap();
+    let authorized = PaymentEvent::PaymentAuthorized {
+        psp_authorization_id: "auth_1".into(),
+    };
+    ledger::record(
+        &mut tx,
+        id,
+        Some(&v1),
+        &[authorized],
+        &serde_json::json!({}),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    let both_loaded = Arc::new(tokio::sync::Barrier::new(2));
+    let (captured_tx, captured) = tokio::sync::oneshot::channel::<()>();
+    let capture = tokio::spawn({
+        let (url, both_loaded) = (db.app_url(), both_loaded.clone());
+        async move {
+            let mut conn = PgConnection::connect(&url).await.unwrap();
+            let view = ledger::load(&mut conn, id).await.unwrap().unwrap();
+            both_loaded.wait().await;
+            let mut tx = conn.begin().await.unwrap();
+            let event = PaymentEvent::PaymentCaptured {
+                webhook_id: "msg_capture".into(),
+            };
+            append.run(&mut tx, id, &view, event).await.unwrap();
+            tx.commit().await.unwrap();
+            captured_tx.send(()).unwrap();
+        }
+    });
+    let void = tokio::spawn({
+        let url = db.app_url();
+        async move {
+            let mut conn = PgConnection::connect(&url).await.unwrap();
+            let view = ledger::load(&mut conn, id).await.unwrap().unwrap();
+            both_loaded.wait().await;
+            captured.await.unwrap();
+            // The decision, on the view loaded before the capture: authorized, so voidable.
+            assert_eq!(view.status, PaymentStatus::Authorized);
+            assert_eq!(view.version, 2);
+            let mut tx = conn.begin().await.unwrap();
+            let event = PaymentEvent::PaymentVoided { at_provider: true };
+            let result = append.run(&mut tx, id, &view, event).await;
+            if result.is_ok() {
+                tx.commit().await.unwrap();
+            } else {
+                tx.rollback().await.unwrap();
+            }
+            result
+        }
+    });
+    capture.await.unwrap();
+    (id, void.await.unwrap())
+}
+
+async fn event_types(conn: &mut PgConnection, id: PaymentId) -> Vec<&'static str> {
+    ledger::store::load_stream(conn, id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.event.event_type())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_naive_append_loses_the_capture_to_a_stale_void_and_the_expected_version_refuses_it() {
+    let db = TestDb::create("billing", &billing::MIGRATOR).await;
+    let mut conn = PgConnection::connect(&db.app_url()).await.unwrap();
+
+    // Naive: both appends succeed. The stream now says the payment was captured and then
+    // voided, a void nobody would have decided had they seen the capture: the fold reports
+    // VOIDED for money the provider has taken.
+    let (naive, voided) = capture_races_void(&db, Append::Naive).await;
+    voided.unwrap();
+    assert_eq!(
+        event_types(&mut conn, naive).await,
+        [
+            "AuthorizationRequested",
+            "PaymentAuthorized",
+            "PaymentCaptured",
+            "PaymentVoided"
+        ]
+    );
+    let folded = ledger::load(&mut conn, naive).await.unwrap().unwrap();
+    assert_eq!(folded.status, PaymentStatus::Voided, "the capture is lost");
+
+    // Keel: the same interleaving; the void's append is refused as a conflict, nothing of it
+    // is stored, and the writer's reload shows the capture it must now decide on.
+    let (keel, voided) = capture_races_void(&db, Append::Expected).await;
+    let err = voided.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LedgerError::Conflict {
+                expected_version: 2,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        event_types(&mut conn, keel).await,
+        [
+            "AuthorizationRequested",
+            "PaymentAuthorized",
+            "PaymentCaptured"
+        ]
+    );
+    let reloaded = ledger::load(&mut conn, keel).await.unwrap().unwrap();
+    assert_eq!(reloaded.status, PaymentStatus::Captured);
+    let projected = ledger::projection::get(&mut conn, keel)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(projected, reloaded, "the projection holds the winner");
 }
 
 #[tokio::test]
