@@ -3,11 +3,23 @@
 //! effect (also when the copies arrive at once); a bad signature or a stale timestamp is 401,
 //! a malformed delivery 400 (all problem+json, nothing recorded); the rotated-in secret
 //! verifies too.
+//!
+//! The failure side first: [`NaiveReceiver`], written here, checks the signature and nothing
+//! else. Given the same deliveries, it applies a replayed id once per copy and accepts a
+//! delivery signed long ago; billing's receiver applies the first copy only and refuses the
+//! stale one.
 #![allow(clippy::unwrap_used)]
 
 mod support;
 
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use billing::ledger::{self, PaymentEvent, PaymentId};
 use keel_contracts::billing_v1 as pb;
+use sqlx::PgPool;
 use support::{Billing, ROTATED_SECRET, SECRET, captured_body, key, now_unix, signed};
 
 const CAPTURED: i32 = pb::PaymentStatus::Captured as i32;
@@ -30,6 +42,107 @@ async fn receipts(b: &Billing) -> i64 {
         .await
         .unwrap()
 }
+
+/// A webhook receiver as it is often first written: it verifies the signature (over the raw
+/// body, in constant time, with `keel_webhooks`) and applies the capture, but it accepts any
+/// timestamp and keeps no record of the ids it applied. Test code only: the failure P32
+/// prevents.
+struct NaiveReceiver {
+    url: String,
+}
+
+#[derive(Clone)]
+struct Naive {
+    pool: PgPool,
+    verifier: std::sync::Arc<keel_webhooks::Verifier>,
+}
+
+impl NaiveReceiver {
+    /// Serves on 127.0.0.1:0, writing to billing's database as billing would.
+    async fn serve(pool: PgPool) -> Self {
+        let key = keel_webhooks::SigningKey::parse(SECRET).unwrap();
+        // No window: the tolerance is as wide as it goes.
+        let verifier = keel_webhooks::Verifier::new(vec![key], Duration::MAX);
+        let state = Naive {
+            pool,
+            verifier: std::sync::Arc::new(verifier),
+        };
+        let app = axum::Router::new()
+            .route("/v1/webhooks/psp", axum::routing::post(naive_receive))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1/webhooks/psp", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { url }
+    }
+
+    async fn post(&self, headers: &[(&str, String)], body: &str) -> u16 {
+        let mut r = reqwest::Client::new()
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        for (k, v) in headers {
+            r = r.header(*k, v);
+        }
+        r.send().await.unwrap().status().as_u16()
+    }
+}
+
+async fn naive_receive(State(naive): State<Naive>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    };
+    let id = header("webhook-id");
+    let signed = keel_webhooks::Signed {
+        id,
+        timestamp: header("webhook-timestamp"),
+        signature: header("webhook-signature"),
+    };
+    if naive
+        .verifier
+        .verify(&signed, &body, keel_webhooks::unix_now())
+        .is_err()
+    {
+        return StatusCode::UNAUTHORIZED;
+    }
+    let event: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let payment: PaymentId = event["data"]["reference"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut tx = naive.pool.begin().await.unwrap();
+    let current = ledger::load(&mut tx, payment).await.unwrap().unwrap();
+    let captured = PaymentEvent::PaymentCaptured {
+        webhook_id: id.to_owned(),
+    };
+    let meta = serde_json::json!({ "webhook_id": id });
+    ledger::record(&mut tx, payment, Some(&current), &[captured], &meta)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    StatusCode::OK
+}
+
+/// How often `payment` was captured: ledger events and published outbox rows.
+async fn captures(b: &Billing, payment: &str) -> (usize, usize) {
+    let events = b.events(payment).await;
+    let outbox = b.outbox(payment).await;
+    (
+        events.iter().filter(|e| *e == "PaymentCaptured").count(),
+        outbox
+            .iter()
+            .filter(|e| *e == "billing.payment.captured")
+            .count(),
+    )
+}
+
+/// A delivery and its redeliveries, as the provider sends them: the same id and body, each
+/// with a fresh timestamp and a valid signature.
+const DELIVERIES: usize = 5;
 
 async fn assert_problem(r: reqwest::Response, status: u16, slug: &str) {
     assert_eq!(r.status(), status);
@@ -71,6 +184,45 @@ async fn valid_webhook_captures_the_payment_with_its_event_and_outbox_row() {
         ]
     );
     assert_eq!(receipts(&b).await, 1);
+}
+
+#[tokio::test]
+async fn a_replayed_webhook_captures_once_per_copy_through_a_naive_receiver_and_once_through_billing()
+ {
+    let b = Billing::start().await;
+
+    // Naive: every copy is authentic, so every copy is applied.
+    let naive = NaiveReceiver::serve(b.pool.clone()).await;
+    let (p, auth) = capture_pending(&b).await;
+    let body = captured_body(&p, &auth);
+    let id = webhook_id();
+    for n in 0..DELIVERIES {
+        let headers = signed(&id, now_unix() + n as i64, &body, SECRET);
+        assert_eq!(naive.post(&headers, &body).await, 200);
+    }
+    assert_eq!(
+        captures(&b, &p.payment_id).await,
+        (DELIVERIES, DELIVERIES),
+        "one PaymentCaptured and one published billing.payment.captured per copy"
+    );
+
+    // Billing: the same deliveries for a payment in the same state.
+    let (p, auth) = capture_pending(&b).await;
+    let body = captured_body(&p, &auth);
+    let id = webhook_id();
+    let mut answers = Vec::new();
+    for n in 0..DELIVERIES {
+        let headers = signed(&id, now_unix() + n as i64, &body, SECRET);
+        let r = b.post_webhook(&headers, &body).await;
+        assert_eq!(r.status(), 200);
+        let answer: serde_json::Value = r.json().await.unwrap();
+        answers.push(answer["status"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(answers[0], "applied");
+    assert!(answers[1..].iter().all(|a| a == "duplicate"), "{answers:?}");
+    assert_eq!(captures(&b, &p.payment_id).await, (1, 1));
+    assert_eq!(receipts(&b).await, 1);
+    assert_eq!(b.get(&p.payment_id).await.unwrap().status, CAPTURED);
 }
 
 #[tokio::test]
@@ -158,6 +310,32 @@ async fn bad_signature_is_401_and_changes_nothing() {
         b.get(&p.payment_id).await.unwrap().status,
         pb::PaymentStatus::CapturePending as i32
     );
+    assert_eq!(receipts(&b).await, 0);
+}
+
+#[tokio::test]
+async fn a_stale_webhook_is_applied_by_a_naive_receiver_and_refused_by_billing() {
+    let b = Billing::start().await;
+    // A genuine delivery signed ten minutes ago (taken from a log, say) and never seen before.
+    let stale = now_unix() - 600;
+
+    let naive = NaiveReceiver::serve(b.pool.clone()).await;
+    let (p, auth) = capture_pending(&b).await;
+    let body = captured_body(&p, &auth);
+    let headers = signed(&webhook_id(), stale, &body, SECRET);
+    assert_eq!(naive.post(&headers, &body).await, 200, "accepted");
+    assert_eq!(b.get(&p.payment_id).await.unwrap().status, CAPTURED);
+    assert_eq!(captures(&b, &p.payment_id).await, (1, 1));
+
+    let (p, auth) = capture_pending(&b).await;
+    let body = captured_body(&p, &auth);
+    let headers = signed(&webhook_id(), stale, &body, SECRET);
+    assert_problem(b.post_webhook(&headers, &body).await, 401, "webhook-stale").await;
+    assert_eq!(
+        b.get(&p.payment_id).await.unwrap().status,
+        pb::PaymentStatus::CapturePending as i32
+    );
+    assert_eq!(captures(&b, &p.payment_id).await, (0, 0));
     assert_eq!(receipts(&b).await, 0);
 }
 
