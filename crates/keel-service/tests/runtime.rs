@@ -144,27 +144,100 @@ async fn stages_stop_in_order_consumers_then_workers_then_relays() {
     assert_eq!(*order.lock().unwrap(), ["consumer", "worker", "relay"]);
 }
 
-#[tokio::test]
-async fn in_flight_http_finishes_after_readiness_turns_false() {
-    let mut svc = service(Duration::from_secs(1));
-    let health = svc.health().clone();
-    let entered = Arc::new(tokio::sync::Notify::new());
-    let release = Arc::new(tokio::sync::Notify::new());
-    let (in_handler, released) = (entered.clone(), release.clone());
-    let routes = axum::Router::new().route(
+/// `GET /slow`: announces it is inside its handler on `entered`, then works until `release`.
+fn slow_route(
+    entered: Arc<tokio::sync::Notify>,
+    release: Arc<tokio::sync::Notify>,
+) -> axum::Router {
+    axum::Router::new().route(
         "/slow",
         axum::routing::get(move || async move {
-            in_handler.notify_one();
-            // The request's own work, still running when the signal comes and held until the
-            // test has seen the process draining.
-            released.notified().await;
+            entered.notify_one();
+            // The request's own work, still running when the signal comes.
+            release.notified().await;
             "done"
         }),
-    );
-    let addr = svc.http(routes).await.unwrap();
-    let signal = CancellationToken::new();
-    let run = tokio::spawn(svc.run(signal.clone().cancelled_owned()));
+    )
+}
+
+/// Runs `main` as a process runs its `main`: on a runtime of its own (on its own thread),
+/// dropped with every task still on it — accepted connections included — the moment `main`
+/// returns. What a server leaves unfinished when it returns is then cut, as at process exit.
+fn as_process<F, Fut>(main: F) -> std::thread::JoinHandle<()>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(main());
+    })
+}
+
+/// A server's `main` as it is often first written: `axum::serve` without graceful shutdown,
+/// raced against the stop signal; when the signal wins, `main` returns. Test code only: the
+/// failure P20 prevents.
+async fn naive_main(
+    routes: axum::Router,
+    addr: tokio::sync::oneshot::Sender<std::net::SocketAddr>,
+    signal: tokio::sync::oneshot::Receiver<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    addr.send(listener.local_addr().unwrap()).unwrap();
+    tokio::select! {
+        _ = axum::serve(listener, routes) => {}
+        _ = signal => {}
+    }
+}
+
+#[tokio::test]
+async fn an_abrupt_stop_cuts_the_in_flight_request_that_a_graceful_stop_finishes() {
+    keel_testkit::install_crypto_provider();
     let client = reqwest::Client::new();
+
+    // Naive: a request is inside its handler when the signal comes.
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (addr_tx, addr) = tokio::sync::oneshot::channel();
+    let (stop, signal) = tokio::sync::oneshot::channel();
+    let routes = slow_route(entered.clone(), release);
+    let process = as_process(move || naive_main(routes, addr_tx, signal));
+    let addr = addr.await.unwrap();
+    let request = tokio::spawn(client.get(format!("http://{addr}/slow")).send());
+    tokio::time::timeout(Duration::from_secs(5), entered.notified())
+        .await
+        .expect("the request reached the naive handler");
+    stop.send(()).unwrap();
+    let cut = request.await.unwrap().unwrap_err();
+    assert!(
+        !cut.is_timeout() && cut.status().is_none(),
+        "the connection was dropped under the request: {cut}"
+    );
+    tokio::task::spawn_blocking(move || process.join().unwrap())
+        .await
+        .unwrap();
+
+    // Keel: the same request, the same signal, the same process exit once `run` returns.
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let (drained_tx, mut drained) = tokio::sync::oneshot::channel();
+    let signal = CancellationToken::new();
+    let process = as_process({
+        let (routes, signal) = (slow_route(entered.clone(), release.clone()), signal.clone());
+        move || async move {
+            let mut svc = service(Duration::from_secs(1));
+            let health = svc.health().clone();
+            let addr = svc.http(routes).await.unwrap();
+            ready_tx.send((addr, health)).unwrap();
+            let result = svc.run(signal.cancelled_owned()).await;
+            drained_tx.send(result.unwrap()).unwrap();
+        }
+    });
+    let (addr, health) = ready.await.unwrap();
     let request = tokio::spawn(client.get(format!("http://{addr}/slow")).send());
     tokio::time::timeout(Duration::from_secs(5), entered.notified())
         .await
@@ -175,11 +248,30 @@ async fn in_flight_http_finishes_after_readiness_turns_false() {
         .await
         .expect("readiness turned false")
         .unwrap();
+    keel_testkit::eventually(Duration::from_secs(5), "the listener closed", || async {
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    // The listener is closed and the request still in its handler: `run` must be waiting for
+    // it. A server that stopped at the signal has nothing left to wait for and returns (and
+    // the process exits) within milliseconds; 300 ms is ample to see that.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut drained)
+            .await
+            .is_err(),
+        "run returned with a request in flight"
+    );
     release.notify_one();
     let response = request.await.unwrap().unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.text().await.unwrap(), "done");
-    assert_eq!(run.await.unwrap().unwrap(), Drained::Clean);
+    assert_eq!(drained.await.unwrap(), Drained::Clean);
+    tokio::task::spawn_blocking(move || process.join().unwrap())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
