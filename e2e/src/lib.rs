@@ -317,6 +317,24 @@ impl Journey {
         eprintln!("{report}");
     }
 
+    /// psp-sim's admin base URL (fault knobs, webhook replay): a listener of its own, whose
+    /// address psp-sim logs as `admin_addr` once bound.
+    pub async fn psp_admin_url(&self) -> String {
+        let addr: std::net::SocketAddr = eventually(
+            Duration::from_secs(10),
+            "psp-sim logs its admin_addr",
+            || async {
+                self.psp
+                    .logs()
+                    .iter()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .find_map(|v| v["admin_addr"].as_str()?.parse().ok())
+            },
+        )
+        .await;
+        format!("http://{addr}")
+    }
+
     /// SIGKILLs checkout (no graceful anything) and starts it again on the same database.
     pub async fn kill_and_restart_checkout(&mut self) {
         self.checkout.signal("KILL");

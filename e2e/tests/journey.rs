@@ -309,7 +309,8 @@ async fn replayed_webhook_has_no_second_effect() {
         (scalar_i64(&j.billing_db.admin_url(), captured, &id).await == 1).then_some(())
     })
     .await;
-    let hooks_url = format!("{}/admin/webhooks", j.psp.base_url());
+    let admin = j.psp_admin_url().await;
+    let hooks_url = format!("{admin}/admin/webhooks");
     let hooks = j.get_json(&hooks_url).await.unwrap();
     let hook = hooks["webhooks"].as_array().unwrap()[0]["id"]
         .as_str()
@@ -317,10 +318,7 @@ async fn replayed_webhook_has_no_second_effect() {
         .to_owned();
     let r = j
         .http
-        .post(format!(
-            "{}/admin/webhooks/{hook}/redeliver",
-            j.psp.base_url()
-        ))
+        .post(format!("{admin}/admin/webhooks/{hook}/redeliver"))
         .send()
         .await
         .unwrap();
