@@ -258,7 +258,7 @@ async fn placement_row() -> Row {
         saga: config.saga.clone(),
     };
     let order = checkout::orders::request::parse(
-        br#"{"customer_id":"bench","currency":"EUR","payment_token":"tok_approve",
+        br#"{"currency":"EUR","payment_token":"tok_approve",
              "lines":[{"sku":"KEEL-MUG","quantity":1},{"sku":"KEEL-BOOK","quantity":2}]}"#,
         checkout::orders::request::Limits {
             max_lines: config.orders.max_lines,
@@ -266,16 +266,21 @@ async fn placement_row() -> Row {
         },
     )
     .unwrap();
+    let caller = checkout::api_keys::Authenticated {
+        customer: keel_events::CustomerId::from("bench"),
+        key_id: "bench".to_owned(),
+    };
     let run = uuid::Uuid::new_v4().simple().to_string();
     let (mut keel, mut bare) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         let (state, order, run) = (state.clone(), order.clone(), run.clone());
+        let caller = caller.clone();
         keel.push(
             rate(move |n| {
-                let (state, order) = (state.clone(), order.clone());
+                let (state, order, caller) = (state.clone(), order.clone(), caller.clone());
                 let key = format!("{run}-{round}-{n}");
                 async move {
-                    let placed = checkout::orders::place_order(&state, &order, &key).await;
+                    let placed = checkout::orders::place_order(&state, &caller, &order, &key).await;
                     assert!(matches!(placed, Ok(checkout::orders::Placed::New(_))));
                 }
             })

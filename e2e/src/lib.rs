@@ -92,7 +92,12 @@ pub struct Journey {
     pub billing_link: FaultProxy,
     checkout_env: Vec<(String, String)>,
     pub http: reqwest::Client,
+    /// An API key of [`E2E_CUSTOMER`], issued as an operator does; the order helpers send it.
+    pub api_key: String,
 }
+
+/// The customer the journeys' orders are placed for.
+pub const E2E_CUSTOMER: &str = "cust-e2e";
 
 impl Journey {
     pub async fn start(options: Options) -> Self {
@@ -155,6 +160,11 @@ impl Journey {
             ("KEEL_AMQP__URL", vhost.url()),
         ]));
         let checkout = ServiceProcess::spawn(&bin("checkout"), &[], &checkout_env).await;
+        let api_key = keelctl::api_keys::issue(&checkout_db.admin_url(), E2E_CUSTOMER)
+            .await
+            .unwrap()
+            .expose()
+            .to_owned();
 
         let journey = Self {
             checkout_db,
@@ -171,6 +181,7 @@ impl Journey {
                 .timeout(Duration::from_secs(30))
                 .build()
                 .unwrap(),
+            api_key,
         };
         for p in [
             &journey.checkout,
@@ -195,10 +206,11 @@ impl Journey {
         .await;
     }
 
-    /// `POST /v1/orders` with `key` as the Idempotency-Key.
+    /// `POST /v1/orders` with `key` as the Idempotency-Key, as [`E2E_CUSTOMER`].
     pub async fn post_order(&self, key: &str, body: &Value) -> reqwest::Response {
         self.http
             .post(format!("{}/v1/orders", self.checkout.base_url()))
+            .bearer_auth(&self.api_key)
             .header("Idempotency-Key", key)
             .json(body)
             .send()
@@ -223,19 +235,24 @@ impl Journey {
         self.http.get(url).send().await.ok()?.json().await.ok()
     }
 
+    /// `GET /v1/orders/{id}` as [`E2E_CUSTOMER`]; `None` as [`Journey::get_json`].
+    async fn order_json(&self, id: &str) -> Option<Value> {
+        let url = format!("{}/v1/orders/{id}", self.checkout.base_url());
+        let r = self.http.get(url).bearer_auth(&self.api_key).send().await;
+        r.ok()?.json().await.ok()
+    }
+
     /// `GET /v1/orders/{id}`.
     pub async fn order(&self, id: &str) -> Value {
-        let url = format!("{}/v1/orders/{id}", self.checkout.base_url());
-        self.get_json(&url)
+        self.order_json(id)
             .await
-            .unwrap_or_else(|| panic!("GET {url} answered"))
+            .unwrap_or_else(|| panic!("GET /v1/orders/{id} answered"))
     }
 
     /// Waits until order `id` is in a final state; returns that state.
     pub async fn final_state(&self, id: &str, deadline: Duration) -> String {
-        let url = format!("{}/v1/orders/{id}", self.checkout.base_url());
         eventually(deadline, &format!("order {id} final"), || async {
-            let o = self.get_json(&url).await?;
+            let o = self.order_json(id).await?;
             let state = o["state"].as_str()?.to_owned();
             keelctl::audit::FINAL_STATES
                 .contains(&state.as_str())
@@ -461,10 +478,9 @@ impl Examines {
     }
 }
 
-/// An order body for `lines` paid with `token`.
+/// An order body for `lines` paid with `token` (the customer is the API key's).
 pub fn order_body(token: &str, lines: &[(&str, u32)]) -> Value {
     serde_json::json!({
-        "customer_id": "cust-e2e",
         "currency": "EUR",
         "payment_token": token,
         "lines": lines.iter().map(|(sku, q)| serde_json::json!({"sku": sku, "quantity": q})).collect::<Vec<_>>(),

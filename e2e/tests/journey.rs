@@ -251,14 +251,16 @@ async fn duplicate_posts_create_one_order() {
     // replay its answer, or get 409 while it is still in progress.
     let mut posts = tokio::task::JoinSet::new();
     for _ in 0..10 {
-        let (http, url, key, body) = (
+        let (http, url, key, body, api_key) = (
             j.http.clone(),
             format!("{}/v1/orders", j.checkout.base_url()),
             key.clone(),
             body.clone(),
+            j.api_key.clone(),
         );
         posts.spawn(async move {
             http.post(url)
+                .bearer_auth(api_key)
                 .header("Idempotency-Key", key)
                 .json(&body)
                 .send()

@@ -8,9 +8,15 @@
 //! with the audit. Not generic on purpose: it is the journey's demo, so it names the services
 //! it drives (checkout, notification, psp-sim) and finds their URLs in the registry's targets;
 //! a new service needs nothing here, the audit's generic checks cover it.
+//!
+//! The orders API wants an API key: the demo issues its own for the customer `demo-customer`
+//! through the operator's path ([`crate::api_keys::create`], as `keelctl api-keys create`
+//! does), so `make demo` needs nothing but a running stack. The key is used and dropped,
+//! never printed.
 
 use std::time::{Duration, Instant};
 
+use keel_config::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -33,6 +39,8 @@ pub enum DemoError {
     Audit(#[from] crate::audit::AuditError),
     #[error("checkout database: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("issuing the demo's API key: {0}")]
+    ApiKey(#[from] crate::api_keys::ApiKeyError),
     #[error(
         "the demo drives {0}, which the registry does not have (with a database, for checkout)"
     )]
@@ -91,24 +99,33 @@ fn http_err(what: impl Into<String>) -> impl FnOnce(reqwest::Error) -> DemoError
     move |source| DemoError::Http { what, source }
 }
 
+/// The customer the demo's orders are placed for (its API key's customer).
+pub const DEMO_CUSTOMER: &str = "demo-customer";
+
 struct Urls {
     checkout: String,
     notification: String,
     psp: String,
 }
 
+/// Who the demo is to checkout: its API key.
+struct Caller {
+    api_key: SecretString,
+}
+
 async fn post_order(
     client: &reqwest::Client,
     urls: &Urls,
+    caller: &Caller,
     key: &str,
     token: &str,
     lines: Value,
 ) -> Result<(u16, bool, Value), DemoError> {
     let res = client
         .post(format!("{}/v1/orders", urls.checkout))
+        .bearer_auth(caller.api_key.expose_secret())
         .header("Idempotency-Key", key)
         .json(&json!({
-            "customer_id": "demo-customer",
             "currency": "EUR",
             "payment_token": token,
             "lines": lines,
@@ -123,8 +140,11 @@ async fn post_order(
 }
 
 async fn get_json(client: &reqwest::Client, url: String) -> Result<Value, DemoError> {
-    client
-        .get(&url)
+    send_json(client.get(&url), url).await
+}
+
+async fn send_json(request: reqwest::RequestBuilder, url: String) -> Result<Value, DemoError> {
+    request
         .send()
         .await
         .map_err(http_err(url.clone()))?
@@ -170,6 +190,11 @@ pub async fn run(config: &Config, progress: &mut Progress) -> Result<Outcome, De
         sqlx::query_as("SELECT sku, available FROM stock ORDER BY available, sku LIMIT 1")
             .fetch_one(&mut checkout)
             .await?;
+    let caller = Caller {
+        api_key: crate::api_keys::create(&mut checkout, DEMO_CUSTOMER)
+            .await?
+            .key,
+    };
 
     let plan: Vec<(&'static str, &'static str, &str, Value)> = vec![
         ("approved", "CONFIRMED", "tok_approve", line("KEEL-MUG", 2)),
@@ -213,7 +238,7 @@ pub async fn run(config: &Config, progress: &mut Progress) -> Result<Outcome, De
     ];
     let mut cases = Vec::new();
     for (scenario, expected, token, lines) in plan {
-        let (status, _, body) = post_order(&client, &urls, &key(), token, lines).await?;
+        let (status, _, body) = post_order(&client, &urls, &caller, &key(), token, lines).await?;
         if status != 202 {
             return Err(DemoError::Unexpected(format!(
                 "{scenario}: POST /v1/orders answered {status}: {body}"
@@ -231,10 +256,24 @@ pub async fn run(config: &Config, progress: &mut Progress) -> Result<Outcome, De
 
     // The same request twice with one key: one order, the second answer is a replay.
     let dup = key();
-    let (_, _, first) =
-        post_order(&client, &urls, &dup, "tok_approve", line("KEEL-MUG", 1)).await?;
-    let (status, replayed, second) =
-        post_order(&client, &urls, &dup, "tok_approve", line("KEEL-MUG", 1)).await?;
+    let (_, _, first) = post_order(
+        &client,
+        &urls,
+        &caller,
+        &dup,
+        "tok_approve",
+        line("KEEL-MUG", 1),
+    )
+    .await?;
+    let (status, replayed, second) = post_order(
+        &client,
+        &urls,
+        &caller,
+        &dup,
+        "tok_approve",
+        line("KEEL-MUG", 1),
+    )
+    .await?;
     let same = first["id"] == second["id"];
     cases.push(Case {
         scenario: "duplicate request, one key",
@@ -246,7 +285,7 @@ pub async fn run(config: &Config, progress: &mut Progress) -> Result<Outcome, De
     });
     let dup_ok = same && replayed;
 
-    settle(&client, &urls, config, &mut cases, progress).await?;
+    settle(&client, &urls, &caller, config, &mut cases, progress).await?;
 
     // A replayed provider webhook: psp-sim sends its first webhook again, same id and body.
     let hooks = get_json(&client, format!("{}/admin/webhooks", urls.psp)).await?;
@@ -287,6 +326,7 @@ pub async fn run(config: &Config, progress: &mut Progress) -> Result<Outcome, De
 async fn settle(
     client: &reqwest::Client,
     urls: &Urls,
+    caller: &Caller,
     config: &Config,
     cases: &mut [Case],
     progress: &mut Progress,
@@ -298,9 +338,10 @@ async fn settle(
             if !case.state.is_empty() {
                 continue;
             }
-            let order = get_json(
-                client,
-                format!("{}/v1/orders/{}", urls.checkout, case.order_id),
+            let url = format!("{}/v1/orders/{}", urls.checkout, case.order_id);
+            let order = send_json(
+                client.get(&url).bearer_auth(caller.api_key.expose_secret()),
+                url,
             )
             .await?;
             let state = order["state"].as_str().unwrap_or_default().to_owned();

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod api_keys;
 pub mod audit;
 pub mod demo;
 pub mod jobs;

@@ -66,6 +66,22 @@ enum Command {
     },
     /// Place every kind of order against the running stack, show the outcomes, then audit.
     Demo,
+    /// API keys of checkout's orders API.
+    #[command(name = "api-keys")]
+    ApiKeys {
+        #[command(subcommand)]
+        action: ApiKeysAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ApiKeysAction {
+    /// Issue a key for one customer and print it, once: only its hash is stored.
+    Create {
+        /// The customer every request made with the key acts for.
+        #[arg(long)]
+        customer: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -215,6 +231,38 @@ async fn run(cli: Cli, config: &Config, targets: &Targets) -> anyhow::Result<Exi
                 Format::Json => output::json(&outcome)?,
             }
             Ok(exit(outcome.passed))
+        }
+        Command::ApiKeys {
+            action: ApiKeysAction::Create { customer },
+        } => {
+            if let Err(e) = keelctl::api_keys::validate_customer(&customer) {
+                return Ok(usage(&e.to_string()));
+            }
+            let url = targets
+                .get("checkout")
+                .and_then(|t| t.database_url.as_ref())
+                .context("the registry has no checkout with a database")?;
+            let mut conn = keelctl::connect(url)
+                .await
+                .context("connect to checkout's database")?;
+            let issued = keelctl::api_keys::create(&mut conn, &customer).await?;
+            let key = issued.expose();
+            // The key alone on stdout (`KEY=$(keelctl api-keys create ...)`); the rest on
+            // stderr, so a script capturing stdout gets nothing else.
+            match format {
+                Format::Table => println!("{key}"),
+                Format::Json => output::json(&serde_json::json!({
+                    "id": issued.id,
+                    "customer_id": issued.customer_id,
+                    "key": key,
+                }))?,
+            }
+            eprintln!(
+                "API key {} for customer {} created. It is shown only this once \
+                 (checkout stores its hash): keep it now.",
+                issued.id, issued.customer_id
+            );
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -9,10 +9,12 @@ use http::{HeaderValue, StatusCode, header};
 use keel_http::Problem;
 use serde::Serialize;
 
+use crate::api_keys::Rejection;
+
 /// One invalid field of a request: `{"field": "lines[0].sku", "message": "unknown SKU"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FieldError {
-    /// The field's path in the request body (`customer_id`, `lines[2].quantity`).
+    /// The field's path in the request body (`currency`, `lines[2].quantity`).
     pub field: String,
     pub message: String,
 }
@@ -29,6 +31,9 @@ impl FieldError {
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// 401: no API key, or not a valid one (`WWW-Authenticate: Bearer` says how to send one).
+    #[error("unauthenticated: {}", .0.reason())]
+    Unauthenticated(Rejection),
     /// 415: the body is not `application/json`.
     #[error("unsupported media type")]
     UnsupportedMediaType,
@@ -38,6 +43,9 @@ pub enum ApiError {
     /// 400: the body is not JSON, or not a JSON object.
     #[error("malformed JSON: {0}")]
     MalformedJson(String),
+    /// 400: the body has members the API does not define; one entry per unknown member.
+    #[error("unknown fields")]
+    UnknownFields(Vec<FieldError>),
     /// 422: the body is JSON but breaks the rules; one entry per broken field.
     #[error("validation failed")]
     Validation(Vec<FieldError>),
@@ -60,6 +68,16 @@ pub enum ApiError {
 impl ApiError {
     fn problem(&self) -> Problem {
         match self {
+            Self::Unauthenticated(rejection) => Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "Authentication required",
+            )
+            .with_detail(if rejection.no_credentials() {
+                "send an API key: `Authorization: Bearer keel_...`"
+            } else {
+                "the API key is not valid: it is malformed, unknown or revoked"
+            }),
             Self::UnsupportedMediaType => Problem::for_status(StatusCode::UNSUPPORTED_MEDIA_TYPE)
                 .with_detail("send the body as application/json"),
             Self::IdempotencyKey(why) => Problem::new(
@@ -71,6 +89,18 @@ impl ApiError {
             Self::MalformedJson(why) => {
                 Problem::new(StatusCode::BAD_REQUEST, "malformed-json", "Malformed JSON")
                     .with_detail(why.clone())
+            }
+            Self::UnknownFields(errors) => {
+                let names: Vec<String> = errors.iter().map(|e| format!("`{}`", e.field)).collect();
+                Problem::new(StatusCode::BAD_REQUEST, "unknown-field", "Unknown field")
+                    .with_detail(format!(
+                        "the body has members the API does not define: {}",
+                        names.join(", ")
+                    ))
+                    .with(
+                        "errors",
+                        serde_json::to_value(errors).unwrap_or(serde_json::Value::Null),
+                    )
             }
             Self::Validation(errors) => Problem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -117,6 +147,19 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let Self::Unauthenticated(rejection) = self {
+            // RFC 6750 §3: the challenge names the scheme; `invalid_token` only when a key was
+            // presented and refused.
+            let challenge = if rejection.no_credentials() {
+                r#"Bearer realm="keel""#
+            } else {
+                r#"Bearer realm="keel", error="invalid_token""#
+            };
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
         }
         response
     }

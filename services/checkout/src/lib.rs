@@ -6,17 +6,35 @@
 //!
 //! Capabilities, one module each:
 //! - [`catalogue`]: `GET /v1/products`, read from Postgres through pgbouncer.
-//! - [`orders`]: `POST /v1/orders` (idempotency keys, P13) and `GET /v1/orders/{id}`.
+//! - [`api_keys`]: who is calling (`Authorization: Bearer keel_…`): each API key belongs to one
+//!   customer, and the orders API acts for that customer only.
+//! - [`orders`]: `POST /v1/orders` (idempotency keys, P13) and `GET /v1/orders/{id}`, both
+//!   for the API key's customer.
 //! - [`saga`]: the order saga (P04) on the Postgres job queue (P08), calling billing over gRPC.
 //! - [`stock`]: reservations without oversell or deadlocks (P11).
 //! - [`maintenance`]: the recurring purge of expired idempotency keys.
 //!
-//! The HTTP API is described in `openapi.yaml` (served at `GET /openapi.yaml`).
+//! The HTTP API is described in `openapi.yaml` (served at `GET /openapi.yaml`). In short:
+//! - `GET /v1/products` is public. The orders routes take an API key,
+//!   `Authorization: Bearer keel_<id>_<secret>`, issued by an operator with
+//!   `keelctl api-keys create --customer <id>` (printed once; only its SHA-256 is stored).
+//!   A missing, malformed, unknown or revoked key is 401 `unauthenticated` with
+//!   `WWW-Authenticate: Bearer`.
+//! - The key decides the customer: `POST /v1/orders` places the order for the key's customer
+//!   (the body names none), and `GET /v1/orders/{id}` shows only that customer's orders;
+//!   another customer's order is the same 404 as a nonexistent one.
+//! - A body member the API does not define (`customer_id`, a typo, `lines[0].colour`) is 400
+//!   `unknown-field`, naming each one; a body that breaks the rules is 422 with one error per
+//!   field.
+//! - `Idempotency-Key` is required on `POST` and scoped per customer (P13): a retry gets the
+//!   stored answer, the same key with a changed body is 422, and two customers never share a
+//!   key's answer.
 //!
 //! Order events leave through the outbox (P02): every state change writes its event in its
 //! own transaction, and `keel_amqp::relay` publishes them to `keel.events`. RabbitMQ is not a
 //! readiness check: while it is down orders are still taken and events wait in the outbox.
 
+pub mod api_keys;
 pub mod catalogue;
 pub mod config;
 pub mod error;

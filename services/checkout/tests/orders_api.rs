@@ -1,5 +1,6 @@
 //! `POST /v1/orders` and `GET /v1/orders/{id}` over HTTP: idempotency keys (P13), validation
-//! with per-field problems, and the all-or-nothing placing transaction. The saga worker is off
+//! with per-field problems, and the all-or-nothing placing transaction. Every request carries
+//! the `TestApp`'s API key; authentication and unknown fields are proven in `auth.rs`. The saga worker is off
 //! in most of these tests (`saga.run_worker = false`), so orders stay as placed.
 #![allow(clippy::unwrap_used)]
 
@@ -169,6 +170,7 @@ async fn replaying_a_key_with_the_same_body_returns_the_stored_answer_marked_as_
     let again = app
         .client
         .post(format!("{}/v1/orders", app.base))
+        .bearer_auth(&app.api_key)
         .header("content-type", "application/json; charset=utf-8")
         .header("idempotency-key", "same-key")
         .body(reformatted)
@@ -190,20 +192,27 @@ async fn replaying_a_key_with_the_same_body_returns_the_stored_answer_marked_as_
 #[tokio::test]
 async fn reusing_a_key_with_a_different_body_is_422_and_creates_nothing() {
     let app = app().await;
-    let r = app
-        .post_order(Some("k"), &order("tok_approve", &[("KEEL-MUG", 1)]))
-        .await;
+    let first = order("tok_approve", &[("KEEL-MUG", 1)]);
+    let r = app.post_order(Some("k"), &first).await;
     assert_eq!(r.status(), 202);
-    let p = problem(
-        app.post_order(Some("k"), &order("tok_approve", &[("KEEL-MUG", 2)]))
-            .await,
-        422,
-    )
-    .await;
-    assert_eq!(
-        p["type"],
-        "https://keel.dev/problems/idempotency-key-reused"
-    );
+    // Every known field changed in turn, the body otherwise the same.
+    let changed = |path: &str, value: Value| {
+        let mut b = first.clone();
+        *b.pointer_mut(path).unwrap() = value;
+        b
+    };
+    for body in [
+        changed("/lines/0/quantity", json!(2)),
+        changed("/lines/0/sku", json!("KEEL-BOOK")),
+        changed("/payment_token", json!("tok_decline")),
+        changed("/currency", json!("USD")),
+    ] {
+        let p = problem(app.post_order(Some("k"), &body).await, 422).await;
+        assert_eq!(
+            p["type"], "https://keel.dev/problems/idempotency-key-reused",
+            "{body}"
+        );
+    }
     assert_eq!(app.scalar("SELECT count(*) FROM orders").await, 1);
     assert_eq!(app.scalar("SELECT count(*) FROM outbox").await, 1);
     app.stop().await;
@@ -302,9 +311,9 @@ async fn each_kind_of_invalid_order_gets_per_field_errors_and_writes_nothing() {
             "must match the products' currency (EUR)",
         ),
         (
-            "empty customer id",
-            with("customer_id", json!("")),
-            "customer_id",
+            "empty payment token",
+            with("payment_token", json!("")),
+            "payment_token",
             "must not be empty",
         ),
         (
@@ -317,10 +326,10 @@ async fn each_kind_of_invalid_order_gets_per_field_errors_and_writes_nothing() {
             "missing field",
             {
                 let mut b = valid.clone();
-                b.as_object_mut().unwrap().remove("customer_id");
+                b.as_object_mut().unwrap().remove("currency");
                 b
             },
-            "customer_id",
+            "currency",
             "required",
         ),
     ];
@@ -350,10 +359,11 @@ async fn each_kind_of_invalid_order_gets_per_field_errors_and_writes_nothing() {
 #[tokio::test]
 async fn a_body_that_is_not_json_is_a_400_problem() {
     let app = app().await;
-    for body in ["{\"customer_id\": ", "[1, 2]", "not json"] {
+    for body in ["{\"currency\": ", "[1, 2]", "not json"] {
         let r = app
             .client
             .post(format!("{}/v1/orders", app.base))
+            .bearer_auth(&app.api_key)
             .header("content-type", "application/json")
             .header("idempotency-key", "k")
             .body(body)
@@ -382,6 +392,7 @@ async fn a_body_that_is_not_declared_as_json_is_415() {
         let mut r = app
             .client
             .post(format!("{}/v1/orders", app.base))
+            .bearer_auth(&app.api_key)
             .header("idempotency-key", "k")
             .body(body.clone());
         if let Some(ct) = content_type {
@@ -401,7 +412,7 @@ async fn a_body_that_is_not_declared_as_json_is_415() {
 async fn an_oversized_body_is_413() {
     let app = app().await;
     let mut body = order("tok_approve", &[("KEEL-MUG", 1)]);
-    body["customer_id"] = json!("x".repeat(70_000)); // over http.body_limit_bytes (64 KiB)
+    body["payment_token"] = json!("x".repeat(70_000)); // over http.body_limit_bytes (64 KiB)
     let p = problem(app.post_order(Some("big"), &body).await, 413).await;
     assert_eq!(p["type"], "https://keel.dev/problems/payload-too-large");
     assert_eq!(written(&app).await, nothing());
@@ -412,13 +423,7 @@ async fn an_oversized_body_is_413() {
 async fn an_unknown_order_is_a_404_problem() {
     let app = app().await;
     for id in [uuid::Uuid::new_v4().to_string(), "not-a-uuid".to_owned()] {
-        let r = app
-            .client
-            .get(format!("{}/v1/orders/{id}", app.base))
-            .send()
-            .await
-            .unwrap();
-        let p = problem(r, 404).await;
+        let p = problem(app.get_order_as(Some(&app.api_key), &id).await, 404).await;
         assert_eq!(p["type"], "https://keel.dev/problems/order-not-found");
     }
     app.stop().await;

@@ -11,17 +11,23 @@
 //!    stores the answer; commit. Any error before the commit rolls everything back, key
 //!    included, so a retry with the same key starts afresh.
 //!
-//! The key's scope is the route (`"POST /v1/orders"`) for now: there are no API keys yet.
-//! When they arrive (a later step), the scope becomes the caller's API key, so two clients
-//! that happen to pick the same key never see each other's answers.
+//! Both routes take an [`Authenticated`] caller (`crate::api_keys`): a request without a
+//! valid API key is a 401 before its body is read. The order is placed for the key's customer,
+//! and `GET` shows an order only to that customer (another customer's order is the same 404 as
+//! a nonexistent one).
+//!
+//! An idempotency key's scope is the route and the customer ([`idempotency_scope`]): two
+//! customers who happen to pick the same key never see each other's answers, and one customer
+//! retrying with another of its API keys (after a rotation) still gets its stored answer.
 
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{FromRef, Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
+use keel_events::CustomerId;
 use keel_http::idempotency::KeyError;
 use keel_pg::idempotency::{self, Begin, Timing};
 use sqlx::PgPool;
@@ -30,12 +36,17 @@ use uuid::Uuid;
 use super::OrderId;
 use super::request::{self, Limits};
 use super::store::{self, NewOrder};
+use crate::api_keys::Authenticated;
 use crate::config::{OrdersConfig, SagaConfig};
 use crate::error::ApiError;
 use crate::{catalogue, saga};
 
-/// The idempotency scope of order placement (see the module doc on API keys).
-pub const IDEMPOTENCY_SCOPE: &str = "POST /v1/orders";
+/// The idempotency scope of order placement for `customer`: per customer, so one customer's
+/// key never replays (or blocks, or mismatches) another's request.
+pub fn idempotency_scope(customer: &CustomerId) -> String {
+    // The route part is fixed, so distinct customer ids always give distinct scopes.
+    format!("POST /v1/orders customer={customer}")
+}
 
 /// What the handlers need.
 #[derive(Debug, Clone)]
@@ -43,6 +54,13 @@ pub struct OrdersState {
     pub pool: PgPool,
     pub orders: OrdersConfig,
     pub saga: SagaConfig,
+}
+
+/// The [`Authenticated`] extractor looks keys up through the pool.
+impl FromRef<OrdersState> for PgPool {
+    fn from_ref(state: &OrdersState) -> Self {
+        state.pool.clone()
+    }
 }
 
 /// The orders routes.
@@ -98,6 +116,7 @@ fn accepted(status: StatusCode, body: serde_json::Value, answer: Answer) -> Resp
 }
 
 async fn place(
+    caller: Authenticated,
     State(state): State<OrdersState>,
     headers: HeaderMap,
     body: Bytes,
@@ -109,7 +128,7 @@ async fn place(
         max_quantity: state.orders.max_quantity,
     };
     let order = request::parse(&body, limits)?;
-    match place_order(&state, &order, key).await? {
+    match place_order(&state, &caller, &order, key).await? {
         Placed::New(body) => {
             metrics::counter!("orders_placed_total").increment(1);
             Ok(accepted(StatusCode::ACCEPTED, body, Answer::Fresh))
@@ -130,11 +149,12 @@ pub enum Placed {
     Replay(StatusCode, serde_json::Value),
 }
 
-/// The placement transaction (steps 1–3 of the module doc) for a parsed `order` under
-/// idempotency `key`. Public so `make bench` can measure it against a bare insert on the
-/// same pool.
+/// The placement transaction (steps 1–3 of the module doc) for a parsed `order` of `caller`'s
+/// customer under idempotency `key`. Public so `make bench` can measure it against a bare
+/// insert on the same pool.
 pub async fn place_order(
     state: &OrdersState,
+    caller: &Authenticated,
     order: &request::PlaceOrder,
     key: &str,
 ) -> Result<Placed, ApiError> {
@@ -145,16 +165,11 @@ pub async fn place_order(
         stale_after: state.orders.idempotency_ttl,
     };
 
+    let scope = idempotency_scope(&caller.customer);
     // Every `?` below drops `tx` uncommitted: Postgres rolls back, nothing is half-written.
     let mut tx = state.pool.begin().await?;
-    let begin = idempotency::begin(
-        &mut tx,
-        IDEMPOTENCY_SCOPE,
-        key,
-        &order.fingerprint(IDEMPOTENCY_SCOPE),
-        timing,
-    )
-    .await?;
+    let begin =
+        idempotency::begin(&mut tx, &scope, key, &order.fingerprint(&scope), timing).await?;
     match begin {
         Begin::New => {}
         Begin::Replay {
@@ -177,7 +192,7 @@ pub async fn place_order(
         &mut tx,
         &NewOrder {
             id,
-            customer_id: &order.customer_id,
+            customer_id: caller.customer.as_str(),
             total,
             lines: &lines,
         },
@@ -187,25 +202,32 @@ pub async fn place_order(
     let body = serde_json::to_value(&view).map_err(|e| keel_pg::PgError::Encode(e.to_string()))?;
     idempotency::complete(
         &mut tx,
-        IDEMPOTENCY_SCOPE,
+        &scope,
         key,
         i32::from(StatusCode::ACCEPTED.as_u16()),
         &body,
     )
     .await?;
     tx.commit().await?;
-    tracing::info!(order_id = %id, total_minor = total.minor, "order placed");
+    tracing::info!(
+        order_id = %id,
+        customer_id = %caller.customer,
+        api_key_id = caller.key_id,
+        total_minor = total.minor,
+        "order placed"
+    );
     Ok(Placed::New(body))
 }
 
 async fn get_order(
+    caller: Authenticated,
     State(state): State<OrdersState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     // Anything that is not a UUID names no order: 404, like an unknown UUID.
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::OrderNotFound)?;
     let mut conn = state.pool.acquire().await?;
-    let view = store::load(&mut conn, OrderId(id))
+    let view = store::load_for_customer(&mut conn, OrderId(id), &caller.customer)
         .await?
         .ok_or(ApiError::OrderNotFound)?;
     Ok(Json(view).into_response())

@@ -6,8 +6,15 @@
 //! duplicates); [`price`] checks what needs the catalogue (unknown SKUs, the products'
 //! currency, the total's range) inside the placing transaction.
 //!
-//! Syntax errors (not JSON, not an object) are 400; JSON that breaks the rules is 422 with
-//! `errors: [{field, message}]`.
+//! Syntax errors (not JSON, not an object) are 400; so is a member the API does not define,
+//! at any depth (`lines[0].colour`), so a typo or an injected property (`customer_id`, `total`)
+//! is refused rather than silently ignored, as Stripe does. JSON that breaks the rules is 422.
+//! Both list the fields in `errors: [{field, message}]`.
+//!
+//! The unknown-member check is [`ORDER_FIELDS`] and [`LINE_FIELDS`] here, not serde's
+//! `deny_unknown_fields`: serde stops at the first unknown member and does not say where it
+//! is, while this names every one with its path. A unit test keeps both lists equal to the
+//! parsed types' fields, so a new field cannot be forgotten in them.
 
 use std::collections::{HashMap, HashSet};
 
@@ -17,8 +24,13 @@ use serde_json::{Map, Value};
 use crate::error::{ApiError, FieldError};
 use keel_events::{Currency, Money};
 
-/// Longest `customer_id` (the column's CHECK constraint says the same).
-pub const MAX_CUSTOMER_ID_CHARS: usize = 200;
+/// The members an order body may have; any other is refused (400).
+pub const ORDER_FIELDS: &[&str] = &["currency", "payment_token", "lines"];
+/// The members a line may have.
+pub const LINE_FIELDS: &[&str] = &["sku", "quantity"];
+/// Unknown members named in one answer, at most: a body can hold thousands.
+const MAX_UNKNOWN_REPORTED: usize = 20;
+
 /// Longest `payment_token`.
 pub const MAX_TOKEN_CHARS: usize = 200;
 /// Longest SKU (the products table's format allows 32).
@@ -31,10 +43,10 @@ pub struct Limits {
     pub max_quantity: i32,
 }
 
-/// A well-formed order request (not yet checked against the catalogue).
+/// A well-formed order request (not yet checked against the catalogue). It names no customer:
+/// the order is placed for the caller's API key's customer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PlaceOrder {
-    pub customer_id: String,
     pub currency: Currency,
     pub payment_token: String,
     pub lines: Vec<RequestedLine>,
@@ -99,6 +111,39 @@ fn text(
     None
 }
 
+/// Every member of `obj` not in `known`, as a field error at `path`.
+fn unknown_members(
+    obj: &Map<String, Value>,
+    known: &[&str],
+    path: &str,
+    unknown: &mut Vec<FieldError>,
+) {
+    for name in obj.keys().filter(|k| !known.contains(&k.as_str())) {
+        let message = if path.is_empty() && name == "customer_id" {
+            "unknown field: the order is placed for the API key's customer".to_owned()
+        } else {
+            format!("unknown field; expected one of: {}", known.join(", "))
+        };
+        unknown.push(FieldError::new(format!("{path}{name}"), message));
+    }
+}
+
+/// The members of `obj` (the whole body) that the API does not define, with their paths.
+/// Lines that are not objects are left to validation, which reports them.
+fn unknown_fields(obj: &Map<String, Value>) -> Vec<FieldError> {
+    let mut unknown = Vec::new();
+    unknown_members(obj, ORDER_FIELDS, "", &mut unknown);
+    if let Some(Value::Array(lines)) = obj.get("lines") {
+        for (i, line) in lines.iter().enumerate() {
+            if let Value::Object(line) = line {
+                unknown_members(line, LINE_FIELDS, &format!("lines[{i}]."), &mut unknown);
+            }
+        }
+    }
+    unknown.truncate(MAX_UNKNOWN_REPORTED);
+    unknown
+}
+
 /// Parses the body of `POST /v1/orders`.
 pub fn parse(body: &[u8], limits: Limits) -> Result<PlaceOrder, ApiError> {
     let value: Value =
@@ -108,8 +153,11 @@ pub fn parse(body: &[u8], limits: Limits) -> Result<PlaceOrder, ApiError> {
             "the body must be a JSON object".to_owned(),
         ));
     };
+    let unknown = unknown_fields(&obj);
+    if !unknown.is_empty() {
+        return Err(ApiError::UnknownFields(unknown));
+    }
     let mut errors = Vec::new();
-    let customer_id = text(&obj, "customer_id", MAX_CUSTOMER_ID_CHARS, &mut errors);
     let currency = match obj.get("currency") {
         None | Some(Value::Null) => {
             errors.push(FieldError::new("currency", "required"));
@@ -132,17 +180,12 @@ pub fn parse(body: &[u8], limits: Limits) -> Result<PlaceOrder, ApiError> {
     };
     let payment_token = text(&obj, "payment_token", MAX_TOKEN_CHARS, &mut errors);
     let lines = parse_lines(obj.get("lines"), limits, &mut errors);
-    match (customer_id, currency, payment_token, lines) {
-        (Some(customer_id), Some(currency), Some(payment_token), Some(lines))
-            if errors.is_empty() =>
-        {
-            Ok(PlaceOrder {
-                customer_id,
-                currency,
-                payment_token,
-                lines,
-            })
-        }
+    match (currency, payment_token, lines) {
+        (Some(currency), Some(payment_token), Some(lines)) if errors.is_empty() => Ok(PlaceOrder {
+            currency,
+            payment_token,
+            lines,
+        }),
         _ => Err(ApiError::Validation(errors)),
     }
 }
@@ -304,7 +347,7 @@ mod tests {
 
     fn valid() -> serde_json::Value {
         serde_json::json!({
-            "customer_id": "cus_1", "currency": "EUR", "payment_token": "tok_approve",
+            "currency": "EUR", "payment_token": "tok_approve",
             "lines": [{"sku": "KEEL-MUG", "quantity": 2}]
         })
     }
@@ -312,8 +355,65 @@ mod tests {
     #[test]
     fn a_valid_body_parses() {
         let p = parse(valid().to_string().as_bytes(), LIMITS).unwrap();
-        assert_eq!(p.customer_id, "cus_1");
+        assert_eq!(p.payment_token, "tok_approve");
         assert_eq!(p.lines[0].quantity, 2);
+    }
+
+    fn unknown(body: serde_json::Value) -> Vec<String> {
+        match parse(body.to_string().as_bytes(), LIMITS) {
+            Err(ApiError::UnknownFields(e)) => e.into_iter().map(|e| e.field).collect(),
+            other => panic!("expected unknown fields, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_members_are_named_with_their_paths_at_every_depth() {
+        let mut body = valid();
+        body["customer_id"] = serde_json::json!("cus_1");
+        body["totl"] = serde_json::json!(1);
+        body["lines"] = serde_json::json!([
+            {"sku": "A-1", "quantity": 1, "colour": "red"},
+            "not an object",
+            {"sku": "A-2", "qty": 1}
+        ]);
+        let mut got = unknown(body);
+        got.sort();
+        assert_eq!(
+            got,
+            ["customer_id", "lines[0].colour", "lines[2].qty", "totl"]
+        );
+        // Even with a null value, and before any other validation (currency is wrong too).
+        assert_eq!(
+            unknown(serde_json::json!({"currency": 7, "x": null})),
+            ["x"]
+        );
+    }
+
+    #[test]
+    fn the_known_member_lists_are_the_parsed_types_fields() {
+        let order = parse(valid().to_string().as_bytes(), LIMITS).unwrap();
+        let value = serde_json::to_value(&order).unwrap();
+        let mut fields: Vec<&str> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut known = ORDER_FIELDS.to_vec();
+        fields.sort_unstable();
+        known.sort_unstable();
+        assert_eq!(fields, known);
+        let line = serde_json::to_value(&order.lines[0]).unwrap();
+        let mut fields: Vec<&str> = line
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut known = LINE_FIELDS.to_vec();
+        fields.sort_unstable();
+        known.sort_unstable();
+        assert_eq!(fields, known);
     }
 
     #[test]
@@ -329,13 +429,12 @@ mod tests {
     #[test]
     fn every_invalid_field_is_reported_at_once() {
         let f = fields(serde_json::json!({
-            "customer_id": "", "currency": "eur", "payment_token": 7,
+            "currency": "eur", "payment_token": 7,
             "lines": [{"sku": "KEEL-MUG", "quantity": 0}, {"quantity": 1.5}, "x"]
         }));
         assert_eq!(
             f,
             [
-                "customer_id",
                 "currency",
                 "payment_token",
                 "lines[0].quantity",
@@ -372,18 +471,26 @@ mod tests {
     #[test]
     fn duplicate_skus_and_overlong_text_are_rejected() {
         let mut body = valid();
-        body["customer_id"] = serde_json::json!("c".repeat(MAX_CUSTOMER_ID_CHARS + 1));
+        body["payment_token"] = serde_json::json!("t".repeat(MAX_TOKEN_CHARS + 1));
         body["lines"] = serde_json::json!([
             {"sku": "KEEL-MUG", "quantity": 1}, {"sku": "KEEL-MUG", "quantity": 1}
         ]);
-        assert_eq!(fields(body), ["customer_id", "lines[1].sku"]);
+        assert_eq!(fields(body), ["payment_token", "lines[1].sku"]);
     }
 
     #[test]
     fn the_fingerprint_ignores_formatting_but_not_content() {
-        let a = parse(br#"{"customer_id":"c","currency":"EUR","payment_token":"t","lines":[{"sku":"S-1","quantity":1}]}"#, LIMITS).unwrap();
-        let b = parse(br#"{ "lines": [ {"quantity": 1, "sku": "S-1"} ], "payment_token": "t", "currency": "EUR", "customer_id": "c" }"#, LIMITS).unwrap();
-        let c = parse(br#"{"customer_id":"c","currency":"EUR","payment_token":"t","lines":[{"sku":"S-1","quantity":2}]}"#, LIMITS).unwrap();
+        let a = parse(
+            br#"{"currency":"EUR","payment_token":"t","lines":[{"sku":"S-1","quantity":1}]}"#,
+            LIMITS,
+        )
+        .unwrap();
+        let b = parse(br#"{ "lines": [ {"quantity": 1, "sku": "S-1"} ], "payment_token": "t", "currency": "EUR" }"#, LIMITS).unwrap();
+        let c = parse(
+            br#"{"currency":"EUR","payment_token":"t","lines":[{"sku":"S-1","quantity":2}]}"#,
+            LIMITS,
+        )
+        .unwrap();
         assert_eq!(a.fingerprint("s"), b.fingerprint("s"));
         assert_ne!(a.fingerprint("s"), c.fingerprint("s"));
         assert_ne!(a.fingerprint("s"), a.fingerprint("other scope"));

@@ -229,11 +229,31 @@ struct OrderRow {
 
 /// Loads order `id` with its lines and history; `None` if there is no such order.
 pub async fn load(conn: &mut PgConnection, id: OrderId) -> Result<Option<OrderView>, sqlx::Error> {
+    load_matching(conn, id, None).await
+}
+
+/// Loads order `id` if `customer` placed it. Another customer's order is `None`, exactly as a
+/// nonexistent one, found by the same single query: whether an order exists is not told to
+/// anyone but its customer (object-level authorization).
+pub async fn load_for_customer(
+    conn: &mut PgConnection,
+    id: OrderId,
+    customer: &CustomerId,
+) -> Result<Option<OrderView>, sqlx::Error> {
+    load_matching(conn, id, Some(customer.as_str())).await
+}
+
+async fn load_matching(
+    conn: &mut PgConnection,
+    id: OrderId,
+    customer: Option<&str>,
+) -> Result<Option<OrderView>, sqlx::Error> {
     let Some(row): Option<OrderRow> = sqlx::query_as(
         "SELECT customer_id, currency, total_minor, state, reason, created_at, updated_at
-           FROM orders WHERE id = $1",
+           FROM orders WHERE id = $1 AND ($2::text IS NULL OR customer_id = $2)",
     )
     .bind(id.0)
+    .bind(customer)
     .fetch_optional(&mut *conn)
     .await?
     else {

@@ -2,6 +2,10 @@
 //! own database (cloned from the migrated template, reached through pgbouncer as
 //! `checkout_app`), and a scriptable fake of billing's `PaymentService` served over real gRPC
 //! on 127.0.0.1:0. The real cross-service journey is tested end to end elsewhere (e2e).
+//!
+//! Every `TestApp` issues an API key for [`TEST_CUSTOMER`] when it starts, through keelctl's
+//! `api_keys::create` (what `keelctl api-keys create` runs), and its order helpers send it:
+//! tests that are not about authentication never see it.
 #![allow(dead_code, clippy::unwrap_used, clippy::missing_panics_doc)]
 
 use std::collections::{HashMap, VecDeque};
@@ -17,6 +21,19 @@ use keel_testkit::{TestDb, eventually};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tonic::{Code, Request, Response, Status};
+
+/// The customer whose API key a `TestApp`'s order helpers send.
+pub const TEST_CUSTOMER: &str = "cus_test";
+
+/// Issues an API key for `customer` in the database behind `admin`, as an operator does.
+pub async fn issue_key(admin: &PgPool, customer: &str) -> String {
+    use keel_config::ExposeSecret;
+    let mut conn = admin.acquire().await.unwrap();
+    let issued = keelctl::api_keys::create(&mut conn, customer)
+        .await
+        .unwrap();
+    issued.key.expose_secret().to_owned()
+}
 
 /// Settings that make sagas quick and tests fast; each test adds its own on top.
 pub const FAST: &[(&str, &str)] = &[
@@ -53,6 +70,8 @@ pub struct TestApp {
     pub admin: PgPool,
     pub client: reqwest::Client,
     pub config: Config,
+    /// An API key of [`TEST_CUSTOMER`], sent by the order helpers.
+    pub api_key: String,
     /// Dropping it (with the `TestApp`) stops the app too.
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<()>>,
@@ -79,12 +98,14 @@ impl TestApp {
             .unwrap();
         });
         let admin = PgPool::connect(&db.admin_url()).await.unwrap();
+        let api_key = issue_key(&admin, TEST_CUSTOMER).await;
         Self {
             base,
             db,
             admin,
             client: reqwest::Client::new(),
             config,
+            api_key,
             stop: Some(tx),
             handle: Some(handle),
         }
@@ -117,15 +138,43 @@ impl TestApp {
         db
     }
 
-    /// `POST /v1/orders` with `body` as JSON and `key` as the Idempotency-Key.
+    /// Issues another API key, for `customer`, in this app's database.
+    pub async fn issue_key(&self, customer: &str) -> String {
+        issue_key(&self.admin, customer).await
+    }
+
+    /// `POST /v1/orders` with `body` as JSON and `key` as the Idempotency-Key, as
+    /// [`TEST_CUSTOMER`].
     pub async fn post_order(&self, key: Option<&str>, body: &Value) -> reqwest::Response {
+        self.post_order_as(Some(&self.api_key), key, body).await
+    }
+
+    /// `POST /v1/orders` with `api_key` as the bearer token (none if `None`).
+    pub async fn post_order_as(
+        &self,
+        api_key: Option<&str>,
+        key: Option<&str>,
+        body: &Value,
+    ) -> reqwest::Response {
         let mut r = self
             .client
             .post(format!("{}/v1/orders", self.base))
             .header("content-type", "application/json")
             .body(body.to_string());
+        if let Some(api_key) = api_key {
+            r = r.bearer_auth(api_key);
+        }
         if let Some(key) = key {
             r = r.header("idempotency-key", key);
+        }
+        r.send().await.unwrap()
+    }
+
+    /// `GET /v1/orders/{id}` with `api_key` as the bearer token (none if `None`).
+    pub async fn get_order_as(&self, api_key: Option<&str>, id: &str) -> reqwest::Response {
+        let mut r = self.client.get(format!("{}/v1/orders/{id}", self.base));
+        if let Some(api_key) = api_key {
+            r = r.bearer_auth(api_key);
         }
         r.send().await.unwrap()
     }
@@ -139,13 +188,9 @@ impl TestApp {
         body["id"].as_str().unwrap().to_owned()
     }
 
+    /// `GET /v1/orders/{id}` as [`TEST_CUSTOMER`]; asserts 200.
     pub async fn get_order(&self, id: &str) -> Value {
-        let r = self
-            .client
-            .get(format!("{}/v1/orders/{id}", self.base))
-            .send()
-            .await
-            .unwrap();
+        let r = self.get_order_as(Some(&self.api_key), id).await;
         assert_eq!(r.status(), 200);
         r.json().await.unwrap()
     }
@@ -194,10 +239,9 @@ pub async fn stock(pool: &PgPool, sku: &str) -> (i32, i32, i32) {
         .unwrap()
 }
 
-/// A valid order body for `lines` of (sku, quantity).
+/// A valid order body for `lines` of (sku, quantity). It names no customer: the API key does.
 pub fn order(token: &str, lines: &[(&str, i64)]) -> Value {
     json!({
-        "customer_id": "cus_test",
         "currency": "EUR",
         "payment_token": token,
         "lines": lines.iter().map(|(sku, q)| json!({"sku": sku, "quantity": q})).collect::<Vec<_>>(),
