@@ -1,9 +1,15 @@
 //! P08 proofs for the Postgres job queue, against real Postgres through pgbouncer.
 //!
-//! First the failure: workers that claim with a plain `SELECT` then `UPDATE` take the same
-//! jobs and run them twice. Then the pattern: `FOR UPDATE SKIP LOCKED` claims with leases run
-//! every job exactly once, a dead worker's job comes back when its lease expires, and a job
-//! that keeps failing ends `failed`, visible and retryable.
+//! Two failures first, each next to Keel's claim under the same conditions:
+//! - workers that claim with a plain `SELECT` then `UPDATE` take the same jobs and run them
+//!   twice; `run_worker`'s claim never hands one job to two workers;
+//! - workers that claim with `FOR UPDATE` but without `SKIP LOCKED` queue up behind another
+//!   worker's open claim: while it holds the head of the queue they claim nothing, although
+//!   other jobs are due; `jobs::claim` skips the held row and takes another job at once.
+//!
+//! Then the rest of the pattern: a dead worker's job comes back when its lease expires, a job
+//! that keeps failing ends `failed`, visible and retryable, and a worker cut off at shutdown
+//! hands its job back.
 //!
 //! Each test's database holds the platform's tables only (`keel_pg::PLATFORM_MIGRATOR`) and
 //! belongs to the platform-only roles `platform_owner`/`platform_app`: no service is involved.
@@ -120,8 +126,11 @@ async fn naive_select_then_update_claims_run_jobs_twice() {
     );
 }
 
+/// The same four workers' worth of claims through `run_worker`. Delivery stays at-least-once
+/// (a worker that dies after the effect and before `complete` runs the job again when its
+/// lease expires); no worker dies here, so a job run twice could only be a double claim.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn skip_locked_workers_run_every_job_exactly_once() {
+async fn skip_locked_workers_never_hand_one_job_to_two_workers() {
     let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
     let pool = pool(&db).await;
     let ids = enqueue_many(&pool, "hammer", 400, 3).await;
@@ -158,6 +167,158 @@ async fn skip_locked_workers_run_every_job_exactly_once() {
     let runs = runs.lock().unwrap();
     assert_eq!(runs.len(), ids.len(), "every job ran");
     assert!(runs.values().all(|n| *n == 1), "no job ran twice");
+}
+
+/// How a worker claims the next job in [`claims_while_the_head_of_the_queue_is_held`].
+#[derive(Debug, Clone, Copy)]
+enum Claimer {
+    /// The anti-pattern, for the proof only: Keel's claim without `SKIP LOCKED`. Row locks
+    /// still keep two workers off one job, but a locked row is waited for, not passed over.
+    PlainForUpdate,
+    /// `keel_pg::jobs::claim`.
+    Keel,
+}
+
+/// Claims one job of `queue` for `worker` with `claimer`, in a transaction of its own.
+///
+/// `lock_timeout` bounds the wait for a row lock, as a worker's own bound would: a claimer
+/// that waits on the held row ends with `55P03` instead of hanging the test.
+async fn claim_one(
+    pool: &PgPool,
+    claimer: Claimer,
+    queue: &str,
+    worker: &str,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL lock_timeout = '2s'")
+        .execute(&mut *tx)
+        .await?;
+    let claimed = match claimer {
+        Claimer::PlainForUpdate => {
+            sqlx::query_scalar(PLAIN_FOR_UPDATE_CLAIM)
+                .bind(queue)
+                .bind(worker)
+                .bind(JobState::Running)
+                .bind(JobState::Queued)
+                .fetch_optional(&mut *tx)
+                .await?
+        }
+        Claimer::Keel => jobs::claim(&mut tx, queue, worker, Duration::from_secs(30), 1)
+            .await
+            .map_err(|e| match e {
+                keel_pg::PgError::Sqlx(e) => e,
+                other => panic!("claim failed: {other}"),
+            })?
+            .first()
+            .map(|job| job.id),
+    };
+    tx.commit().await?;
+    Ok(claimed)
+}
+
+/// The naive claim: the oldest due job, locked `FOR UPDATE` (no `SKIP LOCKED`), marked running.
+const PLAIN_FOR_UPDATE_CLAIM: &str =
+    "UPDATE jobs j SET state = $3, attempts = j.attempts + 1, locked_by = $2
+   FROM (SELECT id FROM jobs
+          WHERE queue = $1 AND state = $4 AND run_at <= now()
+          ORDER BY run_at
+          LIMIT 1
+          FOR UPDATE) c
+  WHERE j.id = c.id
+RETURNING j.id";
+
+/// What the claimers of one run got, and how long each took.
+struct Claims {
+    held: Uuid,
+    results: Vec<(Result<Option<Uuid>, sqlx::Error>, Duration)>,
+}
+
+/// Four jobs are due. Another worker has claimed the oldest in a transaction it keeps open
+/// while the job runs (a naive worker's claim, or any claim whose commit has not happened
+/// yet): its row lock is held, deterministically, for as long as this function runs. Three
+/// more workers claim at the same moment with `claimer`.
+async fn claims_while_the_head_of_the_queue_is_held(claimer: Claimer) -> Claims {
+    let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
+    let pool = pool(&db).await;
+    // The head of the queue first, in a transaction of its own: `run_at` is the enqueueing
+    // transaction's `now()`, so the other three are strictly younger.
+    let head = enqueue_many(&pool, "held", 1, 3).await[0];
+    enqueue_many(&pool, "held", 3, 3).await;
+
+    let mut holder = pool.begin().await.unwrap();
+    let held: Uuid = sqlx::query_scalar(PLAIN_FOR_UPDATE_CLAIM)
+        .bind("held")
+        .bind("holder")
+        .bind(JobState::Running)
+        .bind(JobState::Queued)
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    assert_eq!(held, head, "the holder has the oldest job");
+
+    let mut tasks = Vec::new();
+    for w in 0..3 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let claimed = claim_one(&pool, claimer, "held", &format!("w{w}")).await;
+            (claimed, started.elapsed())
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    // Only now does the holder's job end: every claim above ran while its lock was held.
+    holder.commit().await.unwrap();
+    Claims { held, results }
+}
+
+/// The failure: with plain `FOR UPDATE` every worker's claim reads the same head of the
+/// queue, finds it locked and waits for it. Three jobs are due and nobody takes them; the
+/// workers are serialised behind one transaction (here until their `lock_timeout`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plain_for_update_claimers_wait_behind_another_workers_open_claim() {
+    let claims = claims_while_the_head_of_the_queue_is_held(Claimer::PlainForUpdate).await;
+    for (result, waited) in &claims.results {
+        eprintln!("plain FOR UPDATE claim: {result:?} after {waited:?}");
+        let e = result
+            .as_ref()
+            .expect_err("a plain FOR UPDATE claim cannot pass the held row");
+        let code = e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .unwrap_or_default();
+        assert_eq!(
+            code, "55P03",
+            "lock_timeout: it waited on the held row: {e}"
+        );
+        assert!(
+            *waited >= Duration::from_secs(2),
+            "blocked for the whole lock_timeout, not {waited:?}"
+        );
+    }
+}
+
+/// The pattern, same conditions: `SKIP LOCKED` passes over the held row, so each worker
+/// claims another due job at once, well inside the `lock_timeout` the naive claimers spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn skip_locked_claimers_take_other_jobs_at_once_while_one_is_held() {
+    let claims = claims_while_the_head_of_the_queue_is_held(Claimer::Keel).await;
+    let mut claimed = std::collections::HashSet::new();
+    for (result, took) in claims.results {
+        eprintln!("SKIP LOCKED claim: {result:?} after {took:?}");
+        let id = result
+            .expect("a SKIP LOCKED claim never waits on the held row")
+            .expect("a due job was claimed");
+        assert_ne!(id, claims.held, "the held job is skipped, not shared");
+        assert!(claimed.insert(id), "no job claimed twice");
+        assert!(
+            took < Duration::from_secs(1),
+            "claimed at once, not after {took:?}"
+        );
+    }
+    assert_eq!(claimed.len(), 3, "the three other due jobs, one each");
 }
 
 #[tokio::test]
