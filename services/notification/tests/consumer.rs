@@ -1,15 +1,28 @@
 //! P03 proofs for notification's consumer, against a real RabbitMQ vhost and a real database
 //! per test, with the service started in-process on port 0. Messages are published straight
 //! to `keel.events`, the way checkout's and billing's relays publish them.
+//!
+//! The failure first: a consumer that applies notification's effect (the customer
+//! notification and its `notification.notification.recorded` event, committed before the
+//! ack) but keeps no inbox, given one message delivered 100 times, tells the customer 100
+//! times. Then notification itself under the same 100 deliveries: one effect. Delivery stays
+//! at-least-once in both (every copy is delivered and acked); what the inbox gives is one
+//! effect per message id.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
+use keel_amqp::{Incoming, Outcome};
+use keel_events::JourneyEvent;
+use keel_events::notification::NotificationRecorded;
+use keel_pg::outbox::{self, NewEvent};
+use keel_service::{BrokerReadiness, Service};
 use keel_testkit::{FaultProxy, TestBroker, TestDb, TestVhost, eventually};
 use lapin::options::BasicGetOptions;
-use notification::{App, Config};
+use notification::customer_notifications::{self, store};
+use notification::{App, Config, journey_events};
 use serde_json::{Value, json};
-use sqlx::{Connection as _, PgConnection};
+use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -26,21 +39,9 @@ struct Running {
 
 impl Running {
     async fn start(db: &TestDb, amqp_url: &str, db_url: &str, extra: &[(&str, &str)]) -> Self {
-        let mut vars = vec![
-            ("KEEL_HTTP__PORT", "0"),
-            ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s"),
-            ("KEEL_DATABASE__URL", db_url),
-            ("KEEL_AMQP__URL", amqp_url),
-            ("KEEL_AMQP__MAX_BACKOFF", "200ms"),
-            ("KEEL_CONSUMER__RETRY_MAX_BACKOFF", "200ms"),
-            ("KEEL_RELAY__POLL_INTERVAL", "20ms"),
-            ("KEEL_RELAY__MAX_BACKOFF", "200ms"),
-        ];
-        let owner = db.owner_url();
-        vars.push(("KEEL_DATABASE__MIGRATE_URL", &owner));
-        vars.extend_from_slice(extra);
-        let config: Config = keel_testkit::config(notification::DEFAULT_CONFIG, &vars);
-        let app = App::build(config).await.unwrap();
+        let app = App::build(service_config(db, amqp_url, db_url, extra))
+            .await
+            .unwrap();
         let base = format!("http://{}", app.local_addr());
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -52,6 +53,41 @@ impl Running {
         });
         Self {
             base,
+            shutdown: Some(tx),
+            task,
+        }
+    }
+
+    /// The naive consumer of [`naive_handle`] wired as notification wires its own (same
+    /// queue, bindings, prefetch, concurrency, runtime), with no HTTP API: `base` is unused.
+    async fn start_naive(db: &TestDb, amqp_url: &str) -> Self {
+        let config = service_config(db, amqp_url, &db.app_url(), &[]);
+        let mut service = Service::new(
+            "notification-naive",
+            &config.http,
+            &config.shutdown,
+            &config.telemetry,
+        );
+        let pool = service.postgres(&config.database).unwrap();
+        let broker = service.broker(&config.amqp, BrokerReadiness::Required);
+        service.amqp_consumer(
+            "journey events without an inbox",
+            &broker,
+            &config.consumer,
+            &journey_events::BINDINGS,
+            move |msg| naive_handle(pool.clone(), msg),
+        );
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            service
+                .run(async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        Self {
+            base: String::new(),
             shutdown: Some(tx),
             task,
         }
@@ -80,6 +116,89 @@ impl Running {
         .unwrap();
         v["notifications"].as_array().unwrap().clone()
     }
+}
+
+/// notification's configuration for one test: port 0, quick backoffs, this test's database
+/// and broker, then `extra`.
+fn service_config(db: &TestDb, amqp_url: &str, db_url: &str, extra: &[(&str, &str)]) -> Config {
+    let owner = db.owner_url();
+    let mut vars = vec![
+        ("KEEL_HTTP__PORT", "0"),
+        ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s"),
+        ("KEEL_DATABASE__URL", db_url),
+        ("KEEL_DATABASE__MIGRATE_URL", owner.as_str()),
+        ("KEEL_AMQP__URL", amqp_url),
+        ("KEEL_AMQP__MAX_BACKOFF", "200ms"),
+        ("KEEL_CONSUMER__RETRY_MAX_BACKOFF", "200ms"),
+        ("KEEL_RELAY__POLL_INTERVAL", "20ms"),
+        ("KEEL_RELAY__MAX_BACKOFF", "200ms"),
+    ];
+    vars.extend_from_slice(extra);
+    keel_testkit::config(notification::DEFAULT_CONFIG, &vars)
+}
+
+/// The anti-pattern, for the proof only: notification's handler without its inbox. The same
+/// effect in one transaction (the customer notification and its
+/// `notification.notification.recorded` event in the outbox), committed before the ack, so
+/// nothing is lost; but every delivery of a message applies it again.
+async fn naive_handle(pool: PgPool, msg: Incoming) -> Outcome {
+    let Some(message_id) = msg.message_id.clone() else {
+        return Outcome::Reject;
+    };
+    let Ok(Ok(Some(JourneyEvent::Order(kind, event)))) =
+        msg.envelope().map(|e| JourneyEvent::decode(&e))
+    else {
+        return Outcome::Reject;
+    };
+    let Some(announcement) = customer_notifications::for_order_event(kind, &event) else {
+        return Outcome::Ack;
+    };
+    let applied = async {
+        let mut tx = pool.begin().await?;
+        let subject = store::Subject {
+            order_id: event.order_id,
+            customer_id: &event.customer_id,
+            source_message_id: &message_id,
+        };
+        let id = store::insert(&mut tx, subject, &announcement).await?;
+        let recorded = JourneyEvent::NotificationRecorded(NotificationRecorded {
+            notification_id: id,
+            order_id: event.order_id,
+            customer_id: event.customer_id.clone(),
+            kind: announcement.kind,
+        });
+        outbox::insert(
+            &mut tx,
+            &NewEvent {
+                aggregate_type: "notification",
+                aggregate_id: &id.to_string(),
+                event_type: recorded.event_type(),
+                data: recorded
+                    .data()
+                    .map_err(|e| keel_pg::PgError::Encode(e.to_string()))?,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok::<_, keel_pg::PgError>(())
+    }
+    .await;
+    match applied {
+        Ok(()) => Outcome::Ack,
+        Err(_) => Outcome::Requeue,
+    }
+}
+
+/// Drops `notifications.source_message_id`'s UNIQUE constraint: the second guard notification
+/// keeps behind its inbox. Both sides of the P03 proof run without it, so the only thing
+/// between a redelivery and a second effect is the inbox (or its absence).
+async fn drop_the_unique_backstop(db: &TestDb) {
+    let mut conn = PgConnection::connect(&db.admin_url()).await.unwrap();
+    sqlx::query("ALTER TABLE notifications DROP CONSTRAINT notifications_source_message_id_key")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let _ = conn.close().await;
 }
 
 /// Messages ready in `queue` once the service has gone away. Waiting for the consumer count
@@ -164,30 +283,75 @@ async fn count(db: &TestDb, sql: &str) -> i64 {
     n
 }
 
-#[tokio::test]
-async fn redelivered_message_has_one_effect() {
-    let db = TestDb::create("notification", &notification::MIGRATOR).await;
-    let vhost = TestVhost::create().await;
-    let broker = TestBroker::connect(&vhost).await;
-    let app = Running::start(&db, &vhost.url(), &db.app_url(), &[]).await;
-    broker.wait_for_consumer(QUEUE, WAIT).await;
-
-    // One event, delivered 100 times: what a relay that crashed between confirm and commit,
-    // or a consumer that lost its ack, produces.
+/// One final order event, delivered 100 times with the same message id: what a relay that
+/// crashed between the broker's confirm and its own commit, or a consumer that lost its ack,
+/// produces (with 8 handlers running at once, copies also race each other).
+async fn publish_one_event_100_times(broker: &TestBroker) -> Uuid {
     let order = Uuid::new_v4();
     let (id, body) = order_event("checkout.order.confirmed", order, "CONFIRMED", None);
     for _ in 0..100 {
         broker.publish("checkout.order.confirmed", &id, &body).await;
     }
+    order
+}
 
-    eventually(WAIT, "the notification is visible", || async {
-        (app.notifications(&order.to_string()).await.len() == 1).then_some(())
-    })
-    .await;
+/// The failure: without an inbox every copy is applied. The customer is told 100 times about
+/// one confirmed order, and 100 `notification.notification.recorded` events go out.
+#[tokio::test]
+async fn naive_consumer_without_an_inbox_applies_a_redelivered_message_once_per_copy() {
+    let db = TestDb::create("notification", &notification::MIGRATOR).await;
+    drop_the_unique_backstop(&db).await;
+    let vhost = TestVhost::create().await;
+    let broker = TestBroker::connect(&vhost).await;
+    let naive = Running::start_naive(&db, &vhost.url()).await;
+    broker.wait_for_consumer(QUEUE, WAIT).await;
+
+    let order = publish_one_event_100_times(&broker).await;
     eventually(WAIT, "every copy acked", || async {
         (settled(QUEUE, "ack") == 100).then_some(())
     })
     .await;
+    naive.stop().await;
+    assert_eq!(
+        ready_after_stop(&broker, QUEUE).await,
+        0,
+        "all 100 copies acked"
+    );
+
+    let told = count(
+        &db,
+        &format!("SELECT count(*) FROM notifications WHERE order_id = '{order}'"),
+    )
+    .await;
+    eprintln!("naive consumer: {told} notifications for one message delivered 100 times");
+    assert_eq!(told, 100, "one effect per delivery, not per message");
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 100);
+    assert_eq!(count(&db, "SELECT count(*) FROM inbox").await, 0);
+}
+
+/// The pattern, same 100 deliveries and the same missing backstop: the inbox row, written in
+/// the effect's transaction, lets the first copy apply it and turns the other 99 into acks
+/// with no effect.
+#[tokio::test]
+async fn redelivered_message_has_one_effect() {
+    let db = TestDb::create("notification", &notification::MIGRATOR).await;
+    drop_the_unique_backstop(&db).await;
+    let vhost = TestVhost::create().await;
+    let broker = TestBroker::connect(&vhost).await;
+    let app = Running::start(&db, &vhost.url(), &db.app_url(), &[]).await;
+    broker.wait_for_consumer(QUEUE, WAIT).await;
+
+    let order = publish_one_event_100_times(&broker).await;
+
+    eventually(WAIT, "every copy acked", || async {
+        (settled(QUEUE, "ack") == 100).then_some(())
+    })
+    .await;
+    assert_eq!(
+        app.notifications(&order.to_string()).await.len(),
+        1,
+        "the customer sees one notification"
+    );
     // After a graceful stop an unacked copy would be back in the queue: none is.
     app.stop().await;
     assert_eq!(
@@ -196,11 +360,9 @@ async fn redelivered_message_has_one_effect() {
         "all 100 copies acked"
     );
 
-    assert_eq!(
-        count(&db, "SELECT count(*) FROM notifications").await,
-        1,
-        "one effect"
-    );
+    let told = count(&db, "SELECT count(*) FROM notifications").await;
+    eprintln!("notification: {told} notification for one message delivered 100 times");
+    assert_eq!(told, 1, "one effect");
     assert_eq!(count(&db, "SELECT count(*) FROM inbox").await, 1);
     assert_eq!(
         count(&db, "SELECT count(*) FROM outbox").await,
