@@ -38,6 +38,13 @@ app_db_url() {
   echo "postgres://${1}_app:${1}_app_dev@127.0.0.1:${PGBOUNCER_PORT}/keel_${1}"
 }
 
+# keelctl's URL of service $1's database as role $2 (keel_auditor or keel_operator: the
+# operator tool's own roles, never the service's; see infra/postgres/init.sql), through
+# pgbouncer.
+tool_db_url() {
+  echo "postgres://${2}:${2}_dev@127.0.0.1:${PGBOUNCER_PORT}/keel_${1}"
+}
+
 # keelctl's key for a service: KEEL_<NAME>__… with `-` as `_` (psp-sim -> PSP_SIM).
 env_name() {
   local n="${1//-/_}"
@@ -66,14 +73,16 @@ service_env() {
   done
 }
 
-# keelctl's environment: every registered database (runtime roles, through pgbouncer), every
-# service's HTTP base URL, and the broker's management API. keelctl derives the same from its
-# embedded registry; passing them makes port overrides (CHECKOUT_HTTP_PORT=…) reach it too.
+# keelctl's environment: every registered database (read as keel_auditor, changed as
+# keel_operator, through pgbouncer), every service's HTTP base URL, and the broker's
+# management API. keelctl derives the same from its embedded registry; passing them makes
+# port overrides (CHECKOUT_HTTP_PORT=…) reach it too.
 keelctl_env() {
   local svc
   for svc in "${SERVICES[@]}"; do
     if reg_has "$svc" database; then
-      echo "KEEL_$(env_name "$svc")__URL=$(app_db_url "$svc")"
+      echo "KEEL_$(env_name "$svc")__URL=$(tool_db_url "$svc" keel_auditor)"
+      echo "KEEL_$(env_name "$svc")__OPERATOR_URL=$(tool_db_url "$svc" keel_operator)"
     fi
     echo "KEEL_$(env_name "$svc")__HTTP_URL=http://127.0.0.1:$(http_port "$svc")"
   done

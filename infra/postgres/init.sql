@@ -20,11 +20,19 @@
 -- Per service <s> in :services (registry entries with `database = true`):
 --   keel_<s>   its database, owned by <s>_owner.
 --   <s>_owner  runs the service's migrations.
---   <s>_app    what the running service connects as; gets CONNECT/TEMPORARY
---              here, schema/table privileges from the service's first migration.
+--   <s>_app    what the running service connects as; gets CONNECT (and no
+--              TEMPORARY) here, schema/table privileges from the migrations.
 -- Per prefix <p> in :extra_roles (the registry's [[roles]]): <p>_owner and <p>_app,
 -- with the same attributes and no database (e.g. `platform`: the platform crates'
 -- own tests, whose per-test databases keel_testkit::TestDb creates).
+-- Once per cluster, the operator tool's roles (keelctl, P14): fixed names, not the
+-- registry's, because the platform's migrations grant to them by name
+-- (crates/keel-pg/migrations/0007_operator_roles.sql), as do the services' own:
+--   keel_auditor   read-only: SELECT on what `keelctl audit` and its listings read.
+--   keel_operator  the few changes an operator makes (`keelctl jobs retry`, ...),
+--                  column by column.
+-- Both get CONNECT on every service database here; keel_testkit::TestDb creates
+-- them the same way if a cluster's init.sql predates them.
 
 \set ON_ERROR_STOP on
 
@@ -50,7 +58,10 @@ FROM (SELECT service AS prefix FROM keel_services
       UNION
       SELECT trim(x) FROM unnest(string_to_array(:'extra_roles', ',')) AS x
       WHERE trim(x) <> '') AS p
-CROSS JOIN (VALUES ('_owner'), ('_app')) AS r (suffix);
+CROSS JOIN (VALUES ('_owner'), ('_app')) AS r (suffix)
+UNION ALL
+SELECT o.rolname, o.rolname || '_dev'
+FROM (VALUES ('keel_auditor'), ('keel_operator')) AS o (rolname);
 
 -- Roles: create the missing ones ...
 SELECT format('CREATE ROLE %I LOGIN', r.rolname)
@@ -58,9 +69,9 @@ FROM keel_roles r
 WHERE NOT EXISTS (SELECT 1 FROM pg_roles p WHERE p.rolname = r.rolname)
 \gexec
 
--- ... then (re)apply attributes and password to all of them. Neither kind of
--- role may create databases or roles or bypass RLS: the owner role is for
--- migrations of its own database only.
+-- ... then (re)apply attributes and password to all of them. No role here may
+-- create databases or roles or bypass RLS: the owner role is for migrations of
+-- its own database only, and the operator tool's roles have only their grants.
 SELECT format(
     'ALTER ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT PASSWORD %L',
     r.rolname, r.password)
@@ -80,14 +91,25 @@ FROM keel_services s
 ORDER BY s.service
 \gexec
 
--- Database-level access: nobody but the owner and the service's app role may
--- connect (PUBLIC has CONNECT/TEMPORARY by default; take it away).
+-- Database-level access: nobody but the owner, the service's app role and the
+-- operator tool's two roles may connect, and nobody but the owner may create
+-- temporary tables. PUBLIC has CONNECT and TEMPORARY by default: take both
+-- away. TEMPORARY is revoked from the app role too, by name, because earlier
+-- versions of this file granted it: a re-run converges. No service needs
+-- temporary tables, and one is a place to stage data or fill disk that no
+-- migration and no grant on a table controls.
 SELECT format('REVOKE ALL ON DATABASE %I FROM PUBLIC', 'keel_' || s.service)
 FROM keel_services s
 ORDER BY s.service
 \gexec
 
-SELECT format('GRANT CONNECT, TEMPORARY ON DATABASE %I TO %I', 'keel_' || s.service, s.service || '_app')
+SELECT format('REVOKE TEMPORARY ON DATABASE %I FROM %I', 'keel_' || s.service, s.service || '_app')
+FROM keel_services s
+ORDER BY s.service
+\gexec
+
+SELECT format('GRANT CONNECT ON DATABASE %I TO %I, keel_auditor, keel_operator',
+              'keel_' || s.service, s.service || '_app')
 FROM keel_services s
 ORDER BY s.service
 \gexec

@@ -11,6 +11,7 @@ use std::time::Duration;
 use sqlx::migrate::Migrator;
 use sqlx::{Connection, Executor, PgConnection};
 
+use crate::privilege::{AUDITOR_ROLE, OPERATOR_ROLE};
 use crate::stack::Stack;
 
 /// A database owned by one test; dropped (`WITH (FORCE)`) when this value is dropped.
@@ -26,6 +27,31 @@ pub struct TestDb {
 /// Development passwords, as in `infra/postgres/init.sql` and the services' default config.
 fn password(role: &str) -> String {
     format!("{role}_dev")
+}
+
+/// Creates [`AUDITOR_ROLE`] and [`OPERATOR_ROLE`] if the cluster has not got them, as
+/// `infra/postgres/init.sql` does (login, dev password, no attribute beyond it). Migrations
+/// grant to them by name, so a template cannot be built without them; a cluster whose
+/// `init.sql` predates them still runs the tests. Roles are cluster-wide, and two test
+/// processes may get here at once: a concurrent creation is not an error.
+async fn ensure_tool_roles(admin: &mut PgConnection) -> Result<(), sqlx::Error> {
+    for role in [AUDITOR_ROLE, OPERATOR_ROLE] {
+        exec(
+            admin,
+            format!(
+                r#"DO $$ BEGIN
+                     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN
+                       CREATE ROLE "{role}" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE
+                         NOREPLICATION NOBYPASSRLS INHERIT PASSWORD '{}';
+                     END IF;
+                   EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+                   END $$"#,
+                password(role)
+            ),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Runs one statement built at run time (database names cannot be bind parameters).
@@ -53,7 +79,9 @@ fn template_name(service: &str, migrator: &Migrator) -> String {
 impl TestDb {
     /// Creates a fresh database for `service` (`checkout`, `billing`, …) with the platform's
     /// tables and `migrator`'s, and the same ownership and grants as the real one: owned by
-    /// `<service>_owner`, CONNECT only for `<service>_app`.
+    /// `<service>_owner`, CONNECT (no TEMPORARY) for `<service>_app` and keelctl's
+    /// `keel_auditor` and `keel_operator` ([`TestDb::auditor_url`], [`TestDb::operator_url`]),
+    /// nothing for PUBLIC.
     ///
     /// Platform crates' own tests use `TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR)`:
     /// the platform tables only, with the platform-only roles `platform_owner` and
@@ -66,6 +94,9 @@ impl TestDb {
         let mut admin = PgConnection::connect(&stack.admin_url("postgres"))
             .await
             .expect("Postgres reachable on the direct port (is `make test`'s stack up?)");
+        ensure_tool_roles(&mut admin)
+            .await
+            .expect("create the operator tool's roles");
         // Serialise template builds across test processes (nextest runs each test in its
         // own process). A session lock, hence the direct connection.
         admin
@@ -131,8 +162,34 @@ impl TestDb {
         let mut admin = PgConnection::connect(&stack.admin_url("postgres"))
             .await
             .expect("Postgres reachable on the direct port (is `make test`'s stack up?)");
+        ensure_tool_roles(&mut admin)
+            .await
+            .expect("create the operator tool's roles");
         let db = Self::from_template(&mut admin, stack, service, "template0").await;
         let _ = admin.close().await;
+        db
+    }
+
+    /// A database for `service` migrated as it was before `migrator`'s migration `version`:
+    /// every platform migration, then the service's below `version`. The naive side of a proof
+    /// about what that migration changed (P14's grants taken back). Migrated per call, not
+    /// cloned: slower than [`TestDb::create`], for a test or two.
+    pub async fn migrated_before(service: &str, migrator: &Migrator, version: i64) -> Self {
+        let db = Self::empty(service).await;
+        let earlier = Migrator::with_migrations(
+            migrator
+                .iter()
+                .filter(|m| m.version < version)
+                .cloned()
+                .collect(),
+        );
+        let mut owner = PgConnection::connect(&db.owner_url())
+            .await
+            .expect("connect as owner");
+        keel_pg::schema::apply(&mut owner, &earlier)
+            .await
+            .expect("migrate (platform, then the service's earlier migrations)");
+        let _ = owner.close().await;
         db
     }
 
@@ -153,8 +210,12 @@ impl TestDb {
         for sql in [
             format!(r#"CREATE DATABASE "{name}" OWNER "{owner}" TEMPLATE "{template}""#),
             // CREATE DATABASE does not copy database-level grants: set them as init.sql does.
+            // PUBLIC loses CONNECT and TEMPORARY; the app role and the operator tool's roles
+            // get CONNECT only, so a test sees the real database's refusal of temporary tables.
             format!(r#"REVOKE ALL ON DATABASE "{name}" FROM PUBLIC"#),
-            format!(r#"GRANT CONNECT, TEMPORARY ON DATABASE "{name}" TO "{app}""#),
+            format!(
+                r#"GRANT CONNECT ON DATABASE "{name}" TO "{app}", "{AUDITOR_ROLE}", "{OPERATOR_ROLE}""#
+            ),
             format!(r#"GRANT ALL ON DATABASE "{name}" TO "{owner}""#),
         ] {
             exec(admin, sql).await.expect("create test database");
@@ -195,6 +256,27 @@ impl TestDb {
             "postgres://{role}:{}@127.0.0.1:{}/{}",
             password(&role),
             self.stack.pg_port,
+            self.name
+        )
+    }
+
+    /// The operator tool's read-only URL: [`AUDITOR_ROLE`] through pgbouncer, as `keelctl`
+    /// reads (audit, listings).
+    pub fn auditor_url(&self) -> String {
+        self.tool_url(AUDITOR_ROLE)
+    }
+
+    /// The operator tool's URL for changes: [`OPERATOR_ROLE`] through pgbouncer, as `keelctl`
+    /// retries a job.
+    pub fn operator_url(&self) -> String {
+        self.tool_url(OPERATOR_ROLE)
+    }
+
+    fn tool_url(&self, role: &str) -> String {
+        format!(
+            "postgres://{role}:{}@127.0.0.1:{}/{}",
+            password(role),
+            self.stack.pgbouncer_port,
             self.name
         )
     }

@@ -30,8 +30,10 @@ pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceOverride {
-    /// Its database (runtime role): a secret.
+    /// Its database, for reading (a read-only role, see [`targets`]): a secret.
     pub url: Option<SecretString>,
+    /// Its database, for an operator's changes (see [`targets`]): a secret.
+    pub operator_url: Option<SecretString>,
     /// Its HTTP base URL.
     pub http_url: Option<String>,
 }
@@ -41,7 +43,7 @@ pub struct ServiceOverride {
 #[serde(deny_unknown_fields)]
 pub struct StackConfig {
     pub host: String,
-    /// pgbouncer: keelctl reads through it with each service's runtime role.
+    /// pgbouncer: keelctl reaches every service database through it, as its own roles.
     pub pgbouncer_port: u16,
 }
 
@@ -101,6 +103,9 @@ impl Validate for Config {
         for (name, o) in &self.services {
             if let Some(url) = &o.url {
                 ensure_url(&format!("{name}.url"), url, pg)?;
+            }
+            if let Some(url) = &o.operator_url {
+                ensure_url(&format!("{name}.operator_url"), url, pg)?;
             }
             if let Some(url) = &o.http_url {
                 ensure_url(

@@ -167,7 +167,8 @@ async fn run(cli: Cli, config: &Config, targets: &Targets) -> anyhow::Result<Exi
             action: Some(JobsAction::Retry { id, select }),
             ..
         } => {
-            let selected = match targets.select(&select.services) {
+            // A change: the operator's connection, not the read-only one.
+            let selected = match targets.select_operator(&select.services) {
                 Ok(s) => s,
                 Err(e) => return Ok(usage(&e)),
             };

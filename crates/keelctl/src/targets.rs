@@ -1,23 +1,43 @@
 //! Where keelctl reaches each registered service: the registry joined with the configuration.
 //!
 //! By default everything is derived, so a service appended to the registry is a target with
-//! no configuration at all: its database is `keel_<name>` as `<name>_app` through pgbouncer
-//! (`[stack]`), its HTTP base URL the registry's port on `stack.host`. A `[<service>]` table
-//! (or `KEEL_<SERVICE>__URL` / `__HTTP_URL`) overrides either, which is how tests point keelctl
-//! at their own per-test databases and how production gives it a read-only auditor role.
-//! Pattern: P14 (keelctl reads with a runtime role, never a service's owner role).
+//! no configuration at all: its database is `keel_<name>` through pgbouncer (`[stack]`), its
+//! HTTP base URL the registry's port on `stack.host`. A `[<service>]` table (or
+//! `KEEL_<SERVICE>__URL`, `__OPERATOR_URL`, `__HTTP_URL`) overrides any of them, which is how
+//! tests point keelctl at their own per-test databases and how production gives it its own
+//! credentials.
+//!
+//! Pattern: P14. keelctl never connects as a service's roles: the app role may rewrite every
+//! row the service owns, which an audit has no business being able to do. Each database
+//! target has two connections, and each command takes the one it needs:
+//! - [`Target::database_url`], as [`AUDITOR_ROLE`]: read-only (SELECT on what the audit and
+//!   the listings read). `audit`, `jobs`, `outbox`, `demo`'s reads; [`Targets::select`].
+//! - [`Target::operator_url`], as [`OPERATOR_ROLE`]: the few changes an operator makes, each
+//!   granted column by column (`jobs retry`, `outbox retry`, `api-keys create`);
+//!   [`Targets::select_operator`].
+//!
+//! Both roles are the cluster's, created by `infra/postgres/init.sql` and granted by the
+//! platform's migration 0007 and the services' own; see the P14 page.
 
 use keel_config::{ConfigError, SecretString};
 
 use crate::registry::{Registry, Service, dev_password};
-use crate::{Config, ServiceOverride};
+use crate::{Config, ServiceOverride, StackConfig};
+
+/// The read-only role keelctl reads every service database as.
+pub const AUDITOR_ROLE: &str = "keel_auditor";
+/// The role keelctl makes its few changes as (`jobs retry`, `outbox retry`, `api-keys create`).
+pub const OPERATOR_ROLE: &str = "keel_operator";
 
 /// One registered service as keelctl reaches it.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub service: Service,
-    /// Its database, when it owns one.
+    /// Its database, for reading, when it owns one: [`AUDITOR_ROLE`] unless overridden.
     pub database_url: Option<SecretString>,
+    /// Its database, for an operator's changes, when it owns one: [`OPERATOR_ROLE`] unless
+    /// overridden. Nothing that only reads uses it.
+    pub operator_url: Option<SecretString>,
     pub http_url: String,
 }
 
@@ -41,21 +61,42 @@ impl Targets {
             .filter_map(|t| t.database_url.as_ref().map(|url| (t, url)))
     }
 
-    /// The database targets named in `names`, or all of them when `names` is empty. An unknown
-    /// name, or one without a database, is an error naming what is registered.
+    /// The database targets named in `names`, or all of them when `names` is empty, each with
+    /// its read-only URL: for commands that only read. An unknown name, or one without a
+    /// database, is an error naming what is registered.
     pub fn select(&self, names: &[String]) -> Result<Vec<(&Target, &SecretString)>, String> {
-        if names.is_empty() {
-            return Ok(self.with_database().collect());
-        }
-        let known: Vec<&str> = self
-            .with_database()
-            .map(|(t, _)| t.service.name.as_str())
+        self.pick(names, |t| t.database_url.as_ref())
+    }
+
+    /// As [`Targets::select`], each with its operator URL: for the commands that change
+    /// something (`jobs retry`).
+    pub fn select_operator(
+        &self,
+        names: &[String],
+    ) -> Result<Vec<(&Target, &SecretString)>, String> {
+        self.pick(names, |t| t.operator_url.as_ref())
+    }
+
+    fn pick<'a>(
+        &'a self,
+        names: &[String],
+        url: impl Fn(&'a Target) -> Option<&'a SecretString>,
+    ) -> Result<Vec<(&'a Target, &'a SecretString)>, String> {
+        let all: Vec<(&Target, &SecretString)> = self
+            .all
+            .iter()
+            .filter_map(|t| url(t).map(|u| (t, u)))
             .collect();
+        if names.is_empty() {
+            return Ok(all);
+        }
+        let known: Vec<&str> = all.iter().map(|(t, _)| t.service.name.as_str()).collect();
         names
             .iter()
             .map(|n| {
-                self.with_database()
+                all.iter()
                     .find(|(t, _)| t.service.name == *n)
+                    .copied()
                     .ok_or_else(|| {
                         format!(
                             "no registered service with a database is called `{n}` (those with one: {})",
@@ -65,6 +106,16 @@ impl Targets {
             })
             .collect()
     }
+}
+
+/// `role`'s derived URL of database `db`: its development password, through pgbouncer.
+fn derived_url(stack: &StackConfig, role: &str, db: &str) -> SecretString {
+    SecretString::from(format!(
+        "postgres://{role}:{}@{}:{}/{db}",
+        dev_password(role),
+        stack.host,
+        stack.pgbouncer_port
+    ))
 }
 
 impl Config {
@@ -97,11 +148,16 @@ impl Config {
                         ),
                     )
                 })?;
-            if o.url.is_some() && !service.database {
-                return Err(ConfigError::invalid(
-                    format!("{key}.url"),
-                    format!("{} owns no database in the registry", service.name),
-                ));
+            for (field, set) in [
+                ("url", o.url.is_some()),
+                ("operator_url", o.operator_url.is_some()),
+            ] {
+                if set && !service.database {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.{field}"),
+                        format!("{} owns no database in the registry", service.name),
+                    ));
+                }
             }
         }
         let stack = &self.stack;
@@ -114,16 +170,14 @@ impl Config {
                     .get(&s.config_key())
                     .cloned()
                     .unwrap_or_else(ServiceOverride::default);
-                let database_url = s.database_name().map(|db| {
-                    o.url.unwrap_or_else(|| {
-                        let role = s.app_role();
-                        SecretString::from(format!(
-                            "postgres://{role}:{}@{}:{}/{db}",
-                            dev_password(&role),
-                            stack.host,
-                            stack.pgbouncer_port
-                        ))
-                    })
+                let db = s.database_name();
+                let database_url = db.as_ref().map(|db| {
+                    o.url
+                        .unwrap_or_else(|| derived_url(stack, AUDITOR_ROLE, db))
+                });
+                let operator_url = db.as_ref().map(|db| {
+                    o.operator_url
+                        .unwrap_or_else(|| derived_url(stack, OPERATOR_ROLE, db))
                 });
                 let http_url = o
                     .http_url
@@ -131,6 +185,7 @@ impl Config {
                 Target {
                     service: s.clone(),
                     database_url,
+                    operator_url,
                     http_url: http_url.trim_end_matches('/').to_owned(),
                 }
             })

@@ -7,7 +7,8 @@
 //! generic checks cover a service keelctl has never heard of, given only its registry entry.
 //!
 //! Each test's database is a `TestDb` with the platform's tables only, reached as a service
-//! called `fixture` that exists only in a scratch registry passed with `--registry`.
+//! called `fixture` that exists only in a scratch registry passed with `--registry`, read as
+//! `keel_auditor` and changed as `keel_operator`, as keelctl reaches a real one (P14).
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
 use std::path::PathBuf;
@@ -65,23 +66,31 @@ struct Fixture {
     db: TestDb,
     registry: PathBuf,
     url: String,
+    operator_url: String,
 }
 
 impl Fixture {
     async fn new() -> Self {
         let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
-        let url = db.app_url();
+        let (url, operator_url) = (db.auditor_url(), db.operator_url());
         Self {
             db,
             registry: scratch_registry(),
             url,
+            operator_url,
         }
     }
 
     fn run(&self, args: &[&str]) -> Output {
         let mut all = vec!["--registry", self.registry.to_str().unwrap()];
         all.extend_from_slice(args);
-        keelctl(&all, &[("KEEL_FIXTURE__URL", &self.url)])
+        keelctl(
+            &all,
+            &[
+                ("KEEL_FIXTURE__URL", &self.url),
+                ("KEEL_FIXTURE__OPERATOR_URL", &self.operator_url),
+            ],
+        )
     }
 
     async fn conn(&self) -> PgConnection {

@@ -16,6 +16,7 @@ use std::process::Command;
 
 use keelctl::Registry;
 use keelctl::registry::dev_password;
+use keelctl::targets::{AUDITOR_ROLE, OPERATOR_ROLE};
 use sqlx::{Connection, PgConnection};
 
 fn root() -> PathBuf {
@@ -191,6 +192,61 @@ async fn postgres_has_every_registered_role_and_database() {
         ))
         .await
         .unwrap_or_else(|e| panic!("{} reaches {db} directly: {e}", s.owner_role()));
+        // Database-level grants (P14): nothing for PUBLIC, CONNECT and no TEMPORARY for the
+        // app role; keelctl's roles reach it through pgbouncer.
+        let (public, app_temp): (i64, bool) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM pg_database d, aclexplode(d.datacl) a
+                      WHERE d.datname = current_database() AND a.grantee = 0),
+                    has_database_privilege($1, current_database(), 'TEMPORARY')",
+        )
+        .bind(s.app_role())
+        .fetch_one(&mut app)
+        .await
+        .unwrap();
+        assert_eq!(public, 0, "PUBLIC has no privilege on {db}");
+        assert!(
+            !app_temp,
+            "{} cannot create temporary tables in {db}",
+            s.app_role()
+        );
+        for role in [AUDITOR_ROLE, OPERATOR_ROLE] {
+            PgConnection::connect(&format!(
+                "postgres://{role}:{}@127.0.0.1:{}/{db}",
+                dev_password(role),
+                stack.pgbouncer_port
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("{role} reaches {db} through pgbouncer: {e}"));
+        }
+    }
+    // keelctl's roles: no attribute beyond LOGIN, and no membership that would lend them
+    // another role's grants.
+    for role in [AUDITOR_ROLE, OPERATOR_ROLE] {
+        let mut conn = PgConnection::connect(&format!(
+            "postgres://{role}:{}@127.0.0.1:{}/postgres",
+            dev_password(role),
+            stack.pg_port
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{role} logs in with its dev password: {e}"));
+        let (createdb, createrole, superuser, bypassrls, memberships): (
+            bool,
+            bool,
+            bool,
+            bool,
+            i64,
+        ) = sqlx::query_as(
+            "SELECT rolcreatedb, rolcreaterole, rolsuper, rolbypassrls,
+                        (SELECT count(*) FROM pg_auth_members m WHERE m.member = r.oid)
+                   FROM pg_roles r WHERE rolname = current_user",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert!(
+            !createdb && !createrole && !superuser && !bypassrls && memberships == 0,
+            "{role} is least-privileged"
+        );
     }
     // Role pairs without a database log in (to `postgres`) with their dev passwords.
     for (role, password) in registry.roles() {
@@ -388,11 +444,21 @@ fn the_keelctl_overrides_of_make_dev_name_every_registered_service() {
     let config: keelctl::Config = keel_testkit::config(keelctl::DEFAULT_CONFIG, &refs);
     let targets = config.targets().unwrap();
     for s in &registry.services {
-        let key = format!("KEEL_{}__HTTP_URL", s.config_key().to_ascii_uppercase());
+        let upper = s.config_key().to_ascii_uppercase();
+        let key = format!("KEEL_{upper}__HTTP_URL");
         assert!(pairs.iter().any(|(k, _)| *k == key), "{key}");
-        assert_eq!(
-            s.database,
-            targets.get(&s.name).unwrap().database_url.is_some()
-        );
+        let target = targets.get(&s.name).unwrap();
+        assert_eq!(s.database, target.database_url.is_some());
+        assert_eq!(s.database, target.operator_url.is_some());
+        // Read as keelctl's read-only role, changed as its operator role: never the service's.
+        for (suffix, role) in [("URL", AUDITOR_ROLE), ("OPERATOR_URL", OPERATOR_ROLE)] {
+            let key = format!("KEEL_{upper}__{suffix}");
+            let value = pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| v);
+            assert_eq!(
+                value.is_some_and(|v| v.starts_with(&format!("postgres://{role}:"))),
+                s.database,
+                "{key}: {value:?}"
+            );
+        }
     }
 }
