@@ -190,11 +190,19 @@ pub async fn run(config: &Config, progress: &mut Progress) -> Result<Outcome, De
         sqlx::query_as("SELECT sku, available FROM stock ORDER BY available, sku LIMIT 1")
             .fetch_one(&mut checkout)
             .await?;
+    // Issued as the operator (the one INSERT keel_operator may make); everything else the
+    // demo reads goes through the read-only connection above.
+    let operator_url = targets
+        .get("checkout")
+        .and_then(|t| t.operator_url.clone())
+        .ok_or(DemoError::NotRegistered("checkout"))?;
+    let mut operator = crate::connect(&operator_url).await?;
     let caller = Caller {
-        api_key: crate::api_keys::create(&mut checkout, DEMO_CUSTOMER)
+        api_key: crate::api_keys::create(&mut operator, DEMO_CUSTOMER)
             .await?
             .key,
     };
+    drop(operator);
 
     let plan: Vec<(&'static str, &'static str, &str, Value)> = vec![
         ("approved", "CONFIRMED", "tok_approve", line("KEEL-MUG", 2)),

@@ -1,10 +1,11 @@
 //! `keelctl api-keys create --customer <id>` as an operator runs it: the real binary, against
-//! a real checkout database per test.
+//! a real checkout database per test, connected as `keel_operator` (its one grant on
+//! `api_keys` is the INSERT this command makes).
 //!
 //! What is proven here: the key is printed once, alone on stdout, in the `keel_<id>_<secret>`
 //! format; the database keeps its id, its customer and SHA-256 of the key, and nothing from
 //! which the key could be read back; every run draws a new key; an unusable customer id is a
-//! usage error that writes nothing.
+//! usage error that writes nothing; the operator cannot read the hashes it wrote.
 //!
 //! That such a key then authenticates is proven where checkout runs: checkout's tests
 //! (`services/checkout/tests/auth.rs`) and the end-to-end journeys issue every key they use
@@ -26,7 +27,7 @@ const KEELCTL: &str = env!("CARGO_BIN_EXE_keelctl");
 static CHECKOUT_MIGRATIONS: sqlx::migrate::Migrator =
     sqlx::migrate!("../../services/checkout/migrations");
 
-/// Runs `keelctl api-keys create ...` against `db`.
+/// Runs `keelctl api-keys create ...` against `db` as the operator.
 fn create(db: &TestDb, args: &[&str]) -> Output {
     let mut cmd = Command::new(KEELCTL);
     cmd.args(["api-keys", "create"]).args(args);
@@ -34,7 +35,7 @@ fn create(db: &TestDb, args: &[&str]) -> Output {
         cmd.env_remove(k);
     }
     cmd.env("KEEL_PROFILE", "dev")
-        .env("KEEL_CHECKOUT__URL", db.app_url());
+        .env("KEEL_CHECKOUT__OPERATOR_URL", db.operator_url());
     let out = cmd.output().unwrap();
     eprintln!(
         "keelctl api-keys create {args:?} -> {:?}\nstderr:\n{}",
@@ -136,4 +137,20 @@ async fn an_unusable_customer_id_is_a_usage_error_that_writes_nothing() {
         .await
         .unwrap();
     assert_eq!(count, 0);
+}
+
+#[tokio::test]
+async fn the_operator_can_issue_a_key_but_not_read_one_back() {
+    let db = TestDb::create("checkout", &CHECKOUT_MIGRATIONS).await;
+    let mut operator = PgConnection::connect(&db.operator_url()).await.unwrap();
+    let issued = keelctl::api_keys::create(&mut operator, "cus_1")
+        .await
+        .unwrap();
+    assert!(issued.expose().starts_with("keel_"));
+    keel_testkit::privilege::assert_denied(
+        "keel_operator reads key hashes",
+        sqlx::query_scalar::<_, Vec<u8>>("SELECT key_hash FROM api_keys")
+            .fetch_all(&mut operator)
+            .await,
+    );
 }
