@@ -59,8 +59,10 @@ enum Command {
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=1000))]
         limit: i64,
     },
-    /// Unsent outbox events per registered service.
+    /// Unsent and parked outbox events per registered service; list or retry parked ones.
     Outbox {
+        #[command(subcommand)]
+        action: Option<OutboxAction>,
         #[command(flatten)]
         select: Select,
     },
@@ -89,6 +91,30 @@ enum JobsAction {
     /// Put a failed job back in its queue with a fresh set of attempts.
     Retry {
         id: uuid::Uuid,
+        #[command(flatten)]
+        select: Select,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OutboxAction {
+    /// Rows the relay parked (refused by the broker or too large), oldest first.
+    Parked {
+        #[command(flatten)]
+        select: Select,
+        /// At most this many rows per service.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=1000))]
+        limit: i64,
+    },
+    /// Return a parked row (or, with --all, every parked row of the named services) to the
+    /// relay with a fresh set of attempts.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "all"])))]
+    Retry {
+        /// The parked row's id (its event id, as `outbox parked` lists it).
+        id: Option<uuid::Uuid>,
+        /// Every parked row of the services named with --service (required with --all).
+        #[arg(long, requires = "services")]
+        all: bool,
         #[command(flatten)]
         select: Select,
     },
@@ -203,7 +229,58 @@ async fn run(cli: Cli, config: &Config, targets: &Targets) -> anyhow::Result<Exi
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Outbox { select } => {
+        Command::Outbox {
+            action: Some(OutboxAction::Parked { select, limit }),
+            ..
+        } => {
+            let selected = match targets.select(&select.services) {
+                Ok(s) => s,
+                Err(e) => return Ok(usage(&e)),
+            };
+            let listing = keelctl::outbox::parked(&selected, limit).await?;
+            for service in &listing.without_outbox {
+                eprintln!("note: {service} has no outbox table");
+            }
+            match format {
+                Format::Table => println!("{}", keelctl::outbox::parked_table(&listing.rows)),
+                Format::Json => output::json(&listing.rows)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Outbox {
+            action: Some(OutboxAction::Retry { id, all, select }),
+            ..
+        } => {
+            // A change: the operator's connection, not the read-only one.
+            let selected = match targets.select_operator(&select.services) {
+                Ok(s) => s,
+                Err(e) => return Ok(usage(&e)),
+            };
+            match id {
+                Some(id) if !all => match keelctl::outbox::retry(&selected, id).await? {
+                    Some(service) => {
+                        println!("outbox row {id} of {service} returned to the relay");
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    None => {
+                        eprintln!(
+                            "outbox row {id} is not parked in any selected service: nothing to retry"
+                        );
+                        Ok(ExitCode::FAILURE)
+                    }
+                },
+                _ => {
+                    for (service, n) in keelctl::outbox::retry_all(&selected).await? {
+                        println!("{n} parked outbox rows of {service} returned to the relay");
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }
+        Command::Outbox {
+            action: None,
+            select,
+        } => {
             let selected = match targets.select(&select.services) {
                 Ok(s) => s,
                 Err(e) => return Ok(usage(&e)),
