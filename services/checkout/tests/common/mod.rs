@@ -6,7 +6,12 @@
 //! Every `TestApp` issues an API key for [`TEST_CUSTOMER`] when it starts, through keelctl's
 //! `api_keys::create` (what `keelctl api-keys create` runs), and its order helpers send it:
 //! tests that are not about authentication never see it.
+//!
+//! Every response the request helpers receive is held to `openapi.yaml` ([`contract`]) before
+//! the test sees it: a status, header or body field the document lacks fails the test.
 #![allow(dead_code, clippy::unwrap_used, clippy::missing_panics_doc)]
+
+pub mod contract;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -167,7 +172,7 @@ impl TestApp {
         if let Some(key) = key {
             r = r.header("idempotency-key", key);
         }
-        r.send().await.unwrap()
+        contract::checked("POST", "/v1/orders", r.send().await.unwrap()).await
     }
 
     /// `GET /v1/orders/{id}` with `api_key` as the bearer token (none if `None`).
@@ -176,7 +181,7 @@ impl TestApp {
         if let Some(api_key) = api_key {
             r = r.bearer_auth(api_key);
         }
-        r.send().await.unwrap()
+        contract::checked("GET", "/v1/orders/{id}", r.send().await.unwrap()).await
     }
 
     /// Places `body` with a fresh key; returns the order id.
