@@ -12,6 +12,8 @@
 //!   for the API key's customer.
 //! - [`saga`]: the order saga (P04) on the Postgres job queue (P08), calling billing over gRPC.
 //! - [`stock`]: reservations without oversell or deadlocks (P11).
+//! - [`routes`]: the router that records its routes as it is built, so `tests/openapi.rs`
+//!   checks `openapi.yaml` against the routes really served ([`App::routes`]).
 //! - [`maintenance`]: the recurring purge of expired idempotency keys.
 //!
 //! The HTTP API is described in `openapi.yaml` (served at `GET /openapi.yaml`). In short:
@@ -40,19 +42,19 @@ pub mod config;
 pub mod error;
 pub mod maintenance;
 pub mod orders;
+pub mod routes;
 pub mod saga;
 pub mod stock;
 
 use std::future::Future;
 use std::net::SocketAddr;
 
-use axum::Router;
-use axum::routing::get;
-use http::header;
+use http::{Method, header};
 use keel_service::{BrokerReadiness, Drained, Service, ServiceError};
 
 pub use config::Config;
 use maintenance::Maintenance;
+pub use routes::{Route, Routes};
 use saga::Saga;
 use saga::billing::BillingEndpoint;
 
@@ -66,16 +68,15 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// The OpenAPI 3.1 description of checkout's HTTP API, served at `GET /openapi.yaml`.
 pub const OPENAPI: &str = include_str!("../openapi.yaml");
 
-/// Every route the router serves, as (method, path template). `tests/openapi.rs` checks that
-/// `openapi.yaml` documents exactly these and that the router answers each one.
-pub fn routes() -> Vec<(&'static str, &'static str)> {
-    let mut all = Vec::new();
-    all.extend_from_slice(catalogue::ROUTES);
-    all.extend_from_slice(orders::ROUTES);
-    all.push(("GET", "/openapi.yaml"));
-    // Added by keel_http::stack::build.
-    all.extend_from_slice(&[("GET", "/livez"), ("GET", "/readyz"), ("GET", "/metrics")]);
-    all
+/// The routes `keel_http::stack::build` adds to every service's (through `Service::http`).
+/// keel-http builds them on a plain axum router, so they cannot be recorded like checkout's
+/// own; `tests/openapi.rs` checks that each of them answers.
+fn stack_routes() -> [Route; 3] {
+    [
+        Route::new(Method::GET, "/livez"),
+        Route::new(Method::GET, "/readyz"),
+        Route::new(Method::GET, "/metrics"),
+    ]
 }
 
 /// Why checkout could not start.
@@ -92,6 +93,7 @@ pub enum AppError {
 pub struct App {
     service: Service,
     addr: SocketAddr,
+    routes: Vec<Route>,
 }
 
 /// This process's name in the job queue's `locked_by` (host, pid, random suffix).
@@ -138,19 +140,32 @@ impl App {
             maintenance.run_worker(worker, stop)
         });
 
-        let routes = Router::new()
+        // Built through `Routes`, which records every route it adds: `App::routes` is the
+        // router's own list, the one `openapi.yaml` must match.
+        let (router, mut routes) = Routes::new()
             .merge(catalogue::routes(pool.clone()))
             .merge(orders::routes(orders::OrdersState {
                 pool,
                 orders: config.orders.clone(),
                 saga: config.saga.clone(),
             }))
-            .route(
-                "/openapi.yaml",
-                get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI) }),
-            );
-        let addr = service.http(routes).await?;
-        Ok(Self { service, addr })
+            .get("/openapi.yaml", || async {
+                ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI)
+            })
+            .into_parts();
+        let addr = service.http(router).await?;
+        routes.extend(stack_routes());
+        Ok(Self {
+            service,
+            addr,
+            routes,
+        })
+    }
+
+    /// Every route the HTTP listener serves: checkout's, recorded as the router was built, and
+    /// the health and metrics routes of the Keel HTTP stack.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
     }
 
     /// The bound address (useful with port 0).

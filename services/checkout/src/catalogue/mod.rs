@@ -5,14 +5,14 @@
 
 use std::collections::HashMap;
 
+use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 
 use crate::error::ApiError;
+use crate::routes::Routes;
 pub use keel_events::{Currency, Money};
 
 /// A product as the API shows it.
@@ -24,13 +24,10 @@ pub struct Product {
     pub price: Money,
 }
 
-/// The routes this module serves (method, path), as documented in `openapi.yaml`.
-pub const ROUTES: &[(&str, &str)] = &[("GET", "/v1/products")];
-
 /// The catalogue's routes.
-pub fn routes(pool: PgPool) -> Router {
-    Router::new()
-        .route("/v1/products", get(list_products))
+pub fn routes(pool: PgPool) -> Routes {
+    Routes::new()
+        .get("/v1/products", list_products)
         .with_state(pool)
 }
 

@@ -21,11 +21,9 @@
 //! retrying with another of its API keys (after a rotation) still gets its stored answer.
 
 use axum::Json;
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{FromRef, Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use keel_events::CustomerId;
 use keel_http::idempotency::KeyError;
@@ -39,6 +37,7 @@ use super::store::{self, NewOrder};
 use crate::api_keys::Authenticated;
 use crate::config::{OrdersConfig, SagaConfig};
 use crate::error::ApiError;
+use crate::routes::Routes;
 use crate::{catalogue, saga};
 
 /// The idempotency scope of order placement for `customer`: per customer, so one customer's
@@ -64,10 +63,10 @@ impl FromRef<OrdersState> for PgPool {
 }
 
 /// The orders routes.
-pub fn routes(state: OrdersState) -> Router {
-    Router::new()
-        .route("/v1/orders", post(place))
-        .route("/v1/orders/{id}", get(get_order))
+pub fn routes(state: OrdersState) -> Routes {
+    Routes::new()
+        .post("/v1/orders", place)
+        .get("/v1/orders/{id}", get_order)
         .with_state(state)
 }
 

@@ -25,6 +25,3 @@ pub use api::{OrdersState, Placed, place_order, routes};
 /// An order's id: the shared wire type, since billing and notification see it too.
 pub use keel_events::OrderId;
 pub use state::OrderState;
-
-/// The routes this module serves (method, path), as documented in `openapi.yaml`.
-pub const ROUTES: &[(&str, &str)] = &[("POST", "/v1/orders"), ("GET", "/v1/orders/{id}")];

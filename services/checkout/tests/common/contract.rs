@@ -66,6 +66,20 @@ fn token(s: &str) -> String {
     s.replace('~', "~0").replace('/', "~1")
 }
 
+/// `pointer` as a URI fragment: characters a fragment may not hold (the `{` `}` of path
+/// templates) percent-encoded, as RFC 6901 section 6 asks.
+fn fragment(pointer: &str) -> String {
+    let mut out = String::with_capacity(pointer.len());
+    for b in pointer.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 impl Contract {
     /// Parses an OpenAPI 3.1 document (YAML).
     pub fn new(yaml: &str) -> Self {
@@ -113,7 +127,7 @@ impl Contract {
         // resolve as in the document; the root's other members are no JSON Schema keywords
         // and constrain nothing, and its `$ref` selects the schema to apply.
         let mut root = self.doc.clone();
-        root["$ref"] = Value::String(format!("#{pointer}"));
+        root["$ref"] = Value::String(format!("#{}", fragment(pointer)));
         let validator = jsonschema::draft202012::options()
             .should_validate_formats(true)
             .build(&root)
