@@ -4,6 +4,11 @@
 //! a malformed delivery 400 (all problem+json, nothing recorded); the rotated-in secret
 //! verifies too.
 //!
+//! Each edge of the receiver has a test of its own, so that a mutation of it (`make mutants`)
+//! fails one: the secret list given as one string (environment or file) and its validation,
+//! the longest webhook-id, a capture contradicting the payment's authorization, amount or
+//! currency, and a second delivery id for a capture already applied.
+//!
 //! The failure side first: [`NaiveReceiver`], written here, checks the signature and nothing
 //! else. Given the same deliveries, it applies a replayed id once per copy and accepts a
 //! delivery signed long ago; billing's receiver applies the first copy only and refuses the
@@ -18,11 +23,15 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use billing::ledger::{self, PaymentEvent, PaymentId};
+use keel_config::{ConfigError, ExposeSecret};
 use keel_contracts::billing_v1 as pb;
 use sqlx::PgPool;
 use support::{Billing, ROTATED_SECRET, SECRET, captured_body, key, now_unix, signed};
 
 const CAPTURED: i32 = pb::PaymentStatus::Captured as i32;
+
+/// A secret neither the dev profile nor psp-sim holds, as a deployment would mount.
+const FOREIGN_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// A payment whose capture billing requested: what the provider's webhook settles.
 async fn capture_pending(b: &Billing) -> (pb::Payment, String) {
@@ -145,13 +154,16 @@ async fn captures(b: &Billing, payment: &str) -> (usize, usize) {
 const DELIVERIES: usize = 5;
 
 async fn assert_problem(r: reqwest::Response, status: u16, slug: &str) {
-    assert_eq!(r.status(), status);
+    let got = r.status();
+    let content_type = r.headers().get("content-type").cloned();
+    let text = r.text().await.unwrap();
+    assert_eq!(got, status, "expected {status} {slug}, got {got}: {text}");
     assert_eq!(
-        r.headers()["content-type"],
+        content_type.unwrap(),
         "application/problem+json",
         "errors are problem documents"
     );
-    let body: serde_json::Value = r.json().await.unwrap();
+    let body: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(body["type"], format!("https://keel.dev/problems/{slug}"));
 }
 
@@ -284,12 +296,7 @@ async fn bad_signature_is_401_and_changes_nothing() {
     let body = captured_body(&p, &auth);
     let id = webhook_id();
     // Signed by a secret billing does not hold.
-    let foreign = signed(
-        &id,
-        now_unix(),
-        &body,
-        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-    );
+    let foreign = signed(&id, now_unix(), &body, FOREIGN_SECRET);
     assert_problem(
         b.post_webhook(&foreign, &body).await,
         401,
@@ -446,4 +453,221 @@ async fn webhook_that_overtakes_the_capture_answer_still_settles_it_once() {
             "PaymentCaptured"
         ]
     );
+}
+
+/// billing's configuration as the process loads it under `KEEL_PROFILE=dev`, with `vars`
+/// added to its environment.
+fn load_config(vars: &[(&str, &str)]) -> Result<billing::Config, ConfigError> {
+    let env = std::iter::once(("KEEL_PROFILE", "dev"))
+        .chain(vars.iter().copied())
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+    keel_config::load_from(billing::DEFAULT_CONFIG, env)
+}
+
+fn secrets_of(config: &billing::Config) -> Vec<&str> {
+    config
+        .webhook
+        .secrets
+        .iter()
+        .map(|s| s.expose_secret())
+        .collect()
+}
+
+#[test]
+fn secrets_given_as_one_string_split_into_exactly_the_secrets() {
+    // From the environment: commas, spaces and tabs, doubled and at either end.
+    let one = format!(" {ROTATED_SECRET}, {FOREIGN_SECRET}\t,{SECRET},, ");
+    let config = load_config(&[("KEEL_WEBHOOK__SECRETS", &one)])
+        .unwrap_or_else(|e| panic!("{one:?} refused: {e}"));
+    assert_eq!(
+        secrets_of(&config),
+        [ROTATED_SECRET, FOREIGN_SECRET, SECRET]
+    );
+
+    // From a mounted file (KEEL_WEBHOOK__SECRETS_FILE): one secret a line.
+    let path = std::env::temp_dir().join(format!("keel-secrets-{}", uuid::Uuid::new_v4()));
+    std::fs::write(&path, format!("{FOREIGN_SECRET}\n{ROTATED_SECRET}\n")).unwrap();
+    let loaded = load_config(&[("KEEL_WEBHOOK__SECRETS_FILE", path.to_str().unwrap())]);
+    std::fs::remove_file(&path).unwrap();
+    let config = loaded.unwrap();
+    assert_eq!(secrets_of(&config), [FOREIGN_SECRET, ROTATED_SECRET]);
+}
+
+#[tokio::test]
+async fn secrets_from_one_environment_string_are_the_ones_the_receiver_accepts() {
+    // The rotation's last step: the old secret dropped, a new one added, set as one string.
+    let list = format!("{FOREIGN_SECRET}, {ROTATED_SECRET}");
+    let b = Billing::start_with(&[("KEEL_WEBHOOK__SECRETS", &list)]).await;
+    let (p, auth) = capture_pending(&b).await;
+    let body = captured_body(&p, &auth);
+    let dropped = signed(&webhook_id(), now_unix(), &body, SECRET);
+    assert_problem(
+        b.post_webhook(&dropped, &body).await,
+        401,
+        "webhook-signature",
+    )
+    .await;
+    let new = signed(&webhook_id(), now_unix(), &body, FOREIGN_SECRET);
+    assert_eq!(b.post_webhook(&new, &body).await.status(), 200);
+    assert_eq!(b.get(&p.payment_id).await.unwrap().status, CAPTURED);
+}
+
+#[test]
+fn an_invalid_secret_list_or_tolerance_is_refused_at_validation_naming_its_key() {
+    let five = [
+        SECRET,
+        ROTATED_SECRET,
+        FOREIGN_SECRET,
+        "whsec_UF/5aqBsR3/U4Zn2TNOSb0m7Lie00tJo",
+        "whsec_HCd4DRYEygQxVPp6teSYPT2KKGPyGoZU",
+    ];
+    // webhook.rs's MAX_SECRETS is 4: rotation needs two, five is a mistake.
+    let too_many = five.join(" ");
+    let four = five[..4].join(" ");
+    let with_a_bad_one = format!("{SECRET} sk_live_not_a_whsec");
+    let refused = [
+        ("KEEL_WEBHOOK__SECRETS", "", "webhook.secrets"),
+        ("KEEL_WEBHOOK__SECRETS", " , ", "webhook.secrets"),
+        (
+            "KEEL_WEBHOOK__SECRETS",
+            too_many.as_str(),
+            "webhook.secrets",
+        ),
+        (
+            "KEEL_WEBHOOK__SECRETS",
+            with_a_bad_one.as_str(),
+            "webhook.secrets",
+        ),
+        // The prefix is right but the key is 3 bytes: too short to sign with.
+        ("KEEL_WEBHOOK__SECRETS", "whsec_AAAA", "webhook.secrets"),
+        ("KEEL_WEBHOOK__TOLERANCE", "0s", "webhook.tolerance"),
+        ("KEEL_WEBHOOK__TOLERANCE", "61m", "webhook.tolerance"),
+    ];
+    for (var, value, key) in refused {
+        match load_config(&[(var, value)]) {
+            Err(ConfigError::Invalid { key: named, reason }) => {
+                assert!(named.starts_with(key), "{var}={value:?}: {named}: {reason}");
+                for secret in value.split([' ', ',']).filter(|s| !s.is_empty()) {
+                    assert!(
+                        !reason.contains(secret),
+                        "the error shows a secret: {reason}"
+                    );
+                }
+            }
+            Err(e) => panic!("{var}={value:?} should be refused naming {key}, got: {e}"),
+            Ok(_) => panic!("{var}={value:?} was accepted; it should be refused naming {key}"),
+        }
+    }
+    // The bounds themselves are allowed.
+    let config = load_config(&[("KEEL_WEBHOOK__SECRETS", &four)]).unwrap();
+    assert_eq!(secrets_of(&config).len(), 4);
+    load_config(&[("KEEL_WEBHOOK__TOLERANCE", "1s")]).unwrap();
+    load_config(&[("KEEL_WEBHOOK__TOLERANCE", "1h")]).unwrap();
+}
+
+/// The longest webhook-id billing accepts (`MAX_ID_LEN` in webhook.rs; the provider's are
+/// about 36 bytes).
+const MAX_ID_LEN: usize = 128;
+
+#[tokio::test]
+async fn a_webhook_id_of_the_longest_length_is_accepted_and_one_byte_more_is_400() {
+    let b = Billing::start().await;
+    let (p, auth) = capture_pending(&b).await;
+    let body = captured_body(&p, &auth);
+
+    let too_long = format!("msg_{}", "x".repeat(MAX_ID_LEN + 1 - 4));
+    assert_eq!(too_long.len(), MAX_ID_LEN + 1);
+    let headers = signed(&too_long, now_unix(), &body, SECRET);
+    assert_problem(
+        b.post_webhook(&headers, &body).await,
+        400,
+        "webhook-malformed",
+    )
+    .await;
+    assert_eq!(receipts(&b).await, 0);
+    assert_eq!(
+        b.get(&p.payment_id).await.unwrap().status,
+        pb::PaymentStatus::CapturePending as i32
+    );
+
+    let longest = format!("msg_{}", "x".repeat(MAX_ID_LEN - 4));
+    assert_eq!(longest.len(), MAX_ID_LEN);
+    let headers = signed(&longest, now_unix(), &body, SECRET);
+    let r = b.post_webhook(&headers, &body).await;
+    assert_eq!(r.status(), 200);
+    let answer: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(answer["status"], "applied");
+    assert_eq!(b.get(&p.payment_id).await.unwrap().status, CAPTURED);
+    assert_eq!(receipts(&b).await, 1);
+}
+
+/// `captured_body` with one field of `data` replaced.
+fn captured_body_with(
+    p: &pb::Payment,
+    auth: &str,
+    field: &str,
+    value: serde_json::Value,
+) -> String {
+    let mut body: serde_json::Value = serde_json::from_str(&captured_body(p, auth)).unwrap();
+    body["data"][field] = value;
+    body.to_string()
+}
+
+#[tokio::test]
+async fn a_capture_contradicting_the_authorization_amount_or_currency_is_409_and_not_recorded() {
+    let b = Billing::start().await;
+    let (p, auth) = capture_pending(&b).await;
+    let amount = p.amount.as_ref().unwrap();
+    // Each differs from the payment in one field only: any one difference is a contradiction.
+    let contradictions = [
+        ("authorization_id", serde_json::json!("auth_someone_else")),
+        ("amount_minor", serde_json::json!(amount.amount_minor + 1)),
+        ("currency", serde_json::json!("USD")),
+    ];
+    assert_ne!(amount.currency, "USD");
+    for (field, value) in contradictions {
+        let body = captured_body_with(&p, &auth, field, value);
+        let headers = signed(&webhook_id(), now_unix(), &body, SECRET);
+        assert_problem(
+            b.post_webhook(&headers, &body).await,
+            409,
+            "webhook-conflict",
+        )
+        .await;
+        assert_eq!(
+            receipts(&b).await,
+            0,
+            "{field}: a refused delivery is not recorded"
+        );
+        assert_eq!(captures(&b, &p.payment_id).await, (0, 0), "{field}");
+        assert_eq!(
+            b.get(&p.payment_id).await.unwrap().status,
+            pb::PaymentStatus::CapturePending as i32,
+            "{field}"
+        );
+    }
+    // The genuine capture still applies.
+    let body = captured_body(&p, &auth);
+    let headers = signed(&webhook_id(), now_unix(), &body, SECRET);
+    assert_eq!(b.post_webhook(&headers, &body).await.status(), 200);
+    assert_eq!(captures(&b, &p.payment_id).await, (1, 1));
+}
+
+#[tokio::test]
+async fn a_second_delivery_id_for_a_captured_payment_answers_applied_with_no_second_effect() {
+    let b = Billing::start().await;
+    let (p, auth) = capture_pending(&b).await;
+    let body = captured_body(&p, &auth);
+    // The provider sends the same capture twice under two ids (a resend, not a redelivery).
+    for n in 0..2 {
+        let headers = signed(&webhook_id(), now_unix(), &body, SECRET);
+        let r = b.post_webhook(&headers, &body).await;
+        assert_eq!(r.status(), 200, "delivery {n}");
+        let answer: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(answer["status"], "applied", "delivery {n}");
+    }
+    assert_eq!(captures(&b, &p.payment_id).await, (1, 1));
+    // Both ids are recorded: a redelivery of either is a duplicate.
+    assert_eq!(receipts(&b).await, 2);
+    assert_eq!(b.get(&p.payment_id).await.unwrap().status, CAPTURED);
 }
