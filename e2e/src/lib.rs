@@ -278,17 +278,22 @@ impl Journey {
         .await
     }
 
-    /// keelctl's audit over this journey's databases and vhost. Its time gates are the
-    /// shortest the configuration allows (1 s), so a test waits little past them; its queue
-    /// backlog bound is 0, as nothing is in flight once a journey has settled.
+    /// keelctl's audit over this journey's databases and vhost, read as `keel_auditor` as
+    /// keelctl does everywhere, so every journey also proves the auditor's grants suffice.
+    /// Its time gates are the shortest the configuration allows (1 s), so a test waits little
+    /// past them; its queue backlog bound is 0, as nothing is in flight once a journey has
+    /// settled.
     pub async fn audit(&self) -> Result<keelctl::audit::Report, keelctl::audit::AuditError> {
         let stack = keel_testkit::Stack::load();
         let config: keelctl::Config = keel_testkit::config(
             keelctl::DEFAULT_CONFIG,
             &[
-                ("KEEL_CHECKOUT__URL", &self.checkout_db.app_url()),
-                ("KEEL_BILLING__URL", &self.billing_db.app_url()),
-                ("KEEL_NOTIFICATION__URL", &self.notification_db.app_url()),
+                ("KEEL_CHECKOUT__URL", &self.checkout_db.auditor_url()),
+                ("KEEL_BILLING__URL", &self.billing_db.auditor_url()),
+                (
+                    "KEEL_NOTIFICATION__URL",
+                    &self.notification_db.auditor_url(),
+                ),
                 ("KEEL_RABBITMQ__MANAGEMENT_URL", &stack.amqp_mgmt_base()),
                 ("KEEL_RABBITMQ__VHOST", &self.vhost.name),
                 ("KEEL_AUDIT__SETTLE_WITHIN", "1s"),
