@@ -13,6 +13,7 @@ pub mod idempotency;
 pub mod inbox;
 pub mod jobs;
 pub mod outbox;
+pub mod retention;
 pub mod schema;
 pub mod text;
 
@@ -39,6 +40,10 @@ pub struct DatabaseConfig {
     /// longer only hides overload.
     #[serde(with = "keel_config::duration")]
     pub acquire_timeout: Duration,
+    /// `[database.retention]`: what the platform purges from this database, and how often
+    /// ([`retention`]). Every key has a default; the section may be left out.
+    #[serde(default)]
+    pub retention: retention::RetentionConfig,
 }
 
 impl Validate for DatabaseConfig {
@@ -51,7 +56,8 @@ impl Validate for DatabaseConfig {
         )?;
         ensure_range("database.max_connections", self.max_connections, 1, 200)?;
         let ms = u64::try_from(self.acquire_timeout.as_millis()).unwrap_or(u64::MAX);
-        ensure_range("database.acquire_timeout (ms)", ms, 1, 60_000)
+        ensure_range("database.acquire_timeout (ms)", ms, 1, 60_000)?;
+        self.retention.validate()
     }
 }
 

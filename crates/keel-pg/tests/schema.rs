@@ -185,6 +185,7 @@ async fn migrate_applies_platform_then_service_in_separate_histories() {
         migrate_url: db.owner_url().into(),
         max_connections: 1,
         acquire_timeout: Duration::from_secs(5),
+        retention: Default::default(),
     };
     let service = service_migrator();
     keel_pg::migrate(&config, "keel-pg-test", &service)
