@@ -3,7 +3,10 @@
 //!
 //! A service's `App::build` creates a [`Service`], adds what it has — `postgres`, `broker`,
 //! `relay`, `consumer`, `worker`, `http`, `grpc` — each one call, and keeps the handles it
-//! needs (a pool, a broker) for its capabilities. Nothing runs until [`Service::run`]: `build`
+//! needs (a pool, a broker) for its capabilities. `postgres` also brings the platform's
+//! retention (`keel_pg::retention`): one recurring purge of the platform's tables per service
+//! and their row counts, configured by `[database.retention]`; a service adds a table of its
+//! own with [`Service::retain`]. Nothing runs until [`Service::run`]: `build`
 //! binds listeners (so a test can read the port) and creates lazy pools, but starts none of
 //! its tasks, so a service that is built and dropped leaves nothing behind. (A sqlx pool
 //! starts one reaper task of its own when it is created; it ends when the pool is dropped.)
@@ -43,6 +46,7 @@ use std::time::Duration;
 use keel_amqp::{AmqpConfig, Broker, ConsumerConfig, Incoming, Outcome, RelayConfig};
 use keel_http::HttpConfig;
 use keel_pg::DatabaseConfig;
+use keel_pg::retention::{Policy, Retention, RetentionError};
 use keel_telemetry::{LagMonitor, TelemetryConfig};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -117,6 +121,11 @@ pub enum ServiceError {
     },
     #[error(transparent)]
     Database(#[from] keel_pg::PgError),
+    #[error(transparent)]
+    Retention(#[from] RetentionError),
+    /// [`Service::retain`] before [`Service::postgres`]: no database to purge.
+    #[error("a retention policy for `{table}` needs the service's database: call postgres first")]
+    NoDatabase { table: &'static str },
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
     /// A background task panicked or returned before shutdown (see the module docs).
@@ -150,6 +159,9 @@ pub struct Service {
     tasks: Vec<Task>,
     brokers: Vec<Broker>,
     pools: Vec<(String, PgPool)>,
+    /// The database's retention until `run` starts it (taken by its task then); `None`
+    /// inside when `[database.retention] enabled = false`.
+    retention: Option<Arc<Mutex<Option<Retention>>>>,
     /// The latest readiness a `/readyz` call computed, for gRPC health (`crate::grpc`).
     readiness_seen: tokio::sync::watch::Sender<Option<bool>>,
 }
@@ -198,6 +210,7 @@ impl Service {
             tasks: Vec::new(),
             brokers: Vec::new(),
             pools: Vec::new(),
+            retention: None,
             readiness_seen: tokio::sync::watch::Sender::new(None),
         }
     }
@@ -220,6 +233,11 @@ impl Service {
 
     /// The runtime pool (through pgbouncer, lazy: no connection until first use), checked by
     /// readiness as `postgres` and closed in the last stage.
+    ///
+    /// With it comes the platform's retention (`keel_pg::retention`, `[database.retention]`,
+    /// on unless `enabled = false`): a worker that purges old rows of the outbox, inbox, job
+    /// queue and idempotency keys, one run per `interval` across all instances, and keeps the
+    /// `table_rows` gauges current. It stops with the other job workers.
     pub fn postgres(&mut self, config: &DatabaseConfig) -> Result<PgPool, ServiceError> {
         let pool = keel_pg::runtime_pool(config, self.name)?;
         let db = pool.clone();
@@ -228,7 +246,46 @@ impl Service {
             async move { keel_pg::ping(&db).await }
         });
         self.pools.push(("postgres pool".to_owned(), pool.clone()));
+        let retention = config
+            .retention
+            .enabled
+            .then(|| Retention::new(pool.clone(), &config.retention));
+        let enabled = retention.is_some();
+        let slot = Arc::new(Mutex::new(retention));
+        self.retention = Some(Arc::clone(&slot));
+        if enabled {
+            let worker = keel_pg::retention::worker_name(self.name);
+            self.worker("retention", move |stop| async move {
+                // Taken once, when `run` starts the task; `retain` calls all came before.
+                let retention = slot.lock().ok().and_then(|mut r| r.take());
+                match retention {
+                    Some(retention) => retention.run(worker, stop).await,
+                    None => stop.cancelled().await,
+                }
+            });
+        }
         Ok(pool)
+    }
+
+    /// Adds a table of the service's own to the retention that [`Service::postgres`] set up:
+    /// one call, e.g. billing's webhook receipts,
+    /// `service.retain(Policy::function("webhook_receipts", "purge_webhook_receipts", age))?`.
+    /// Its rows are purged by the same recurring run and counted as
+    /// `table_rows{table, state="all"}`. A no-op when retention is disabled.
+    pub fn retain(&mut self, policy: Policy) -> Result<(), ServiceError> {
+        // Checked whether or not retention runs here: a bad policy fails every build.
+        policy.validate()?;
+        let Some(slot) = &self.retention else {
+            return Err(ServiceError::NoDatabase {
+                table: policy.table(),
+            });
+        };
+        if let Ok(mut retention) = slot.lock()
+            && let Some(retention) = retention.as_mut()
+        {
+            retention.add(policy)?;
+        }
+        Ok(())
     }
 
     /// The supervised broker connection; it connects (and reconnects) once `run` starts and
