@@ -24,7 +24,6 @@ pub struct Config {
     pub billing: BillingConfig,
     pub saga: SagaConfig,
     pub orders: OrdersConfig,
-    pub maintenance: MaintenanceConfig,
     pub amqp: keel_amqp::AmqpConfig,
     pub relay: keel_amqp::RelayConfig,
 }
@@ -82,30 +81,14 @@ pub struct OrdersConfig {
     pub max_lines: usize,
     /// Largest quantity of one line (the smallest is 1).
     pub max_quantity: i32,
-    /// How long an idempotency key (and its stored answer) is remembered.
+    /// How long an idempotency key (and its stored answer) is remembered. Expired keys are
+    /// purged by the platform's retention (`[database.retention]`, `keel_pg::retention`).
     #[serde(with = "keel_config::duration")]
     pub idempotency_ttl: Duration,
     /// How long a request waits for a concurrent request holding the same key before it
     /// answers 409.
     #[serde(with = "keel_config::duration")]
     pub idempotency_wait: Duration,
-    /// How often the purge job removes expired keys.
-    #[serde(with = "keel_config::duration")]
-    pub idempotency_purge_interval: Duration,
-    /// Keys deleted per statement by the purge job (short locks, small WAL bursts).
-    pub idempotency_purge_batch: i64,
-}
-
-/// `[maintenance]`: the worker of checkout's housekeeping queue (the idempotency-key purge).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MaintenanceConfig {
-    /// Pause between polls of the maintenance queue.
-    #[serde(with = "keel_config::duration")]
-    pub poll_interval: Duration,
-    /// Lease of a maintenance job.
-    #[serde(with = "keel_config::duration")]
-    pub lease: Duration,
 }
 
 const HOUR_MS: u64 = 3_600_000;
@@ -173,31 +156,7 @@ impl Validate for OrdersConfig {
             ms(self.idempotency_wait),
             1,
             60_000,
-        )?;
-        ensure_range(
-            "orders.idempotency_purge_interval (ms)",
-            ms(self.idempotency_purge_interval),
-            100,
-            DAY_MS,
-        )?;
-        ensure_range(
-            "orders.idempotency_purge_batch",
-            self.idempotency_purge_batch,
-            1,
-            100_000,
         )
-    }
-}
-
-impl Validate for MaintenanceConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        ensure_range(
-            "maintenance.poll_interval (ms)",
-            ms(self.poll_interval),
-            1,
-            60_000,
-        )?;
-        ensure_range("maintenance.lease (ms)", ms(self.lease), 300, HOUR_MS)
     }
 }
 
@@ -212,7 +171,6 @@ impl Validate for Config {
         self.billing.validate()?;
         self.saga.validate()?;
         self.orders.validate()?;
-        self.maintenance.validate()?;
         self.amqp.validate()?;
         self.relay.validate()?;
         // A request waiting for a concurrent holder of its key must get its 409 before the

@@ -14,7 +14,6 @@
 //! - [`stock`]: reservations without oversell or deadlocks (P11).
 //! - [`routes`]: the router that records its routes as it is built, so `tests/openapi.rs`
 //!   checks `openapi.yaml` against the routes really served ([`App::routes`]).
-//! - [`maintenance`]: the recurring purge of expired idempotency keys.
 //!
 //! The HTTP API is described in `openapi.yaml` (served at `GET /openapi.yaml`). In short:
 //! - `GET /v1/products` is public. The orders routes take an API key,
@@ -40,7 +39,6 @@ pub mod api_keys;
 pub mod catalogue;
 pub mod config;
 pub mod error;
-pub mod maintenance;
 pub mod orders;
 pub mod routes;
 pub mod saga;
@@ -53,7 +51,6 @@ use http::{Method, header};
 use keel_service::{BrokerReadiness, Drained, Service, ServiceError};
 
 pub use config::Config;
-use maintenance::Maintenance;
 pub use routes::{Route, Routes};
 use saga::Saga;
 use saga::billing::BillingEndpoint;
@@ -114,6 +111,8 @@ impl App {
             &config.shutdown,
             &config.telemetry,
         );
+        // With the pool comes the platform's retention (`[database.retention]`): expired
+        // idempotency keys, sent outbox rows and finished jobs are purged by one recurring job.
         let pool = service.postgres(&config.database)?;
         // Publishing only goes through the outbox, whose rows wait for the broker: orders are
         // taken while RabbitMQ is down, so it is no readiness check.
@@ -122,23 +121,14 @@ impl App {
 
         // A saga job cut off at shutdown hands its lease back, and another instance resumes it
         // from the persisted saga state. The billing channel is made when the worker starts.
-        let worker = worker_name();
         if config.saga.run_worker {
             let billing = BillingEndpoint::new(&config.billing)?;
             let (saga_pool, saga_config) = (pool.clone(), config.saga.clone());
-            let name = worker.clone();
+            let name = worker_name();
             service.worker("saga worker", move |stop| {
                 Saga::new(saga_pool, billing.connect_lazy(), saga_config).run_worker(name, stop)
             });
         }
-        let maintenance = Maintenance::new(
-            pool.clone(),
-            config.orders.clone(),
-            config.maintenance.clone(),
-        );
-        service.worker("maintenance worker", move |stop| {
-            maintenance.run_worker(worker, stop)
-        });
 
         // Built through `Routes`, which records every route it adds: `App::routes` is the
         // router's own list, the one `openapi.yaml` must match.
@@ -174,7 +164,7 @@ impl App {
     }
 
     /// Runs until `signal`, then stops in stages (keel_service): HTTP, the saga and
-    /// maintenance workers, the relay (publishes the events they wrote), broker, pool.
+    /// retention workers, the relay (publishes the events they wrote), broker, pool.
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<Drained, ServiceError> {
         self.service.run(signal).await
     }

@@ -436,8 +436,8 @@ async fn expired_idempotency_keys_are_purged_by_the_recurring_job() {
         &[
             ("KEEL_SAGA__RUN_WORKER", "false"),
             ("KEEL_ORDERS__IDEMPOTENCY_TTL", "1s"),
-            ("KEEL_ORDERS__IDEMPOTENCY_PURGE_INTERVAL", "200ms"),
-            ("KEEL_ORDERS__IDEMPOTENCY_PURGE_BATCH", "2"),
+            ("KEEL_DATABASE__RETENTION__INTERVAL", "200ms"),
+            ("KEEL_DATABASE__RETENTION__BATCH", "2"),
         ],
     )
     .await;
@@ -461,17 +461,13 @@ async fn expired_idempotency_keys_are_purged_by_the_recurring_job() {
     .await;
     // The orders stay; only the remembered answers go.
     assert_eq!(app.scalar("SELECT count(*) FROM orders").await, 5);
-    // The purge ran as jobs of the maintenance queue, one per slot, and they succeeded.
+    // The purge ran as jobs of the platform's retention queue, one per slot, and they succeeded.
     let succeeded = app
-        .scalar(
-            "SELECT count(*) FROM jobs WHERE queue = 'checkout.maintenance' AND state = 'succeeded'",
-        )
+        .scalar("SELECT count(*) FROM jobs WHERE queue = 'keel.retention' AND state = 'succeeded'")
         .await;
     assert!(succeeded >= 1, "purge jobs succeeded: {succeeded}");
     let failed = app
-        .scalar(
-            "SELECT count(*) FROM jobs WHERE queue = 'checkout.maintenance' AND state = 'failed'",
-        )
+        .scalar("SELECT count(*) FROM jobs WHERE queue = 'keel.retention' AND state = 'failed'")
         .await;
     assert_eq!(failed, 0);
 

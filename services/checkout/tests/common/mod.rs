@@ -50,7 +50,7 @@ pub const FAST: &[(&str, &str)] = &[
     ("KEEL_SAGA__LEASE", "5s"),
     ("KEEL_SAGA__DEADLINE", "20s"),
     ("KEEL_BILLING__CALL_TIMEOUT", "2s"),
-    ("KEEL_MAINTENANCE__POLL_INTERVAL", "50ms"),
+    ("KEEL_DATABASE__RETENTION__POLL_INTERVAL", "50ms"),
     // No broker: these tests look at checkout's own tables (the outbox rows included); the
     // relay publishing them is proven in keel-amqp and end to end in e2e. Port 1 refuses at
     // once, so nothing is published to a vhost another test or `make dev` uses.
