@@ -35,6 +35,7 @@ use keel_config::{ConfigError, Validate};
 use keel_contracts::billing_v1::payment_service_server::PaymentServiceServer;
 use keel_http::HttpConfig;
 use keel_pg::DatabaseConfig;
+use keel_pg::retention::Policy;
 pub use keel_service::GrpcConfig;
 use keel_service::{BrokerReadiness, Drained, Health, Service, ServiceError, ShutdownConfig};
 use keel_telemetry::TelemetryConfig;
@@ -148,6 +149,13 @@ impl App {
         let mut service =
             Service::new("billing", &config.http, &config.shutdown, &config.telemetry);
         let pool = service.postgres(&config.database)?;
+        // The platform purges its tables; billing adds its webhook receipts, through the one
+        // function billing_app may call on them (migration 0004: never a recent receipt).
+        service.retain(Policy::function(
+            "webhook_receipts",
+            "purge_webhook_receipts",
+            config.webhook.receipts_kept,
+        ))?;
         // Payment events go through the outbox, whose rows wait for the broker: billing keeps
         // taking payments while RabbitMQ is down, so it is no readiness check.
         let broker = service.broker(&config.amqp, BrokerReadiness::NotRequired);

@@ -64,6 +64,17 @@ pub struct WebhookConfig {
     /// How far a delivery's timestamp may be from billing's clock, either way.
     #[serde(with = "keel_config::duration")]
     pub tolerance: Duration,
+    /// How long a receipt is kept before the platform's retention purges it (through
+    /// `purge_webhook_receipts`, migration 0004). The provider redelivers with a fresh
+    /// timestamp for days, and only the receipt stops such a delivery from applying twice:
+    /// at least 7 days, which the function enforces too; 90 by default.
+    #[serde(with = "keel_config::duration", default = "receipts_kept")]
+    pub receipts_kept: Duration,
+}
+
+/// Receipts are kept this long unless `webhook.receipts_kept` says otherwise.
+fn receipts_kept() -> Duration {
+    Duration::from_secs(90 * 86_400)
 }
 
 fn secret_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SecretString>, D::Error> {
@@ -108,7 +119,9 @@ impl Validate for WebhookConfig {
         )?;
         self.keys()?;
         let secs = self.tolerance.as_secs();
-        ensure_range("webhook.tolerance (s)", secs, 1, 3600)
+        ensure_range("webhook.tolerance (s)", secs, 1, 3600)?;
+        let days = self.receipts_kept.as_secs() / 86_400;
+        ensure_range("webhook.receipts_kept (days)", days, 7, 3650)
     }
 }
 
@@ -421,6 +434,7 @@ mod tests {
         Verifier::new(&WebhookConfig {
             secrets: vec![S1.into(), S2.into()],
             tolerance: Duration::from_secs(300),
+            receipts_kept: receipts_kept(),
         })
         .unwrap()
     }
