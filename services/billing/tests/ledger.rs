@@ -404,3 +404,40 @@ async fn payment_events_are_append_only_for_the_app_role() {
         .await
         .unwrap();
 }
+
+/// Only a lost race for a version (`23505` on the primary key) is a `Conflict`: any other
+/// database error is passed on as one, so a caller never retries a "conflict" that was really
+/// a broken transaction or a refused write. Here the append runs in a read-only transaction
+/// (`25006`), which must surface as a database error.
+#[tokio::test]
+async fn an_append_that_fails_for_another_reason_is_not_reported_as_a_conflict() {
+    let db = TestDb::create("billing", &billing::MIGRATOR).await;
+    let mut conn = PgConnection::connect(&db.app_url()).await.unwrap();
+    let (id, v1) = new_stream(&mut conn).await;
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let authorized = PaymentEvent::PaymentAuthorized {
+        psp_authorization_id: "auth_ro".into(),
+    };
+    let err = ledger::record(
+        &mut tx,
+        id,
+        Some(&v1),
+        &[authorized],
+        &serde_json::json!({}),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        !matches!(err, LedgerError::Conflict { .. }),
+        "a read-only transaction's refusal was reported as a version conflict: {err:?}"
+    );
+    let text = format!("{err:?}");
+    assert!(
+        text.contains("25006") || text.contains("read-only"),
+        "{text}"
+    );
+}
