@@ -513,7 +513,7 @@ async fn secrets_from_one_environment_string_are_the_ones_the_receiver_accepts()
 }
 
 #[test]
-fn an_invalid_secret_list_or_tolerance_is_refused_at_validation_naming_its_key() {
+fn an_invalid_secret_list_tolerance_or_receipt_age_is_refused_at_validation_naming_its_key() {
     let five = [
         SECRET,
         ROTATED_SECRET,
@@ -542,6 +542,17 @@ fn an_invalid_secret_list_or_tolerance_is_refused_at_validation_naming_its_key()
         ("KEEL_WEBHOOK__SECRETS", "whsec_AAAA", "webhook.secrets"),
         ("KEEL_WEBHOOK__TOLERANCE", "0s", "webhook.tolerance"),
         ("KEEL_WEBHOOK__TOLERANCE", "61m", "webhook.tolerance"),
+        // Shorter than the provider's redeliveries (days) would let one apply twice.
+        (
+            "KEEL_WEBHOOK__RECEIPTS_KEPT",
+            "6d 23h",
+            "webhook.receipts_kept",
+        ),
+        (
+            "KEEL_WEBHOOK__RECEIPTS_KEPT",
+            "3651d",
+            "webhook.receipts_kept",
+        ),
     ];
     for (var, value, key) in refused {
         match load_config(&[(var, value)]) {
@@ -563,6 +574,22 @@ fn an_invalid_secret_list_or_tolerance_is_refused_at_validation_naming_its_key()
     assert_eq!(secrets_of(&config).len(), 4);
     load_config(&[("KEEL_WEBHOOK__TOLERANCE", "1s")]).unwrap();
     load_config(&[("KEEL_WEBHOOK__TOLERANCE", "1h")]).unwrap();
+    for kept in ["7d", "3650d"] {
+        let config = load_config(&[("KEEL_WEBHOOK__RECEIPTS_KEPT", kept)]).unwrap();
+        assert_eq!(
+            config.webhook.receipts_kept,
+            keel_config::parse_duration(kept).unwrap()
+        );
+    }
+}
+
+#[test]
+fn a_webhook_section_without_receipts_kept_keeps_receipts_90_days() {
+    // Read on its own, without billing's embedded defaults (which set the key): the struct's
+    // own default is the documented 90 days.
+    let section = serde_json::json!({"secrets": [SECRET], "tolerance": "5m"});
+    let config: billing::webhook::WebhookConfig = serde_json::from_value(section).unwrap();
+    assert_eq!(config.receipts_kept, Duration::from_secs(90 * 86_400));
 }
 
 /// The longest webhook-id billing accepts (`MAX_ID_LEN` in webhook.rs; the provider's are
