@@ -660,3 +660,34 @@ async fn a_saga_interrupted_by_a_graceful_stop_is_finished_by_the_next_start() {
     admin.close().await;
     app.stop().await;
 }
+
+/// A void by order (no payment was ever recorded) that billing refuses is left for an operator
+/// as it is: there is no payment id to look up, so the saga must not ask billing for one (the
+/// "refused: check the payment's state" branch belongs to a void by payment only).
+#[tokio::test]
+async fn a_refused_void_by_order_is_left_for_an_operator_without_looking_up_a_payment() {
+    let billing = FakeBilling::default();
+    billing.otherwise("authorize", Behaviour::Fail(Code::InvalidArgument));
+    billing.otherwise("void", Behaviour::Fail(Code::FailedPrecondition));
+    let app = TestApp::start(&billing.serve().await, &[]).await;
+    let id = app.place(&order("tok_bad", &[("KEEL-MUG", 1)])).await;
+    let job = saga_job_state(&app, &id).await;
+    assert_eq!(billing.calls("void").len(), 1, "voided by order, once");
+    assert!(
+        billing.calls("get").is_empty(),
+        "no payment was recorded, so there is none to look up: {:?}",
+        billing.calls("get")
+    );
+    assert_ne!(
+        job, "succeeded",
+        "a refused void is not a finished compensation"
+    );
+    let steps = steps(&app, &id).await;
+    assert!(
+        steps
+            .iter()
+            .any(|(action, outcome)| action == "void" && outcome == "failed"),
+        "the refused void is in the saga's log: {steps:?}"
+    );
+    app.stop().await;
+}
