@@ -268,7 +268,26 @@ async fn check_answers_from_the_reporter_without_a_query_of_its_own() {
     let mut client = HealthClient::connect(format!("http://{}", keel.grpc))
         .await
         .unwrap();
-    // `/readyz` said ready above, and handed its answer to gRPC health.
+    // `/readyz` said ready above and handed its answer to the reporter, which sets the status
+    // in its own task: wait (bounded) until Check sees it before counting.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let status = client
+                .check(HealthCheckRequest {
+                    service: "billing".to_owned(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status;
+            if status == ServingStatus::Serving as i32 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("Check reports SERVING within 10 s");
     let before = keel.queries.load(Ordering::SeqCst);
     for service in ["", "billing", "", "billing"].iter().cycle().take(50) {
         let status = client
@@ -319,8 +338,18 @@ async fn an_open_watch_stream_sees_not_serving_and_ends_so_shutdown_does_not_wai
         .await
         .unwrap()
         .into_inner();
-    let first = stream.message().await.unwrap().unwrap();
-    assert_eq!(first.status, ServingStatus::Serving as i32);
+    // The stream starts with the status the reporter holds; under load its first refresh may
+    // come after the stream opens, so wait (bounded) for SERVING rather than assume it.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let update = stream.message().await.unwrap().unwrap();
+            if update.status == ServingStatus::Serving as i32 {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the Watch stream reports SERVING within 10 s");
     let err = client
         .check(HealthCheckRequest {
             service: "nope".to_owned(),
