@@ -12,11 +12,11 @@
 //! Frame size: unless the URL sets `frame_max` itself, the client proposes
 //! [`DEFAULT_FRAME_MAX`] (16 KiB) instead of taking the broker's 128 KiB. lapin keeps a send
 //! and a receive buffer of 32 frames each per connection, grown to full size (and written)
-//! once connected: with 128 KiB frames that is 8 MiB resident in every process, most of an idle service's
-//! memory (measured on checkout idle: 23.6 MB resident with them, 16.3 MB without, its
-//! anonymous memory 9.3 → 1.9 MB; docs/benchmarks.md).
-//! A message larger than a frame is sent as several frames, which costs nothing noticeable
-//! for events of a few hundred bytes.
+//! once connected: with 128 KiB frames that is 8 MiB resident in every process, most of an
+//! idle service's memory (measured on checkout idle: 23.6 MB resident with them, 16.3 MB
+//! without, its anonymous memory 9.3 → 1.9 MB; docs/benchmarks.md). A message larger than a
+//! frame is sent as several frames, which costs nothing noticeable for events of a few
+//! hundred bytes.
 //!
 //! Must not break: [`Broker::is_connected`] is the readiness check; it must stay cheap.
 
