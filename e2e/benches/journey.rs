@@ -534,7 +534,8 @@ k AS (
                'total', jsonb_build_object('minor', t.minor, 'currency', $10::text),
                'lines', (SELECT jsonb_agg(jsonb_build_object(
                             'sku', sku, 'quantity', quantity,
-                            'unit_price', jsonb_build_object('minor', price_minor, 'currency', currency),
+                            'unit_price', jsonb_build_object('minor', price_minor,
+                                                             'currency', currency),
                             'line_total', jsonb_build_object('minor', price_minor * quantity,
                                                              'currency', currency))
                             ORDER BY line_no) FROM priced),
