@@ -375,17 +375,31 @@ impl Service {
     /// ids, limits, timeouts, problem+json, `/livez`, `/readyz`, `/metrics`). Returns the
     /// bound address (port 0 picks one).
     pub async fn http(&mut self, routes: axum::Router) -> Result<SocketAddr, ServiceError> {
-        let listener = bind(self.http.addr()).await?;
-        let addr = listener.local_addr()?;
+        let addr = self.http_on("http", self.http.addr(), routes).await?;
+        // `addr` of the `listening` line is the HTTP address (tools and tests read it).
+        tracing::info!(%addr, "listening");
+        Ok(addr)
+    }
+
+    /// Another HTTP listener (an admin or internal port) on `addr`, serving `routes` inside the
+    /// same Keel HTTP stack and stopped with the other listeners. Returns the bound address and
+    /// logs nothing: the caller names it in a `listening` line of its own, under a field other
+    /// than `addr`, which is the main HTTP listener's.
+    pub async fn http_on(
+        &mut self,
+        name: &str,
+        addr: SocketAddr,
+        routes: axum::Router,
+    ) -> Result<SocketAddr, ServiceError> {
+        let listener = bind(addr).await?;
+        let bound = listener.local_addr()?;
         let router = keel_http::stack::build(routes, self.probe(), &self.http);
-        self.server("http", move |stop| async move {
+        self.server(name, move |stop| async move {
             axum::serve(listener, router)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await
         });
-        // `addr` of the `listening` line is the HTTP address (tools and tests read it).
-        tracing::info!(%addr, "listening");
-        Ok(addr)
+        Ok(bound)
     }
 
     /// The readiness probe `/readyz` answers from: the health registry, each answer also

@@ -198,17 +198,9 @@ async fn serve_admin(
     config: &Config,
     routes: axum::Router,
 ) -> Result<SocketAddr, ServiceError> {
-    let want = config.admin.addr();
-    let listener = tokio::net::TcpListener::bind(want)
-        .await
-        .map_err(|source| ServiceError::Bind { addr: want, source })?;
-    let addr = listener.local_addr()?;
-    let router = keel_http::stack::build(routes, service.health().probe(), &config.http);
-    service.server("admin http", move |stop| async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-    });
+    let addr = service
+        .http_on("admin http", config.admin.addr(), routes)
+        .await?;
     if !addr.ip().is_loopback() {
         tracing::warn!(%addr, "the admin listener is not on loopback: anyone who reaches it can turn the fault knobs");
     }
