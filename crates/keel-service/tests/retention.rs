@@ -125,12 +125,18 @@ async fn a_service_purges_platform_and_own_tables_and_exports_row_counts() {
         scalar(&pool, "SELECT count(*) FROM receipts WHERE id = 'new'").await,
         1
     );
-    let runs = scalar(
-        &pool,
-        &format!(
-            "SELECT count(*) FROM jobs WHERE queue = '{RETENTION_QUEUE}' AND state = 'succeeded'"
-        ),
-    )
+    // The rows go inside the job's handler; the job is marked succeeded only after it
+    // returns, so its state is waited for (bounded), not read at the moment the rows went.
+    let runs = eventually(Duration::from_secs(10), "the purge job succeeded", || async {
+        let runs = scalar(
+            &pool,
+            &format!(
+                "SELECT count(*) FROM jobs WHERE queue = '{RETENTION_QUEUE}' AND state = 'succeeded'"
+            ),
+        )
+        .await;
+        (runs >= 1).then_some(runs)
+    })
     .await;
     assert!(runs >= 1, "the purge ran as a job: {runs}");
 
