@@ -16,7 +16,7 @@ command -v cargo-mutants >/dev/null || cargo install --locked cargo-mutants@27.1
 # Only those targets are built and run, plus the packages' unit tests (--lib): a mutant build
 # then links two or three test binaries instead of every one the packages have.
 MODULE_TABLE=(
-  "pg-outbox|crates/keel-pg/src/outbox.rs|keel-amqp|relay outbox_proof"
+  "pg-outbox|crates/keel-pg/src/outbox.rs|keel-amqp,keelctl|relay outbox_proof outbox"
   "pg-inbox|crates/keel-pg/src/inbox.rs|keel-amqp,notification|consumer relay"
   "pg-idempotency|crates/keel-pg/src/idempotency.rs|checkout|orders_api idempotency_keys"
   "pg-jobs|crates/keel-pg/src/jobs.rs|keel-pg|jobs"

@@ -485,3 +485,76 @@ async fn watch_backlog(pool: PgPool, every: Duration, stop: CancellationToken) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A `[relay]` section with only the keys that have no default.
+    fn section() -> serde_json::Value {
+        serde_json::json!({
+            "batch_size": 100, "poll_interval": "200ms",
+            "publish_timeout": "5s", "max_backoff": "10s",
+        })
+    }
+
+    fn config(overrides: serde_json::Value) -> RelayConfig {
+        let mut section = section();
+        for (k, v) in overrides.as_object().unwrap() {
+            section[k] = v.clone();
+        }
+        serde_json::from_value(section).unwrap()
+    }
+
+    fn refused_key(overrides: serde_json::Value) -> String {
+        match config(overrides).validate() {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_section_without_the_optional_keys_gets_the_documented_defaults() {
+        let c = config(serde_json::json!({}));
+        assert_eq!(c.backlog_interval, Duration::from_secs(5));
+        assert_eq!(c.concurrency, 1);
+        assert_eq!(c.max_attempts, 10);
+        assert_eq!(c.max_message_bytes, 1_048_576, "1 MiB");
+        c.validate().unwrap();
+    }
+
+    /// Each bound is where the field's doc says, and a value past it is refused naming the
+    /// key (the service then exits 78 with that name).
+    #[test]
+    fn every_bound_accepts_its_edge_and_refuses_one_past_it() {
+        use serde_json::json;
+        // (field, the key the refusal names, the edge value, one past it)
+        #[rustfmt::skip]
+        let cases = [
+            ("batch_size", "relay.batch_size", json!(1), json!(0)),
+            ("batch_size", "relay.batch_size", json!(1000), json!(1001)),
+            ("poll_interval", "relay.poll_interval (ms)", json!("10ms"), json!("9ms")),
+            ("poll_interval", "relay.poll_interval (ms)", json!("60s"), json!("60001ms")),
+            ("publish_timeout", "relay.publish_timeout (ms)", json!("100ms"), json!("99ms")),
+            ("publish_timeout", "relay.publish_timeout (ms)", json!("60s"), json!("60001ms")),
+            ("max_backoff", "relay.max_backoff (ms)", json!("100ms"), json!("99ms")),
+            ("max_backoff", "relay.max_backoff (ms)", json!("300s"), json!("300001ms")),
+            ("concurrency", "relay.concurrency", json!(1), json!(0)),
+            ("concurrency", "relay.concurrency", json!(16), json!(17)),
+            ("max_attempts", "relay.max_attempts", json!(1), json!(0)),
+            ("max_attempts", "relay.max_attempts", json!(100), json!(101)),
+            ("max_message_bytes", "relay.max_message_bytes", json!(1024), json!(1023)),
+            // RabbitMQ 3.10's own max_message_size, 128 MiB, is the ceiling.
+            ("max_message_bytes", "relay.max_message_bytes", json!(134_217_728), json!(134_217_729)),
+            ("backlog_interval", "relay.backlog_interval (ms)", json!("100ms"), json!("99ms")),
+            ("backlog_interval", "relay.backlog_interval (ms)", json!("300s"), json!("300001ms")),
+        ];
+        for (field, key, edge, past) in cases {
+            config(json!({ field: edge }))
+                .validate()
+                .unwrap_or_else(|e| panic!("{field} = {edge} refused: {e}"));
+            assert_eq!(refused_key(json!({ field: past })), key, "{field} = {past}");
+        }
+    }
+}
