@@ -159,24 +159,9 @@ pub struct Incoming {
 impl Incoming {
     fn from_delivery(delivery: &Delivery, cancel: CancellationToken) -> Self {
         let props = &delivery.properties;
-        let header = |name: &str| {
-            props
-                .headers()
-                .as_ref()
-                .and_then(|h: &FieldTable| h.inner().get(name).cloned())
-        };
-        let delivery_count = match header("x-delivery-count") {
-            Some(AMQPValue::LongLongInt(n)) => u64::try_from(n).unwrap_or(0),
-            Some(AMQPValue::LongInt(n)) => u64::try_from(n).unwrap_or(0),
-            Some(AMQPValue::LongUInt(n)) => u64::from(n),
-            Some(AMQPValue::ShortInt(n)) => u64::try_from(n).unwrap_or(0),
-            _ => 0,
-        };
-        let traceparent = match header("traceparent") {
-            Some(AMQPValue::LongString(s)) => Some(s.to_string()),
-            Some(AMQPValue::ShortString(s)) => Some(s.to_string()),
-            _ => None,
-        };
+        let headers = props.headers().as_ref();
+        let delivery_count = delivery_count(headers);
+        let traceparent = traceparent(headers);
         Self {
             message_id: props.message_id().as_ref().map(|s| s.to_string()),
             event_type: props.kind().as_ref().map(|s| s.to_string()),
@@ -203,6 +188,29 @@ impl Incoming {
     /// Whether [`Incoming::cancelled`] has fired.
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled()
+    }
+}
+
+/// `x-delivery-count`: a quorum queue sets it on every redelivery as a signed 64-bit integer;
+/// other integer widths are accepted so a header set by a shovel or a test tool is read too.
+/// Absent or negative: 0.
+fn delivery_count(headers: Option<&FieldTable>) -> u64 {
+    match headers.and_then(|h| h.inner().get("x-delivery-count")) {
+        Some(AMQPValue::LongLongInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongUInt(n)) => u64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => u64::try_from(*n).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// The producer's W3C `traceparent` header: a long string as Keel's relay sends it, or a short
+/// string as some clients encode short text.
+fn traceparent(headers: Option<&FieldTable>) -> Option<String> {
+    match headers.and_then(|h| h.inner().get("traceparent")) {
+        Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+        Some(AMQPValue::ShortString(s)) => Some(s.to_string()),
+        _ => None,
     }
 }
 
@@ -485,5 +493,118 @@ where
             in_flight.decrement(1.0);
             drop(permit);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn headers(name: &str, value: AMQPValue) -> FieldTable {
+        let mut table = FieldTable::default();
+        table.insert(name.into(), value);
+        table
+    }
+
+    #[test]
+    fn the_delivery_count_is_read_from_every_integer_width_and_is_zero_when_absent() {
+        let count = |v| delivery_count(Some(&headers("x-delivery-count", v)));
+        assert_eq!(
+            count(AMQPValue::LongLongInt(3)),
+            3,
+            "what a quorum queue sends"
+        );
+        assert_eq!(count(AMQPValue::LongInt(4)), 4);
+        assert_eq!(count(AMQPValue::LongUInt(5)), 5);
+        assert_eq!(count(AMQPValue::ShortInt(6)), 6);
+        assert_eq!(
+            count(AMQPValue::LongLongInt(-1)),
+            0,
+            "negative is not a count"
+        );
+        assert_eq!(count(AMQPValue::LongString("2".into())), 0, "not a number");
+        assert_eq!(delivery_count(None), 0, "first delivery: no header");
+    }
+
+    #[test]
+    fn the_traceparent_is_read_from_long_and_short_strings() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let read = |v| traceparent(Some(&headers("traceparent", v)));
+        assert_eq!(read(AMQPValue::LongString(tp.into())).as_deref(), Some(tp));
+        assert_eq!(read(AMQPValue::ShortString(tp.into())).as_deref(), Some(tp));
+        assert_eq!(read(AMQPValue::LongLongInt(1)), None);
+        assert_eq!(traceparent(None), None);
+    }
+
+    /// The `outcome` label values of `amqp_messages_total` are what dashboards and alerts
+    /// select on (P06): renaming one silently empties a panel.
+    #[test]
+    fn outcome_labels_are_the_documented_metric_values() {
+        let labels: Vec<_> = [
+            Outcome::Ack,
+            Outcome::Retry,
+            Outcome::Requeue,
+            Outcome::Reject,
+        ]
+        .map(Outcome::label)
+        .into();
+        assert_eq!(labels, ["ack", "retry", "requeue", "reject"]);
+    }
+
+    fn config(queue: &str, prefetch: u16, concurrency: u16) -> ConsumerConfig {
+        ConsumerConfig {
+            queue: queue.to_owned(),
+            prefetch,
+            concurrency,
+            delivery_limit: 5,
+            retry_max_backoff: Duration::from_secs(5),
+        }
+    }
+
+    fn refused_key(c: &ConsumerConfig) -> String {
+        match c.validate() {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_queue_name_must_be_1_to_200_bytes() {
+        config(&"q".repeat(200), 10, 4).validate().unwrap();
+        config("q", 10, 4).validate().unwrap();
+        assert_eq!(refused_key(&config("", 10, 4)), "consumer.queue");
+        assert_eq!(
+            refused_key(&config(&"q".repeat(201), 10, 4)),
+            "consumer.queue"
+        );
+    }
+
+    /// More handler slots than prefetched messages would be slots that never run.
+    #[test]
+    fn concurrency_may_equal_prefetch_but_not_exceed_it() {
+        config("q", 8, 8).validate().unwrap();
+        assert_eq!(refused_key(&config("q", 8, 9)), "consumer.concurrency");
+        assert_eq!(refused_key(&config("q", 0, 0)), "consumer.prefetch");
+        assert_eq!(refused_key(&config("q", 1001, 1)), "consumer.prefetch");
+        assert_eq!(refused_key(&config("q", 1000, 0)), "consumer.concurrency");
+        config("q", 1000, 256).validate().unwrap();
+        assert_eq!(refused_key(&config("q", 1000, 257)), "consumer.concurrency");
+    }
+
+    #[test]
+    fn delivery_limit_and_retry_backoff_are_bounded() {
+        let mut c = config("q", 10, 4);
+        c.delivery_limit = 0;
+        assert_eq!(refused_key(&c), "consumer.delivery_limit");
+        c.delivery_limit = 1001;
+        assert_eq!(refused_key(&c), "consumer.delivery_limit");
+        c.delivery_limit = 1000;
+        c.retry_max_backoff = Duration::from_millis(9);
+        assert_eq!(refused_key(&c), "consumer.retry_max_backoff (ms)");
+        c.retry_max_backoff = Duration::from_secs(301);
+        assert_eq!(refused_key(&c), "consumer.retry_max_backoff (ms)");
+        c.retry_max_backoff = Duration::from_millis(10);
+        c.validate().unwrap();
     }
 }
