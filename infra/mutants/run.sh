@@ -18,7 +18,7 @@ command -v cargo-mutants >/dev/null || cargo install --locked cargo-mutants@27.1
 MODULE_TABLE=(
   "pg-outbox|crates/keel-pg/src/outbox.rs|keel-amqp,keelctl|relay outbox_proof outbox"
   "pg-inbox|crates/keel-pg/src/inbox.rs|keel-amqp,notification|consumer relay"
-  "pg-idempotency|crates/keel-pg/src/idempotency.rs|checkout|orders_api idempotency_keys"
+  "pg-idempotency|crates/keel-pg/src/idempotency.rs|keel-pg,checkout|idempotency orders_api idempotency_keys"
   "pg-jobs|crates/keel-pg/src/jobs.rs|keel-pg|jobs"
   "amqp-relay|crates/keel-amqp/src/relay.rs|keel-amqp|relay outbox_proof"
   "amqp-consumer|crates/keel-amqp/src/consumer.rs|keel-amqp,notification|consumer"
