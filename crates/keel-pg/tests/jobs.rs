@@ -484,6 +484,120 @@ fn backoff_is_jittered_below_an_exponential_cap() {
             assert!(jobs::backoff(attempt, base, max) <= cap);
         }
     }
+    // And it does back off: at the sixth attempt (cap 3.2 s) fifty draws all at or below the
+    // base would happen with probability (1/32)^50.
+    let longest = (0..50).map(|_| jobs::backoff(6, base, max)).max().unwrap();
+    assert!(longest > base, "no pause grew past the base: {longest:?}");
+}
+
+/// One job claimed by `first` with a lease that expires at once, then taken over by `second`,
+/// as when `first`'s worker stalls past its lease: (first's claim, second's claim).
+async fn taken_over(pool: &PgPool, queue: &str) -> (jobs::Job, jobs::Job) {
+    enqueue_many(pool, queue, 1, 3).await;
+    let mut conn = pool.acquire().await.unwrap();
+    let first = jobs::claim(&mut conn, queue, "first", Duration::from_millis(1), 1)
+        .await
+        .unwrap();
+    let second = eventually(Duration::from_secs(5), "lease expired", || async {
+        let mut conn = pool.acquire().await.unwrap();
+        let c = jobs::claim(&mut conn, queue, "second", Duration::from_secs(30), 1)
+            .await
+            .unwrap();
+        c.into_iter().next()
+    })
+    .await;
+    (first.into_iter().next().unwrap(), second)
+}
+
+/// (state, attempts, locked_by, last_error, seconds until run_at, seconds of lease left)
+type Row = (
+    JobState,
+    i32,
+    Option<String>,
+    Option<String>,
+    f64,
+    Option<f64>,
+);
+
+async fn row(pool: &PgPool, id: Uuid) -> Row {
+    sqlx::query_as(
+        "SELECT state, attempts, locked_by, last_error,
+                EXTRACT(EPOCH FROM run_at - now())::float8,
+                EXTRACT(EPOCH FROM lease_expires_at - now())::float8
+           FROM jobs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Every outcome is fenced by the attempt (`locked_by`, `attempts`): the worker whose lease
+/// was taken over records nothing, whatever it tries (`false`, row untouched), and the holder
+/// records each outcome (`true`, with its effect).
+#[tokio::test]
+async fn only_the_holder_of_the_current_attempt_records_an_outcome() {
+    let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
+    let pool = pool(&db).await;
+    let mut conn = pool.acquire().await.unwrap();
+    let minute = Duration::from_secs(60);
+
+    for outcome in ["release", "complete", "retry_later", "fail", "renew"] {
+        let (stale, holder) = taken_over(&pool, outcome).await;
+        assert_eq!((holder.attempts, holder.locked_by.as_str()), (2, "second"));
+        let record = async |conn: &mut sqlx::PgConnection, job: &jobs::Job| match outcome {
+            "release" => jobs::release(conn, job).await,
+            "complete" => jobs::complete(conn, job).await,
+            "retry_later" => jobs::retry_later(conn, job, "busy", minute).await,
+            "fail" => jobs::fail(conn, job, "broken").await,
+            _ => jobs::renew(conn, job, minute).await,
+        };
+        let before = row(&pool, holder.id).await;
+        assert!(
+            !record(&mut conn, &stale).await.unwrap(),
+            "{outcome}: stale attempt"
+        );
+        let after = row(&pool, holder.id).await;
+        assert_eq!(
+            (&after.0, after.1, &after.2, &after.3),
+            (&before.0, before.1, &before.2, &before.3),
+            "{outcome}: the stale attempt changed the row"
+        );
+
+        assert!(
+            record(&mut conn, &holder).await.unwrap(),
+            "{outcome}: holder"
+        );
+        let (state, attempts, locked_by, last_error, run_in, lease_left) =
+            row(&pool, holder.id).await;
+        match outcome {
+            // Handed back: due now, the cut-off attempt not counted.
+            "release" => {
+                assert_eq!((state, attempts, locked_by), (JobState::Queued, 1, None));
+                assert!(run_in <= 0.0, "due now: {run_in}");
+            }
+            "complete" => assert_eq!((state, last_error), (JobState::Succeeded, None)),
+            "retry_later" => {
+                assert_eq!(
+                    (state, last_error.as_deref()),
+                    (JobState::Queued, Some("busy"))
+                );
+                assert!((50.0..=61.0).contains(&run_in), "due in a minute: {run_in}");
+            }
+            "fail" => assert_eq!(
+                (state, last_error.as_deref()),
+                (JobState::Failed, Some("broken"))
+            ),
+            _ => {
+                assert_eq!(state, JobState::Running);
+                let left = lease_left.unwrap();
+                assert!(
+                    (50.0..=61.0).contains(&left),
+                    "lease renewed to a minute: {left}"
+                );
+            }
+        }
+    }
 }
 
 /// Shutdown (P20 for workers): a job still running when its worker is cut off at the end of
