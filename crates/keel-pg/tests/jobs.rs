@@ -690,3 +690,28 @@ async fn a_job_cut_off_at_shutdown_hands_its_lease_back_at_once() {
         "another worker resumes keel's job at once"
     );
 }
+
+/// Once stopped, a worker claims nothing more, even with free slots and due jobs: what is
+/// queued stays queued for the next process, instead of being started by one that is going
+/// away (and cut off at the end of its shutdown stage).
+#[tokio::test]
+async fn a_stopped_worker_claims_no_new_job() {
+    let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
+    let pool = pool(&db).await;
+    enqueue_many(&pool, "stopping", 3, 3).await;
+    let stop = CancellationToken::new();
+    stop.cancel();
+    let runs = Arc::new(AtomicU32::new(0));
+    let counted = runs.clone();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        jobs::run_worker(pool.clone(), worker("w", "stopping"), stop, move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Outcome::Done }
+        }),
+    )
+    .await
+    .expect("a stopped worker returns");
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    assert_eq!(count(&pool, "stopping", JobState::Queued).await, 3);
+}
