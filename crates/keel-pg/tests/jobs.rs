@@ -715,3 +715,54 @@ async fn a_stopped_worker_claims_no_new_job() {
     assert_eq!(runs.load(Ordering::SeqCst), 0);
     assert_eq!(count(&pool, "stopping", JobState::Queued).await, 3);
 }
+
+/// A job that runs longer than its lease keeps it: the worker renews the lease every third of
+/// it while the handler runs, so a second worker polling the same queue never takes the job
+/// over and it runs once. (The handler's four seconds are its work, not a wait for a
+/// condition: a long job is the scenario.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_running_past_its_lease_keeps_it_by_renewing() {
+    let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
+    let pool = pool(&db).await;
+    let id = enqueue_many(&pool, "long", 1, 3).await[0];
+    let runs = Arc::new(AtomicU32::new(0));
+    let stop = CancellationToken::new();
+    let mut workers = tokio::task::JoinSet::new();
+    for name in ["first", "second"] {
+        let config = WorkerConfig {
+            lease: Duration::from_millis(1500),
+            ..worker(name, "long")
+        };
+        let runs = runs.clone();
+        workers.spawn(jobs::run_worker(
+            pool.clone(),
+            config,
+            stop.clone(),
+            move |_| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                async {
+                    tokio::time::sleep(Duration::from_secs(4)).await;
+                    Outcome::Done
+                }
+            },
+        ));
+    }
+    eventually(
+        Duration::from_secs(15),
+        "the long job succeeded",
+        || async { (count(&pool, "long", JobState::Succeeded).await == 1).then_some(()) },
+    )
+    .await;
+    stop.cancel();
+    while workers.join_next().await.is_some() {}
+    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM jobs WHERE id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (runs.load(Ordering::SeqCst), attempts),
+        (1, 1),
+        "ran once, one attempt"
+    );
+}
