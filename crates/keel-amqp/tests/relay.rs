@@ -1309,3 +1309,35 @@ async fn effect(conn: &mut sqlx::PgConnection, queue: &str) {
     .await
     .unwrap();
 }
+
+/// Stopping while the broker cannot be reached: the final drain tries once, fails and the
+/// relay returns at once, leaving the rows in the outbox for the next start. Backing off and
+/// trying again on the way out would keep the process from stopping for as long as the
+/// broker is down (the stop has fired, so each pause ends at once: a hot loop).
+#[tokio::test]
+async fn a_relay_stopped_while_the_broker_is_unreachable_returns_at_once_and_keeps_the_rows() {
+    let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
+    let pool = pool(&db).await;
+    // A port nobody listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let broker_stop = CancellationToken::new();
+    let broker = broker(
+        format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        &broker_stop,
+    );
+    commit(&pool, &[("o-1", "order.placed", serde_json::json!({}))]).await;
+
+    let stop = CancellationToken::new();
+    let relay = keel_amqp::relay::spawn(pool.clone(), broker, relay_config(), stop.clone());
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), relay)
+        .await
+        .expect("the relay returns promptly although the broker is down")
+        .unwrap();
+    assert_eq!(unsent(&pool).await, 1, "the row waits for the next start");
+    broker_stop.cancel();
+}
