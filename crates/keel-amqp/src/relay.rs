@@ -423,16 +423,12 @@ async fn relay_batch(
     // at-least-once half of the guarantee.
     tx.commit().await?;
     metrics::counter!("outbox_published_total").increment(confirmed.len() as u64);
-    if !refusals.is_empty() {
-        metrics::counter!("outbox_publish_failures_total").increment(refusals.len() as u64);
-    }
-    if parked > 0 {
-        metrics::counter!("outbox_parked_total").increment(parked);
-        for r in refusals.iter().filter(|r| r.retry_in.is_none()) {
-            // Once per parked row, where it is handled: it now waits for an operator.
-            tracing::warn!(outbox_id = %r.id, reason = %r.reason,
-                "outbox row parked; `keelctl outbox parked` lists it, `keelctl outbox retry` returns it");
-        }
+    metrics::counter!("outbox_publish_failures_total").increment(refusals.len() as u64);
+    metrics::counter!("outbox_parked_total").increment(parked);
+    for r in refusals.iter().filter(|r| r.retry_in.is_none()) {
+        // Once per parked row, where it is handled: it now waits for an operator.
+        tracing::warn!(outbox_id = %r.id, reason = %r.reason,
+            "outbox row parked; `keelctl outbox parked` lists it, `keelctl outbox retry` returns it");
     }
 
     if let Some((_, first)) = failed.first() {

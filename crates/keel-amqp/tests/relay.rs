@@ -993,13 +993,24 @@ async fn a_row_the_broker_keeps_nacking_is_parked_while_other_aggregates_keep_fl
     );
     assert_eq!(collector.copies(behind), 0, "never published out of order");
 
-    // Counted by the metrics: the counter at once, the gauge at the next backlog refresh.
+    // Counted by the metrics: the counter at once, the gauge at the next backlog refresh;
+    // every refusal counts as a publish failure.
     eventually(WAIT, "parked row in the metrics", || async {
         let text = metrics.render();
         (text.contains("outbox_parked_total 1") && text.contains("outbox_parked_rows 1"))
             .then_some(())
     })
     .await;
+    let failures: f64 = metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix("outbox_publish_failures_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        failures >= f64::from(MAX_ATTEMPTS),
+        "{failures} publish failures counted for {MAX_ATTEMPTS} refusals"
+    );
 
     // The operator fixes the cause (the full queue goes) and returns the row to the relay.
     channel
@@ -1022,23 +1033,31 @@ async fn a_row_the_broker_keeps_nacking_is_parked_while_other_aggregates_keep_fl
 }
 
 /// A row larger than `relay.max_message_bytes` is never sent: it is parked at once (its size
-/// will not change by retrying) with the reason, and the rows of other aggregates go out.
+/// will not change by retrying) with the reason, and the rows of other aggregates go out. The
+/// bound is inclusive: a message of exactly `max_message_bytes` is sent.
 #[tokio::test]
 async fn a_row_above_max_message_bytes_is_parked_as_too_large_without_being_published() {
     let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
     let vhost = TestVhost::create().await;
     let pool = pool(&db).await;
     let collector = Collector::start(&vhost).await;
-    let stop = CancellationToken::new();
-    let relay = keel_amqp::relay::spawn(
-        pool.clone(),
-        broker(vhost.url(), &stop),
-        RelayConfig {
-            max_message_bytes: 1024,
-            ..relay_config()
-        },
-        stop.clone(),
-    );
+    let edge = commit(
+        &pool,
+        &[(
+            "edge",
+            "checkout.order.placed",
+            serde_json::json!({ "n": 0, "notes": "x".repeat(1024) }),
+        )],
+    )
+    .await[0];
+    // The bound is the edge row's message body, measured as the relay encodes it.
+    let max = {
+        let mut tx = pool.begin().await.unwrap();
+        let rows = outbox::claim(&mut tx, 10).await.unwrap();
+        let body = Outgoing::from_outbox(&rows[0]).unwrap().body;
+        tx.rollback().await.unwrap();
+        body.len()
+    };
     let big = commit(
         &pool,
         &[(
@@ -1048,6 +1067,16 @@ async fn a_row_above_max_message_bytes_is_parked_as_too_large_without_being_publ
         )],
     )
     .await[0];
+    let stop = CancellationToken::new();
+    let relay = keel_amqp::relay::spawn(
+        pool.clone(),
+        broker(vhost.url(), &stop),
+        RelayConfig {
+            max_message_bytes: u32::try_from(max).unwrap(),
+            ..relay_config()
+        },
+        stop.clone(),
+    );
     let small = commit(
         &pool,
         &[(
@@ -1058,6 +1087,7 @@ async fn a_row_above_max_message_bytes_is_parked_as_too_large_without_being_publ
     )
     .await;
     collector.wait_for_ids(&small).await;
+    collector.wait_for_ids(&[edge]).await;
     let parked = eventually(WAIT, "the large row parked", || async {
         let r = row(&pool, big).await;
         r.parked.then_some(r)
@@ -1066,7 +1096,7 @@ async fn a_row_above_max_message_bytes_is_parked_as_too_large_without_being_publ
     assert_eq!(parked.attempts, 1, "parked at the first refusal");
     let reason = parked.last_error.unwrap();
     assert!(
-        reason.starts_with("too large") && reason.contains("1024"),
+        reason.starts_with("too large") && reason.contains(&format!("is {max}")),
         "{reason}"
     );
     eventually(WAIT, "the backlog is the parked row alone", || async {
