@@ -184,11 +184,6 @@ impl Incoming {
     pub async fn cancelled(&self) {
         self.cancel.cancelled().await;
     }
-
-    /// Whether [`Incoming::cancelled`] has fired.
-    pub fn is_cancelled(&self) -> bool {
-        self.cancel.is_cancelled()
-    }
 }
 
 /// `x-delivery-count`: a quorum queue sets it on every redelivery as a signed 64-bit integer;
