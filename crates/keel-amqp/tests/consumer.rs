@@ -156,3 +156,108 @@ async fn concurrency_is_bounded_and_stop_finishes_in_flight_messages() {
     .await;
     broker.close().await;
 }
+
+/// `Outcome::Requeue` gives the message back to the queue (`nack` with requeue): it is
+/// delivered again, marked redelivered with its `x-delivery-count`, and a second answer can
+/// ack it. `Outcome::Reject` drops it for good (no dead-letter exchange here): never again.
+#[tokio::test]
+async fn a_requeued_message_is_delivered_again_and_a_rejected_one_is_not() {
+    let vhost = TestVhost::create().await;
+    let stop = CancellationToken::new();
+    let broker = Broker::spawn(
+        AmqpConfig {
+            url: vhost.url().into(),
+            connect_timeout: Duration::from_secs(2),
+            max_backoff: Duration::from_millis(200),
+        },
+        "keel-amqp-test",
+        CancellationToken::new(),
+    );
+    let config = ConsumerConfig {
+        queue: "test.work".into(),
+        prefetch: 4,
+        concurrency: 2,
+        delivery_limit: 5,
+        retry_max_backoff: Duration::from_millis(100),
+    };
+    // Every delivery as (message id, redelivered, x-delivery-count).
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let handler = {
+        let seen = seen.clone();
+        move |msg: Incoming| {
+            let id = msg.message_id.clone().unwrap();
+            let first = {
+                let mut seen = seen.lock().unwrap();
+                let first = !seen.iter().any(|(seen_id, _, _)| *seen_id == id);
+                seen.push((id.clone(), msg.redelivered, msg.delivery_count));
+                first
+            };
+            async move {
+                match id.as_str() {
+                    "requeue-me" if first => Outcome::Requeue,
+                    "reject-me" => Outcome::Reject,
+                    _ => Outcome::Ack,
+                }
+            }
+        }
+    };
+    let consumer = keel_amqp::consumer::spawn(
+        broker.clone(),
+        config,
+        &["test.work.#"],
+        handler,
+        stop.clone(),
+    );
+    let conn = Connection::connect(&vhost.url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    eventually(WAIT, "consumer subscribed", || async {
+        (ready(&conn).await?.1 == 1).then_some(())
+    })
+    .await;
+    let publisher = conn.create_channel().await.unwrap();
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    // The rejected one first: by the time the marker is acked, it has been settled.
+    for id in ["reject-me", "requeue-me", "marker"] {
+        let confirm = publisher
+            .basic_publish(
+                "keel.events".into(),
+                "test.work.item".into(),
+                BasicPublishOptions::default(),
+                b"{}",
+                BasicProperties::default().with_message_id(id.into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+    }
+    let count = |id: &str| seen.lock().unwrap().iter().filter(|s| s.0 == id).count();
+    eventually(
+        WAIT,
+        "requeued message delivered twice, queue empty",
+        || async {
+            (count("requeue-me") == 2 && count("marker") == 1 && ready(&conn).await?.0 == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    stop.cancel();
+    tokio::time::timeout(WAIT, consumer)
+        .await
+        .expect("consumer stops")
+        .unwrap();
+    let deliveries = seen.lock().unwrap().clone();
+    let requeued: Vec<_> = deliveries.iter().filter(|s| s.0 == "requeue-me").collect();
+    assert_eq!(
+        (requeued[0].1, requeued[0].2, requeued[1].1, requeued[1].2),
+        (false, 0, true, 1),
+        "first delivery, then a redelivery counted by the quorum queue: {deliveries:?}"
+    );
+    assert_eq!(count("reject-me"), 1, "rejected: never delivered again");
+    broker.close().await;
+}
