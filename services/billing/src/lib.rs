@@ -161,12 +161,6 @@ impl App {
         let broker = service.broker(&config.amqp, BrokerReadiness::NotRequired);
         service.relay(&pool, &broker, &config.relay);
 
-        let (purge_pool, purge_interval) = (pool.clone(), config.idempotency.purge_interval);
-        service.worker("idempotency key purge", move |stop| async move {
-            if let Err(e) = payments::spawn_purge(purge_pool, purge_interval, stop).await {
-                tracing::error!(error = %e, "idempotency key purge task failed");
-            }
-        });
 
         let psp = PspClient::new(&config.psp)?;
         let payments = PaymentApi::new(

@@ -18,7 +18,6 @@ use keel_pg::idempotency::{self, Begin, Timing};
 use keel_resilience::BackoffPolicy;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
 use tokio::time::Instant;
 
 use super::{PaymentError, Payments, VoidAnswer};
@@ -41,9 +40,6 @@ pub struct IdempotencyConfig {
     /// on the key's row lock.
     #[serde(with = "keel_config::duration")]
     pub poll_interval: Duration,
-    /// How often expired keys are deleted (in batches of [`PURGE_BATCH`]).
-    #[serde(with = "keel_config::duration")]
-    pub purge_interval: Duration,
 }
 
 /// The cap of a waiting call's pause, as a multiple of `idempotency.poll_interval`: a call
@@ -83,57 +79,8 @@ impl Validate for IdempotencyConfig {
             ms(self.poll_interval),
             1,
             10_000,
-        )?;
-        ensure_range(
-            "idempotency.purge_interval (ms)",
-            ms(self.purge_interval),
-            1,
-            86_400_000,
         )
     }
-}
-
-/// Keys deleted per statement by the purge: short locks, short WAL bursts.
-pub const PURGE_BATCH: i64 = 1000;
-
-/// Deletes expired idempotency keys every `interval` until `stop`, so the table holds about
-/// one `ttl` of keys instead of growing forever. A failed round is logged and retried next
-/// interval.
-pub fn spawn_purge(
-    pool: PgPool,
-    interval: Duration,
-    stop: tokio_util::sync::CancellationToken,
-) -> tokio::task::JoinHandle<std::io::Result<()>> {
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return Ok(()),
-                () = tokio::time::sleep(interval) => {}
-            }
-            let mut purged = 0;
-            loop {
-                let round = async {
-                    let mut conn = pool.acquire().await?;
-                    idempotency::purge_expired(&mut conn, PURGE_BATCH).await
-                };
-                match round.await {
-                    Ok(n) => {
-                        purged += n;
-                        if n < PURGE_BATCH.unsigned_abs() || stop.is_cancelled() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "idempotency key purge failed");
-                        break;
-                    }
-                }
-            }
-            if purged > 0 {
-                tracing::info!(purged, "expired idempotency keys purged");
-            }
-        }
-    })
 }
 
 /// The RPC a key belongs to.
@@ -342,7 +289,6 @@ mod tests {
             ttl: Duration::from_secs(3600),
             stale_after: Duration::from_secs(60),
             poll_interval: Duration::from_millis(25),
-            purge_interval: Duration::from_secs(300),
         };
         let policy = config.in_progress_backoff();
         let first: HashSet<Duration> = (0..100).map(|_| policy.delay(1)).collect();

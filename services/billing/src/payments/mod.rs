@@ -52,7 +52,7 @@ use crate::psp::{PaymentToken, PspClient};
 
 pub use error::PaymentError;
 use keys::{Call, Completes};
-pub use keys::{IdempotencyConfig, PURGE_BATCH, spawn_purge};
+pub use keys::IdempotencyConfig;
 
 /// How often one command reloads and decides again after losing a version race.
 const MAX_CONFLICTS: usize = 3;
