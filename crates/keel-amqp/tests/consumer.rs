@@ -11,7 +11,7 @@ use keel_amqp::{AmqpConfig, Broker, ConsumerConfig, Incoming, Outcome};
 use keel_testkit::{TestVhost, eventually};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -35,12 +35,8 @@ async fn ready(conn: &Connection) -> Option<(u32, u32)> {
     Some((q.message_count(), q.consumer_count()))
 }
 
-#[tokio::test]
-async fn concurrency_is_bounded_and_stop_finishes_in_flight_messages() {
-    const MESSAGES: usize = 6;
-    let vhost = TestVhost::create().await;
-    let stop = CancellationToken::new();
-    let broker = Broker::spawn(
+fn broker(vhost: &TestVhost) -> Broker {
+    Broker::spawn(
         AmqpConfig {
             url: vhost.url().into(),
             connect_timeout: Duration::from_secs(2),
@@ -48,14 +44,61 @@ async fn concurrency_is_bounded_and_stop_finishes_in_flight_messages() {
         },
         "keel-amqp-test",
         CancellationToken::new(),
-    );
-    let config = ConsumerConfig {
+    )
+}
+
+/// The consumer of `test.work`: 4 prefetched, 2 handlers at once.
+fn config() -> ConsumerConfig {
+    ConsumerConfig {
         queue: "test.work".into(),
         prefetch: 4,
         concurrency: 2,
         delivery_limit: 5,
         retry_max_backoff: Duration::from_millis(100),
-    };
+    }
+}
+
+/// A direct connection and a confirming channel, once the consumer is subscribed (so
+/// nothing published is routed before its queue exists).
+async fn publisher_once_subscribed(vhost: &TestVhost) -> (Connection, Channel) {
+    let conn = Connection::connect(&vhost.url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    eventually(WAIT, "consumer subscribed", || async {
+        (ready(&conn).await?.1 == 1).then_some(())
+    })
+    .await;
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    (conn, channel)
+}
+
+/// Publishes one message with `message_id` to the consumer's routing key, confirmed.
+async fn publish(channel: &Channel, message_id: &str) {
+    let confirm = channel
+        .basic_publish(
+            "keel.events".into(),
+            "test.work.item".into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            BasicProperties::default().with_message_id(message_id.into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+}
+
+#[tokio::test]
+async fn concurrency_is_bounded_and_stop_finishes_in_flight_messages() {
+    const MESSAGES: usize = 6;
+    let vhost = TestVhost::create().await;
+    let stop = CancellationToken::new();
+    let broker = broker(&vhost);
 
     // Handlers block until the test releases them, and record how many ran at once.
     let running = Arc::new(AtomicUsize::new(0));
@@ -88,39 +131,15 @@ async fn concurrency_is_bounded_and_stop_finishes_in_flight_messages() {
     };
     let consumer = keel_amqp::consumer::spawn(
         broker.clone(),
-        config,
+        config(),
         &["test.work.#"],
         handler,
         stop.clone(),
     );
 
-    // A direct connection publishes once the consumer is subscribed.
-    let conn = Connection::connect(&vhost.url(), ConnectionProperties::default())
-        .await
-        .unwrap();
-    eventually(WAIT, "consumer subscribed", || async {
-        (ready(&conn).await?.1 == 1).then_some(())
-    })
-    .await;
-    let publisher = conn.create_channel().await.unwrap();
-    publisher
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let (conn, publisher) = publisher_once_subscribed(&vhost).await;
     for i in 0..MESSAGES {
-        let confirm = publisher
-            .basic_publish(
-                "keel.events".into(),
-                "test.work.item".into(),
-                BasicPublishOptions::default(),
-                format!("{i}").as_bytes(),
-                BasicProperties::default().with_message_id(format!("m-{i}").into()),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(confirm.is_ack());
+        publish(&publisher, &format!("m-{i}")).await;
     }
 
     // Two handlers start; the others wait (prefetched or in the queue), none starts.
@@ -164,22 +183,7 @@ async fn concurrency_is_bounded_and_stop_finishes_in_flight_messages() {
 async fn a_requeued_message_is_delivered_again_and_a_rejected_one_is_not() {
     let vhost = TestVhost::create().await;
     let stop = CancellationToken::new();
-    let broker = Broker::spawn(
-        AmqpConfig {
-            url: vhost.url().into(),
-            connect_timeout: Duration::from_secs(2),
-            max_backoff: Duration::from_millis(200),
-        },
-        "keel-amqp-test",
-        CancellationToken::new(),
-    );
-    let config = ConsumerConfig {
-        queue: "test.work".into(),
-        prefetch: 4,
-        concurrency: 2,
-        delivery_limit: 5,
-        retry_max_backoff: Duration::from_millis(100),
-    };
+    let broker = broker(&vhost);
     // Every delivery as (message id, redelivered, x-delivery-count).
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let handler = {
@@ -203,38 +207,15 @@ async fn a_requeued_message_is_delivered_again_and_a_rejected_one_is_not() {
     };
     let consumer = keel_amqp::consumer::spawn(
         broker.clone(),
-        config,
+        config(),
         &["test.work.#"],
         handler,
         stop.clone(),
     );
-    let conn = Connection::connect(&vhost.url(), ConnectionProperties::default())
-        .await
-        .unwrap();
-    eventually(WAIT, "consumer subscribed", || async {
-        (ready(&conn).await?.1 == 1).then_some(())
-    })
-    .await;
-    let publisher = conn.create_channel().await.unwrap();
-    publisher
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let (conn, publisher) = publisher_once_subscribed(&vhost).await;
     // The rejected one first: by the time the marker is acked, it has been settled.
     for id in ["reject-me", "requeue-me", "marker"] {
-        let confirm = publisher
-            .basic_publish(
-                "keel.events".into(),
-                "test.work.item".into(),
-                BasicPublishOptions::default(),
-                b"{}",
-                BasicProperties::default().with_message_id(id.into()),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(confirm.is_ack());
+        publish(&publisher, id).await;
     }
     let count = |id: &str| seen.lock().unwrap().iter().filter(|s| s.0 == id).count();
     eventually(
