@@ -577,7 +577,7 @@ mod tests {
 
     /// More handler slots than prefetched messages would be slots that never run.
     #[test]
-    fn concurrency_may_equal_prefetch_but_not_exceed_it() {
+    fn prefetch_and_concurrency_are_bounded_and_concurrency_may_not_exceed_prefetch() {
         config("q", 8, 8).validate().unwrap();
         assert_eq!(refused_key(&config("q", 8, 9)), "consumer.concurrency");
         assert_eq!(refused_key(&config("q", 0, 0)), "consumer.prefetch");

@@ -2,9 +2,10 @@
 //! RabbitMQ vhost per test. Each test reads like the pattern's argument: committed events are
 //! published with the conventional properties; rolled-back ones never; two relays, or two
 //! batches in flight in one relay, lose and reorder nothing where a naive `SKIP LOCKED` claim
-//! reorders; a broker outage only delays events. Then the faults, each made to happen on
-//! purpose: a broker nack, a confirm that never comes, a commit that fails after the confirm,
-//! a row too large to send; the unpublishable row is parked while the others flow.
+//! reorders; a broker outage only delays events, and a relay stopped during one returns at
+//! once. Then the faults, each made to happen on purpose: a broker nack, a confirm that never
+//! comes, a commit that fails after the confirm, a row too large to send (a row of exactly
+//! the bound is sent); the unpublishable row is parked while the others flow.
 //!
 //! The relay is at-least-once by design: a test asserts that every event arrived (no loss)
 //! and in order per aggregate by first arrival, never that it arrived exactly once. Exactly
@@ -1348,17 +1349,9 @@ async fn effect(conn: &mut sqlx::PgConnection, queue: &str) {
 async fn a_relay_stopped_while_the_broker_is_unreachable_returns_at_once_and_keeps_the_rows() {
     let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
     let pool = pool(&db).await;
-    // A port nobody listens on: bound, then released.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Port 1 refuses at once: no broker there.
     let broker_stop = CancellationToken::new();
-    let broker = broker(
-        format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
-        &broker_stop,
-    );
+    let broker = broker("amqp://guest:guest@127.0.0.1:1/%2f".into(), &broker_stop);
     commit(&pool, &[("o-1", "order.placed", serde_json::json!({}))]).await;
 
     let stop = CancellationToken::new();
