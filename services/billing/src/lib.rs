@@ -161,7 +161,6 @@ impl App {
         let broker = service.broker(&config.amqp, BrokerReadiness::NotRequired);
         service.relay(&pool, &broker, &config.relay);
 
-
         let psp = PspClient::new(&config.psp)?;
         let payments = PaymentApi::new(
             Payments::new(pool.clone(), psp, config.idempotency.clone()),
@@ -203,7 +202,7 @@ impl App {
     }
 
     /// Runs until `signal`, then stops in stages (keel_service): HTTP and gRPC together, the
-    /// purge worker, the relay (publishes the events in-flight calls wrote), broker, pool.
+    /// retention worker, the relay (publishes the events in-flight calls wrote), broker, pool.
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<Drained, ServiceError> {
         self.service.run(signal).await
     }

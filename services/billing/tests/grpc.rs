@@ -302,7 +302,11 @@ async fn void_by_order_releases_what_the_order_holds_and_voiding_nothing_succeed
 
 #[tokio::test]
 async fn expired_idempotency_keys_are_purged_by_the_retention_run_and_live_ones_kept() {
-    let b = Billing::start_with(&[("KEEL_DATABASE__RETENTION__INTERVAL", "200ms")]).await;
+    let b = Billing::start_with(&[
+        ("KEEL_DATABASE__RETENTION__INTERVAL", "200ms"),
+        ("KEEL_DATABASE__RETENTION__POLL_INTERVAL", "50ms"),
+    ])
+    .await;
     let live = b.authorize(&key("authorize"), "tok_approve").await.unwrap();
     sqlx::query(
         "INSERT INTO idempotency_keys (scope, key, request_hash, status_code, response, expires_at)

@@ -1,5 +1,6 @@
 //! The commands' idempotency keys (P13, two-phase use of `keel_pg::idempotency`): claim a key,
-//! store the command's answer with its effect, release it on failure, purge expired ones.
+//! store the command's answer with its effect, release it on failure. Expired keys are purged
+//! by the platform's retention run (`keel_pg::retention`), as in every service.
 //!
 //! A key is scoped by the RPC ([`Scope`]): the same key string sent to two methods is two
 //! keys. A [`Call`] is one command's scope and key; it also names the command in the ledger

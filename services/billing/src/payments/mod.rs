@@ -34,7 +34,7 @@
 //! (payment, operation) with different idempotency keys.
 //!
 //! The modules, by concern: [`grpc`] (the API), `authorize`, `capture` and `void` (one
-//! command each), [`keys`] (idempotency keys: claim, complete, release, purge) and [`error`]
+//! command each), [`keys`] (idempotency keys: claim, complete, release) and [`error`]
 //! (what a command fails with). The shared steps — load, record — are here.
 
 mod authorize;
@@ -51,8 +51,8 @@ use crate::ledger::{self, LedgerError, Money, OrderId, Payment, PaymentEvent, Pa
 use crate::psp::{PaymentToken, PspClient};
 
 pub use error::PaymentError;
-use keys::{Call, Completes};
 pub use keys::IdempotencyConfig;
+use keys::{Call, Completes};
 
 /// How often one command reloads and decides again after losing a version race.
 const MAX_CONFLICTS: usize = 3;
