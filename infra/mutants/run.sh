@@ -5,8 +5,8 @@
 # per module. Survivors either get a test or a one-line reason in .cargo/mutants.toml.
 #
 # Slow by design (every mutant is a build and a test run), so not part of `make test`.
-# MODULES=name,name runs a subset; JOBS sets cargo-mutants' parallelism (default 1: on two
-# cores a second job only fights the first for the CPU).
+# MODULES=name,name runs a subset. One mutant at a time: parallel copies would build into
+# the one shared target folder (below) and could link each other's mutated libraries.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -41,6 +41,7 @@ fi
 mkdir -p "$OUT"
 
 wanted="${MODULES:-}"
+skipped=()
 for row in "${MODULE_TABLE[@]}"; do
   IFS='|' read -r name file packages targets <<<"$row"
   if [[ -n "$wanted" && ",$wanted," != *",$name,"* ]]; then continue; fi
@@ -53,11 +54,20 @@ for row in "${MODULE_TABLE[@]}"; do
   # The baseline, run here: cargo-mutants 27 builds and tests its baseline with the mutated
   # file's own package instead of --test-package, which has none of these test targets. An
   # unmutated tree whose tests fail would make every mutant look caught, so a failing baseline
-  # skips the module. Its duration sets the per-mutant timeout (3x, at least 120 s).
+  # skips the module (and the run ends non-zero). Its test time, not counting the build, sets
+  # the per-mutant timeout (3x, at least 120 s).
+  rm -rf "${OUT:?}/$name"
+  nextest=(cargo nextest run --cargo-profile=mutants --profile=mutants "${package_args[@]}"
+    "${test_args[@]}")
+  if ! "${nextest[@]}" --no-run >"$OUT/$name.baseline.log" 2>&1; then
+    echo "   baseline build failed: see $OUT/$name.baseline.log; module skipped"
+    skipped+=("$name")
+    continue
+  fi
   started=$SECONDS
-  if ! cargo nextest run --cargo-profile=mutants --profile=mutants "${package_args[@]}" \
-      "${test_args[@]}" >"$OUT/$name.baseline.log" 2>&1; then
-    echo "   baseline failed: see $OUT/$name.baseline.log; module skipped"
+  if ! "${nextest[@]}" >>"$OUT/$name.baseline.log" 2>&1; then
+    echo "   baseline tests failed: see $OUT/$name.baseline.log; module skipped"
+    skipped+=("$name")
     continue
   fi
   timeout=$(( (SECONDS - started) * 3 ))
@@ -72,7 +82,15 @@ for row in "${MODULE_TABLE[@]}"; do
   cargo mutants --file "$file" --test-tool nextest --test-package "$packages" \
     --profile mutants "${cargo_args[@]}" --cargo-arg=--profile=mutants \
     --baseline skip --timeout "$timeout" --build-timeout 900 \
-    --jobs "${JOBS:-1}" --output "$OUT/$name" || true
+    --jobs 1 --output "$OUT/$name" || true
+  # The shared target now holds the last mutant's build of this crate, newer than the
+  # checkout's unchanged source: cargo names workspace crates' artifacts without their path,
+  # so the next baseline would link the mutant. A fresh mtime makes it rebuild.
+  touch "$file"
 done
 
 infra/mutants/summary.sh "$OUT"
+if (( ${#skipped[@]} )); then
+  echo "skipped (baseline failed): ${skipped[*]}" >&2
+  exit 1
+fi
