@@ -203,21 +203,7 @@ async fn raw_publish(conn: &Connection, messages: &[Message], config: &RelayConf
 
 async fn relay_drain(pool: &sqlx::PgPool, amqp_url: &str, config: &RelayConfig) -> f64 {
     let stop = CancellationToken::new();
-    let broker = keel_amqp::Broker::spawn(
-        keel_testkit::config::<BenchAmqp>(
-            "[amqp]\nurl = \"amqp://x\"\nconnect_timeout = \"3s\"\nmax_backoff = \"1s\"\n",
-            &[("KEEL_AMQP__URL", amqp_url)],
-        )
-        .amqp,
-        "bench",
-        stop.clone(),
-    );
-    eventually(
-        Duration::from_secs(10),
-        "relay broker connected",
-        || async { broker.is_connected().await.then_some(()) },
-    )
-    .await;
+    let broker = connected_broker(amqp_url, &stop).await;
     let mut poll = pool.acquire().await.unwrap();
     let started = Instant::now();
     let relay = keel_amqp::relay::spawn(pool.clone(), broker.clone(), config.clone(), stop.clone());
@@ -236,6 +222,24 @@ async fn relay_drain(pool: &sqlx::PgPool, amqp_url: &str, config: &RelayConfig) 
     relay.await.unwrap();
     broker.close().await;
     rate
+}
+
+/// A Keel broker connection to `amqp_url`, as a service configures one, once connected.
+async fn connected_broker(amqp_url: &str, stop: &CancellationToken) -> keel_amqp::Broker {
+    let broker = keel_amqp::Broker::spawn(
+        keel_testkit::config::<BenchAmqp>(
+            "[amqp]\nurl = \"amqp://x\"\nconnect_timeout = \"3s\"\nmax_backoff = \"1s\"\n",
+            &[("KEEL_AMQP__URL", amqp_url)],
+        )
+        .amqp,
+        "bench",
+        stop.clone(),
+    );
+    eventually(Duration::from_secs(10), "broker connected", || async {
+        broker.is_connected().await.then_some(())
+    })
+    .await;
+    broker
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -260,21 +264,7 @@ async fn relay_breakdown(
     per_aggregate: usize,
 ) {
     let stop = CancellationToken::new();
-    let broker = keel_amqp::Broker::spawn(
-        keel_testkit::config::<BenchAmqp>(
-            "[amqp]\nurl = \"amqp://x\"\nconnect_timeout = \"3s\"\nmax_backoff = \"1s\"\n",
-            &[("KEEL_AMQP__URL", amqp_url)],
-        )
-        .amqp,
-        "bench",
-        stop.clone(),
-    );
-    eventually(
-        Duration::from_secs(10),
-        "breakdown broker connected",
-        || async { broker.is_connected().await.then_some(()) },
-    )
-    .await;
+    let broker = connected_broker(amqp_url, &stop).await;
     let mut publisher =
         keel_amqp::publisher::Publisher::new(broker.clone(), config.publish_timeout);
     publisher.ready().await.unwrap();
