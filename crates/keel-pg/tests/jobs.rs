@@ -741,14 +741,15 @@ async fn a_stopped_worker_claims_no_new_job() {
 
 /// A job that runs longer than its lease keeps it: the worker renews the lease every third of
 /// it while the handler runs, so a second worker polling the same queue never takes the job
-/// over and it runs once. (The handler's five seconds are its work, not a wait for a
-/// condition: a long job is the scenario.)
+/// over and it runs once. The handler holds the job until the test has seen its first lease's
+/// end pass with the job still on its first attempt and the lease moved on (renewed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_running_past_its_lease_keeps_it_by_renewing() {
     let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
     let pool = pool(&db).await;
     let id = enqueue_many(&pool, "long", 1, 3).await[0];
     let runs = Arc::new(AtomicU32::new(0));
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
     let stop = CancellationToken::new();
     let mut workers = tokio::task::JoinSet::new();
     for name in ["first", "second"] {
@@ -756,20 +757,41 @@ async fn a_job_running_past_its_lease_keeps_it_by_renewing() {
             lease: Duration::from_secs(3),
             ..worker(name, "long")
         };
-        let runs = runs.clone();
+        let (runs, release) = (runs.clone(), release.clone());
         workers.spawn(jobs::run_worker(
             pool.clone(),
             config,
             stop.clone(),
             move |_| {
                 runs.fetch_add(1, Ordering::SeqCst);
-                async {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
+                let release = release.clone();
+                async move {
+                    release.acquire().await.unwrap().forget();
                     Outcome::Done
                 }
             },
         ));
     }
+    let first_lease_ends: DateTime<Utc> =
+        eventually(Duration::from_secs(10), "the job claimed", || async {
+            let r = row(&pool, id).await;
+            (r.state == JobState::Running).then_some(r.lease_expires_at)?
+        })
+        .await;
+    // A second past the first lease's end, the job must still be on its first attempt, with
+    // its lease pushed further out: renewed, never taken over.
+    eventually(
+        Duration::from_secs(15),
+        "past the first lease, still the first attempt, lease renewed",
+        || async {
+            let r = row(&pool, id).await;
+            let past = seconds_until(first_lease_ends) < -1.0;
+            assert_eq!(r.attempts, 1, "the job was taken over: {r:?}");
+            (past && r.lease_expires_at > Some(first_lease_ends)).then_some(())
+        },
+    )
+    .await;
+    release.add_permits(2);
     eventually(
         Duration::from_secs(15),
         "the long job succeeded",
@@ -778,11 +800,7 @@ async fn a_job_running_past_its_lease_keeps_it_by_renewing() {
     .await;
     stop.cancel();
     while workers.join_next().await.is_some() {}
-    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM jobs WHERE id = $1")
-        .bind(id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let attempts = row(&pool, id).await.attempts;
     assert_eq!(
         (runs.load(Ordering::SeqCst), attempts),
         (1, 1),
