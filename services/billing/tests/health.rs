@@ -42,8 +42,16 @@ async fn grpc_health_serves_while_ready_and_stops_serving_while_draining() {
     let check = |service: &str| HealthCheckRequest {
         service: service.to_owned(),
     };
-    let status = health.check(check("")).await.unwrap().into_inner().status;
-    assert_eq!(status, ServingStatus::Serving as i32);
+    // `/readyz` said ready and handed its answer to the gRPC health reporter, which sets the
+    // status in its own task: wait (bounded) until Check sees it.
+    eventually(Duration::from_secs(10), "gRPC SERVING once ready", || {
+        let mut h = health.clone();
+        async move {
+            let s = h.check(check("")).await.ok()?.into_inner().status;
+            (s == ServingStatus::Serving as i32).then_some(())
+        }
+    })
+    .await;
     let status = health
         .check(check("billing"))
         .await
