@@ -1,4 +1,4 @@
-//! The one command line every Keel service has (clap): `serve` (the default), `migrate`,
+//! The one command line every Keel service has (clap): `serve` (the default), `migrate`, `probe`,
 //! `check-config`, plus the service's own commands (billing's `rebuild-projections`).
 //!
 //! A service's `main.rs` is one line, `keel_service::cli::main::<MyService>()`, and the
@@ -109,6 +109,23 @@ fn command_line<S: ServiceMain>() -> Command {
                         .help("How long to keep retrying while Postgres is unreachable (then exit 69)"),
                 ),
         )
+        .subcommand(
+            Command::new("probe")
+                .about("GET one of this service's health URLs and exit 0 on 2xx, 1 otherwise (container health checks; needs no configuration)")
+                .arg(
+                    Arg::new("url")
+                        .required(true)
+                        .value_name("URL")
+                        .help("http://HOST:PORT/PATH, e.g. http://127.0.0.1:8080/readyz"),
+                )
+                .arg(
+                    Arg::new("timeout")
+                        .long("timeout")
+                        .value_name("DURATION")
+                        .default_value("2s")
+                        .help("Bound on connecting, sending and reading the status line"),
+                ),
+        )
         .subcommand(Command::new("check-config").about(
             "Load the configuration exactly as `serve` would, print the effective values \
              (secrets redacted) and exit 0, or exit 78 naming the bad key",
@@ -154,6 +171,10 @@ pub async fn run<S: ServiceMain>(args: impl IntoIterator<Item = std::ffi::OsStri
     let (name, sub) = matches
         .subcommand()
         .map_or(("serve", None), |(n, m)| (n, Some(m)));
+    if let ("probe", Some(m)) = (name, sub) {
+        // Before the configuration: a health check must not need the service's secrets.
+        return probe(m).await;
+    }
     // `serve` only, and before anything that takes time: a SIGTERM during start-up is still
     // a graceful stop. Installing them turns off the default "die at once", so the one-shot
     // commands (migrate, check-config, the service's own) keep it: Ctrl-C stops them.
@@ -291,6 +312,31 @@ async fn migrate<S: ServiceMain>(config: &S::Config, m: &ArgMatches) -> anyhow::
                 tokio::time::sleep(pause).await;
             }
             Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// `probe URL [--timeout D]`: exit 0 when the URL answers 2xx, 1 otherwise, with one line
+/// on stderr saying why (what compose's `docker inspect` shows for a failing check).
+async fn probe(m: &ArgMatches) -> i32 {
+    let url = m.get_one::<String>("url").map_or("", String::as_str);
+    let timeout = match m.get_one::<String>("timeout").map(|s| humantime_parse(s)) {
+        Some(Ok(t)) => t,
+        Some(Err(e)) => {
+            eprintln!("probe: {e}");
+            return EXIT_USAGE;
+        }
+        None => Duration::from_secs(2),
+    };
+    match crate::probe::probe(url, timeout).await {
+        Ok(()) => 0,
+        Err(e @ crate::probe::ProbeError::BadUrl(_)) => {
+            eprintln!("probe: {e}");
+            EXIT_USAGE
+        }
+        Err(e) => {
+            eprintln!("probe: {e}");
+            EXIT_FAILURE
         }
     }
 }

@@ -5,6 +5,7 @@ mod config;
 #[cfg(feature = "grpc")]
 mod grpc;
 mod health;
+pub mod probe;
 pub mod problem;
 pub mod runtime;
 mod signal;
