@@ -9,7 +9,8 @@ CARGO ?= cargo
 # What `make new-service` runs; the scaffolding test passes the binary it already built.
 SCAFFOLD ?= $(CARGO) run -q -p keel-scaffold --
 
-.PHONY: help dev down status demo deps build tools test lint fmt bench new-service reset-dev-data mutants
+.PHONY: help dev down status demo deps build tools test lint fmt bench new-service reset-dev-data mutants \
+	up down-compose test-compose
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -75,6 +76,17 @@ bench: deps ## release build; prints Keel-vs-baseline ratios and writes target/b
 
 mutants: deps ## mutation testing of the pattern modules (slow, not part of test); MODULES=a,b for a subset
 	infra/mutants/run.sh
+
+# The compose stack (docs/deploy/compose.md): infra/compose/compose.sh finds or starts an
+# engine (a project-local dockerd under .keel/docker when none answers) and runs compose.
+up: ## the whole stack under docker compose (pulls public images; builds Keel's); PROFILE=observability adds traces and metrics
+	infra/compose/compose.sh $(if $(PROFILE),--profile $(PROFILE)) up -d --build
+
+down-compose: ## stop the compose stack and delete its volumes
+	infra/compose/compose.sh --profile observability down -v --remove-orphans
+
+test-compose: ## compose.yaml brought up here for real (offline stand-in images), the demo's orders and keelctl audit through it, then down -v
+	infra/compose/test.sh
 
 fmt: ## format the code
 	$(CARGO) fmt --all

@@ -165,11 +165,11 @@ pub async fn run(config: &Config, progress: &mut Progress) -> Result<Outcome, De
     let urls = Urls {
         checkout: http("checkout")?,
         notification: http("notification")?,
-        // Only psp-sim's admin routes are used: they listen on its registry `admin` port, on
-        // loopback, never on its public one.
+        // Only psp-sim's admin routes are used: they listen on its registry `admin` port
+        // (loopback only), never on its public one. `KEEL_PSP_SIM__ADMIN_URL` points elsewhere.
         psp: targets
             .get("psp-sim")
-            .and_then(|t| Some(format!("http://127.0.0.1:{}", t.service.port("admin")?)))
+            .and_then(|t| t.admin_url.clone())
             .ok_or(DemoError::NotRegistered("psp-sim"))?,
     };
     let checkout_db = targets

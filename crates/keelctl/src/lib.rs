@@ -36,6 +36,9 @@ pub struct ServiceOverride {
     pub operator_url: Option<SecretString>,
     /// Its HTTP base URL.
     pub http_url: Option<String>,
+    /// Its admin listener's base URL, for a service with an `admin` port (psp-sim's fault
+    /// knobs): `http://<stack.host>:<admin port>` unless set.
+    pub admin_url: Option<String>,
 }
 
 /// `[stack]`: where the registry's services and their databases run.

@@ -39,6 +39,8 @@ pub struct Target {
     /// overridden. Nothing that only reads uses it.
     pub operator_url: Option<SecretString>,
     pub http_url: String,
+    /// Its admin listener, when the registry gives it an `admin` port.
+    pub admin_url: Option<String>,
 }
 
 /// Every registered service, in registry order.
@@ -182,11 +184,16 @@ impl Config {
                 let http_url = o
                     .http_url
                     .unwrap_or_else(|| format!("http://{}:{}", stack.host, s.http_port()));
+                let admin_url = o
+                    .admin_url
+                    .or_else(|| Some(format!("http://{}:{}", stack.host, s.port("admin")?)))
+                    .map(|url| url.trim_end_matches('/').to_owned());
                 Target {
                     service: s.clone(),
                     database_url,
                     operator_url,
                     http_url: http_url.trim_end_matches('/').to_owned(),
+                    admin_url,
                 }
             })
             .collect();

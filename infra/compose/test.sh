@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# `make test-compose`: compose.yaml brought up for real on this machine, used, and torn down.
+#
+#  1. a Docker engine (infra/compose/engine.sh: the one DOCKER_HOST names, or a project-local
+#     dockerd under .keel/docker, stopped again at the end if this run started it);
+#  2. the images (infra/compose/offline/build.sh): Keel's from the real Dockerfile, the
+#     third-party ones stood in for by Debian-built images, since nothing can be pulled;
+#  3. `up` with the offline override; every published port on 127.0.0.1, on free ports picked
+#     here, so a running `make dev` (or anything else on 8080, 5432, ...) is never disturbed;
+#  4. waits for every service to report healthy (its own `probe` of /readyz);
+#  5. `keelctl demo` through the published ports: approved, out of stock, declined, flaky and
+#     silent provider, duplicate Idempotency-Key, replayed webhook; each must reach its
+#     expected final state and its notification;
+#  6. `keelctl audit` against the containers' databases (through the published pgbouncer, as
+#     keelctl's read-only role) and broker;
+#  7. `down -v`, however the run ends (an EXIT trap), and reports image sizes, the stack's
+#     resident memory and the time taken.
+# Every wait is bounded; the traffic is the demo's few dozen requests, to loopback only.
+set -euo pipefail
+
+# shellcheck source-path=SCRIPTDIR source=../dev/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../dev/lib.sh"
+
+ROOT="$KEELDEV_ROOT"
+PROJECT=keeltest
+STARTED=$SECONDS
+COMPOSE_FILES=(-f "$ROOT/compose.yaml" -f "$ROOT/infra/compose/offline/compose.offline.yaml")
+compose() { docker-compose -p "$PROJECT" --project-directory "$ROOT" "${COMPOSE_FILES[@]}" "$@"; }
+docker() { /usr/bin/docker "$@"; }
+
+# --- engine ---------------------------------------------------------------------------------
+engine_was_up=false
+if [[ -n ${DOCKER_HOST:-} ]] && DOCKER_HOST=$DOCKER_HOST timeout 10 /usr/bin/docker info >/dev/null 2>&1; then
+    engine_was_up=true
+elif [[ -S $KEELDEV_HOME/docker/docker.sock ]] &&
+    DOCKER_HOST=unix://$KEELDEV_HOME/docker/docker.sock timeout 10 /usr/bin/docker info >/dev/null 2>&1; then
+    engine_was_up=true
+fi
+eval "$("$ROOT/infra/compose/engine.sh" start)"
+export DOCKER_HOST
+
+cleanup() {
+    local rc=$?
+    set +e
+    if ((rc != 0)); then
+        warn "test-compose failed (exit $rc); the services' last log lines:"
+        compose logs --no-color --tail=30 >&2
+    fi
+    log "docker-compose down -v"
+    timeout 180 docker-compose -p "$PROJECT" --project-directory "$ROOT" "${COMPOSE_FILES[@]}" \
+        down -v --remove-orphans >/dev/null 2>&1 || warn "down did not finish"
+    if [[ $engine_was_up == false ]]; then
+        "$ROOT/infra/compose/engine.sh" stop
+    fi
+    log "test-compose took $((SECONDS - STARTED)) s (exit $rc)"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- images ---------------------------------------------------------------------------------
+"$ROOT/infra/compose/offline/build.sh" all
+log "images:"
+docker image ls --format '  {{.Repository}}:{{.Tag}}  {{.Size}}' | grep -E '^  keel' | sort >&2
+
+# --- free loopback ports for everything compose publishes ------------------------------------
+read -r -a ports < <(python3 - <<'PY'
+import socket
+socks = []
+for _ in range(12):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PY
+)
+export KEEL_PUBLISH_ADDR=127.0.0.1
+export KEEL_POSTGRES_PORT=${ports[0]} KEEL_PGBOUNCER_PORT=${ports[1]} \
+    KEEL_RABBITMQ_MANAGEMENT_PORT=${ports[2]} KEEL_CHECKOUT_PORT=${ports[3]} \
+    KEEL_BILLING_PORT=${ports[4]} KEEL_NOTIFICATION_PORT=${ports[5]} \
+    KEEL_PSP_SIM_PORT=${ports[6]} KEEL_PSP_SIM_ADMIN_PORT=${ports[7]} \
+    KEEL_JAEGER_PORT=${ports[8]} KEEL_PROMETHEUS_PORT=${ports[9]} KEEL_GRAFANA_PORT=${ports[10]}
+
+# --- up -------------------------------------------------------------------------------------
+compose down -v --remove-orphans >/dev/null 2>&1 || true
+log "docker-compose up (the offline override)"
+up_started=$SECONDS
+# up -d returns once every container is started, each after its dependencies' conditions
+# (healthy, or completed for the one-shots); a one-shot that fails makes `up` fail.
+timeout 600 docker-compose -p "$PROJECT" --project-directory "$ROOT" "${COMPOSE_FILES[@]}" \
+    up -d --no-build >&2
+
+long_running=(postgres pgbouncer rabbitmq redis checkout billing notification psp-sim)
+all_healthy() {
+    local svc id status
+    for svc in "${long_running[@]}"; do
+        id=$(compose ps -q "$svc")
+        [[ -n $id ]] || return 1
+        status=$(docker inspect -f '{{.State.Health.Status}}' "$id" 2>/dev/null) || return 1
+        [[ $status == healthy ]] || return 1
+    done
+}
+wait_until 180 "every service to be healthy" all_healthy || die "the stack did not become healthy"
+log "every service healthy $((SECONDS - up_started)) s after up"
+
+# The one-shots ran once and exited 0 (a restart loop would show as a non-zero exit).
+for oneshot in db-init checkout-migrate billing-migrate notification-migrate; do
+    code=$(docker inspect -f '{{.State.ExitCode}}' "$(compose ps -q "$oneshot")")
+    [[ $code == 0 ]] || die "$oneshot exited $code"
+done
+
+# --- the journey, through the published ports -------------------------------------------------
+KEELCTL="${KEELDEV_BIN_DIR:-$ROOT/target/debug}/keelctl"
+[[ -x $KEELCTL ]] || cargo build -q -p keelctl --manifest-path "$ROOT/Cargo.toml"
+keelctl() {
+    env KEEL_STACK__HOST=127.0.0.1 \
+        KEEL_STACK__PGBOUNCER_PORT="$KEEL_PGBOUNCER_PORT" \
+        KEEL_RABBITMQ__MANAGEMENT_URL="http://127.0.0.1:$KEEL_RABBITMQ_MANAGEMENT_PORT" \
+        KEEL_RABBITMQ__USERNAME=keel KEEL_RABBITMQ__PASSWORD=keel_dev \
+        KEEL_CHECKOUT__HTTP_URL="http://127.0.0.1:$KEEL_CHECKOUT_PORT" \
+        KEEL_BILLING__HTTP_URL="http://127.0.0.1:$KEEL_BILLING_PORT" \
+        KEEL_NOTIFICATION__HTTP_URL="http://127.0.0.1:$KEEL_NOTIFICATION_PORT" \
+        KEEL_PSP_SIM__HTTP_URL="http://127.0.0.1:$KEEL_PSP_SIM_PORT" \
+        KEEL_PSP_SIM__ADMIN_URL="http://127.0.0.1:$KEEL_PSP_SIM_ADMIN_PORT" \
+        timeout 300 "$KEELCTL" "$@"
+}
+log "keelctl demo: every kind of order through http://127.0.0.1:$KEEL_CHECKOUT_PORT"
+keelctl demo >&2
+log "keelctl audit"
+keelctl audit >&2
+
+# --- what it cost -----------------------------------------------------------------------------
+log "resident memory of the running stack:"
+mapfile -t running < <(compose ps -q)
+docker stats --no-stream --format '{{.Name}} {{.MemUsage}}' "${running[@]}" |
+    awk '{ split($2, a, /[A-Za-z]+/); v = a[1]; u = $2; sub(/^[0-9.]+/, "", u);
+           m = (u == "GiB") ? v * 1024 : (u == "KiB") ? v / 1024 : v; total += m;
+           printf "  %-40s %8.1f MiB\n", $1, m }
+         END { printf "  %-40s %8.1f MiB\n", "total", total }' >&2
+log "test-compose passed"
