@@ -94,6 +94,7 @@ pub async fn probe(url: &str, timeout: Duration) -> Result<(), ProbeError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
