@@ -41,7 +41,7 @@ FROM build AS pick
 ARG SERVICE
 RUN set -eu; \
     if [ -z "${SERVICE:-}" ] || [ ! -x "/out/${SERVICE}" ]; then \
-        echo "build argument SERVICE must name a service in infra/services.toml: $(ls /out | tr '\n' ' ')" >&2; \
+        echo "build argument SERVICE must name a service in infra/services.toml (got \"${SERVICE:-}\")" >&2; \
         exit 1; \
     fi; \
     cp "/out/${SERVICE}" /service

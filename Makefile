@@ -10,7 +10,7 @@ CARGO ?= cargo
 SCAFFOLD ?= $(CARGO) run -q -p keel-scaffold --
 
 .PHONY: help dev down status demo deps build tools test lint fmt bench new-service reset-dev-data mutants \
-	up down-compose test-compose
+	up down-compose test-compose kind-up kind-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,7 +54,8 @@ tools: ## test tools a fresh machine may lack (shellcheck, curl, cargo-nextest, 
 lint: tools ## formatting, clippy (warnings are errors), shellcheck, unused and forbidden dependencies
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	shellcheck infra/dev/*.sh infra/mutants/*.sh .ci/run
+	shellcheck -x infra/dev/*.sh infra/mutants/*.sh infra/compose/*.sh infra/compose/offline/*.sh \
+		infra/deploy/*.sh infra/k8s/*.sh k8s/overlays/kind/dependencies/postgres/*.sh .ci/run
 	@# Declared but unused dependencies (generated code's are listed in its crate's
 	@# [package.metadata.cargo-machete]); exits non-zero when it finds one.
 	$(CARGO) machete
@@ -65,6 +66,9 @@ lint: tools ## formatting, clippy (warnings are errors), shellcheck, unused and 
 test: deps lint ## the quality gates and the whole test suite (nextest, parallel)
 	infra/dev/clean-test-dbs.sh
 	$(CARGO) nextest run --workspace --no-fail-fast
+	@# compose.yaml and k8s/ without an engine or a cluster: valid, hadolint-clean, in step with
+	@# the registry and each service's check-config, and held to the Kubernetes policy.
+	infra/deploy/check.sh
 
 bench: deps ## release build; prints Keel-vs-baseline ratios and writes target/bench/report.json
 	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
@@ -87,6 +91,12 @@ down-compose: ## stop the compose stack and delete its volumes
 
 test-compose: ## compose.yaml brought up here for real (offline stand-in images), the demo's orders and keelctl audit through it, then down -v
 	infra/compose/test.sh
+
+kind-up: ## a kind cluster with Keel deployed (k8s/overlays/kind; docs/deploy/kind.md); needs kind and image pulls
+	infra/k8s/kind.sh up
+
+kind-down: ## delete the kind cluster
+	infra/k8s/kind.sh down
 
 fmt: ## format the code
 	$(CARGO) fmt --all

@@ -22,8 +22,10 @@ would look the same as one that holds.
 
 from __future__ import annotations
 
+import base64
 import copy
 import os
+import tempfile
 import re
 import subprocess
 import sys
@@ -189,6 +191,118 @@ def migrate_problems(rendered: dict, name: str) -> list[str]:
     return problems
 
 
+# ------------------------------------------------------------------------------------ kind --
+
+KUBECTL = os.environ.get("KEELDEV_KUBECTL") or str(ROOT / ".keel" / "venv" / "bin" / "kubectl")
+
+
+def render_kind() -> list[dict]:
+    """`kubectl kustomize k8s/overlays/kind`: what `kubectl apply -k` would send."""
+    kubectl = KUBECTL if Path(KUBECTL).exists() else "kubectl"
+    out = subprocess.run(
+        [kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / "kind")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def find(docs: list[dict], kind: str, name: str) -> dict | None:
+    return next(
+        (d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name), None
+    )
+
+
+def pod_env(docs: list[dict], pod: dict, container: dict, scratch: Path) -> dict[str, str]:
+    """A container's environment, its mounted Secrets' keys written to `scratch` and every
+    `*_FILE` path that points into a mount mapped to the written file."""
+    env = {e["name"]: str(e.get("value", "")) for e in container.get("env") or []}
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    files = {}
+    for mount in container.get("volumeMounts") or []:
+        secret = (volumes.get(mount["name"]) or {}).get("secret")
+        if not secret:
+            continue
+        obj = find(docs, "Secret", secret["secretName"])
+        if obj is None:
+            continue
+        data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+        data.update({k: v.encode() for k, v in (obj.get("stringData") or {}).items()})
+        for key, value in data.items():
+            path = scratch / secret["secretName"] / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(value)
+            files[f"{mount['mountPath'].rstrip('/')}/{key}"] = str(path)
+    for key, value in list(env.items()):
+        if key.endswith("_FILE") and value in files:
+            env[key] = files[value]
+    return env
+
+
+def kind_problems(docs: list[dict]) -> list[str]:
+    """Every way the rendered kind overlay disagrees with the registry, the defaults and each
+    service's own check-config."""
+    problems = []
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        for name, entry in SERVICES.items():
+            deployment = find(docs, "Deployment", name)
+            if deployment is None:
+                problems.append(f"kind: {name} (in the registry) has no Deployment")
+                continue
+            pod = deployment["spec"]["template"]["spec"]
+            container = next((c for c in pod["containers"] if c["name"] == name), None)
+            if container is None:
+                problems.append(f"kind: {name} Deployment has no container called {name}")
+                continue
+            code, values, err = check_config(name, pod_env(docs, pod, container, scratch))
+            if code != 0:
+                problems.append(f"kind: {name} check-config exited {code}: {err}")
+                continue
+            problems += wiring_problems("kind", name, entry, values)
+            # Container ports: the registry's, except the admin listener, loopback only.
+            want = {p for k, p in entry["ports"].items() if k != "admin"}
+            have = {p["containerPort"] for p in container.get("ports") or []}
+            if have != want:
+                problems.append(f"kind: {name} container ports {sorted(have)}, registry {sorted(want)}")
+            named = {p.get("name"): p["containerPort"] for p in container.get("ports") or []}
+            for probe, path in (("livenessProbe", "/livez"), ("readinessProbe", "/readyz")):
+                get = (container.get(probe) or {}).get("httpGet") or {}
+                port = named.get(get.get("port"), get.get("port"))
+                if get.get("path") != path or port != entry["ports"]["http"]:
+                    problems.append(
+                        f"kind: {name} {probe} is {get.get('path')} on {get.get('port')}, "
+                        f"expected {path} on {entry['ports']['http']}"
+                    )
+            stages = sum(seconds(values.get(f"shutdown.{s}", "0s")) for s in STAGES)
+            grace = pod.get("terminationGracePeriodSeconds", 30)
+            if grace < stages:
+                problems.append(f"kind: {name} terminationGracePeriodSeconds {grace} < its shutdown stages {stages:g}s")
+            if entry.get("database"):
+                job = find(docs, "Job", f"{name}-migrate")
+                if job is None:
+                    problems.append(f"kind: {name} has a database but no {name}-migrate Job")
+                else:
+                    jpod = job["spec"]["template"]["spec"]
+                    jc = jpod["containers"][0]
+                    if jc.get("args") != ["migrate", "--wait", "60s"]:
+                        problems.append(f"kind: {name}-migrate runs {jc.get('args')}")
+                    code, _, err = check_config(name, pod_env(docs, jpod, jc, scratch))
+                    if code != 0:
+                        problems.append(f"kind: {name}-migrate check-config exited {code}: {err}")
+            # What scales on a queue scales on one the service consumes.
+            for obj in docs:
+                if obj["kind"] != "ScaledObject" or obj["spec"]["scaleTargetRef"]["name"] != name:
+                    continue
+                for trigger in obj["spec"].get("triggers") or []:
+                    queue = (trigger.get("metadata") or {}).get("queueName")
+                    if queue is not None and queue not in entry.get("consumes", []):
+                        problems.append(f"kind: {name} scales on queue {queue}, which it does not consume")
+    return problems
+
+
 # ------------------------------------------------------------------------------ both places --
 
 
@@ -236,6 +350,54 @@ class Compose(unittest.TestCase):
 
     def test_compose_agrees_with_the_registry_the_defaults_and_check_config(self):
         self.assertEqual(compose_problems(self.rendered), [])
+
+
+class Kind(unittest.TestCase):
+    docs: list[dict]
+
+    @classmethod
+    def setUpClass(cls):
+        cls.docs = render_kind()
+
+    def test_the_kind_overlay_agrees_with_the_registry_the_defaults_and_check_config(self):
+        self.assertEqual(kind_problems(self.docs), [])
+
+    def broken(self, change) -> list[str]:
+        docs = copy.deepcopy(self.docs)
+        change(docs)
+        return kind_problems(docs)
+
+    def container(self, docs, name):
+        return find(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+
+    def test_bites_a_readiness_probe_on_the_wrong_path(self):
+        def change(docs):
+            self.container(docs, "checkout")["readinessProbe"]["httpGet"]["path"] = "/livez"
+        self.assertTrue(any("checkout readinessProbe" in p for p in self.broken(change)))
+
+    def test_bites_an_environment_check_config_refuses(self):
+        def change(docs):
+            self.container(docs, "billing")["env"].append({"name": "KEEL_GRPC__PORTT", "value": "1"})
+        self.assertTrue(any("billing check-config exited 78" in p for p in self.broken(change)))
+
+    def test_bites_a_port_off_the_registry(self):
+        def change(docs):
+            for e in self.container(docs, "notification")["env"]:
+                if e["name"] == "KEEL_HTTP__PORT":
+                    e["value"] = "9082"
+        problems = self.broken(change)
+        self.assertTrue(any("notification http.port = 9082" in p for p in problems), problems)
+
+    def test_bites_a_grace_period_shorter_than_the_stages(self):
+        def change(docs):
+            find(docs, "Deployment", "psp-sim")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 30
+        self.assertTrue(any("psp-sim terminationGracePeriodSeconds" in p for p in self.broken(change)))
+
+    def test_bites_scaling_on_a_queue_not_consumed(self):
+        def change(docs):
+            so = next(d for d in docs if d["kind"] == "ScaledObject")
+            so["spec"]["triggers"][0]["metadata"]["queueName"] = "checkout.events"
+        self.assertTrue(any("scales on queue checkout.events" in p for p in self.broken(change)))
 
 
 class Bites(unittest.TestCase):
