@@ -44,7 +44,7 @@ cleanup() {
     set +e
     if ((rc != 0)); then
         warn "test-compose failed (exit $rc); the services' last log lines:"
-        compose logs --no-color --tail=30 >&2
+        compose logs --no-color --tail=15 >&2
     fi
     log "docker-compose down -v"
     timeout 180 docker-compose -p "$PROJECT" --project-directory "$ROOT" "${COMPOSE_FILES[@]}" \
@@ -61,7 +61,7 @@ trap 'exit 130' INT TERM
 # --- images ---------------------------------------------------------------------------------
 "$ROOT/infra/compose/offline/build.sh" all
 log "images:"
-docker image ls --format '  {{.Repository}}:{{.Tag}}  {{.Size}}' | grep -E '^  keel' | sort >&2
+docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | awk '/^keel/ { printf "  %-32s %s\n", $1, $2 }' | sort >&2
 
 # --- free loopback ports for everything compose publishes ------------------------------------
 read -r -a ports < <(python3 - <<'PY'
@@ -89,16 +89,24 @@ timeout 600 docker-compose -p "$PROJECT" --project-directory "$ROOT" "${COMPOSE_
     up -d --no-build >&2
 
 long_running=(postgres pgbouncer rabbitmq redis checkout billing notification psp-sim)
+restarted=""
 all_healthy() {
-    local svc id status
+    local svc id status restarts
     for svc in "${long_running[@]}"; do
         id=$(compose ps -q "$svc")
         [[ -n $id ]] || return 1
+        # A restart is a failure, not a slow start: `up` must converge without a restart loop.
+        restarts=$(docker inspect -f '{{.RestartCount}}' "$id" 2>/dev/null) || return 1
+        if ((restarts > 0)); then
+            restarted=$svc
+            return 0
+        fi
         status=$(docker inspect -f '{{.State.Health.Status}}' "$id" 2>/dev/null) || return 1
         [[ $status == healthy ]] || return 1
     done
 }
 wait_until 180 "every service to be healthy" all_healthy || die "the stack did not become healthy"
+[[ -z $restarted ]] || die "$restarted restarted while the stack came up (a restart loop)"
 log "every service healthy $((SECONDS - up_started)) s after up"
 
 # The one-shots ran once and exited 0 (a restart loop would show as a non-zero exit).
@@ -110,8 +118,10 @@ done
 # --- the journey, through the published ports -------------------------------------------------
 KEELCTL="${KEELDEV_BIN_DIR:-$ROOT/target/debug}/keelctl"
 [[ -x $KEELCTL ]] || cargo build -q -p keelctl --manifest-path "$ROOT/Cargo.toml"
+# `env -i`: keelctl, like the services, refuses KEEL_* variables it does not know, and this
+# script exported compose's (KEEL_CHECKOUT_PORT, ...).
 keelctl() {
-    env KEEL_STACK__HOST=127.0.0.1 \
+    env -i PATH="$PATH" HOME="$HOME" KEEL_STACK__HOST=127.0.0.1 \
         KEEL_STACK__PGBOUNCER_PORT="$KEEL_PGBOUNCER_PORT" \
         KEEL_RABBITMQ__MANAGEMENT_URL="http://127.0.0.1:$KEEL_RABBITMQ_MANAGEMENT_PORT" \
         KEEL_RABBITMQ__USERNAME=keel KEEL_RABBITMQ__PASSWORD=keel_dev \

@@ -4,6 +4,7 @@
 #   keel-base/debian:bookworm   a minimal Debian made here with debootstrap (about 35 s once)
 #   keel-offline/{postgres,rabbitmq,redis,pgbouncer}
 #                               stand-ins for compose.yaml's third-party images (./Dockerfile)
+#   keel-offline/runtime        the runtime base (distroless "cc"'s stand-in)
 #   keel-offline/rust           the build stage's base: this machine's own Rust toolchain
 #   keel/<service>:dev          Keel's images, from the real Dockerfile at the root, with its
 #                               base images overridden by build arguments
@@ -76,7 +77,7 @@ context() {
 stand_ins() {
     local ctx target
     ctx=$(context)
-    for target in postgres rabbitmq redis pgbouncer rust; do
+    for target in postgres rabbitmq redis pgbouncer runtime rust; do
         log "building keel-offline/$target"
         docker build -q --target "$target" --build-arg BASE_IMAGE="$BASE" \
             -t "keel-offline/$target:$TAG" "$ctx" >/dev/null
@@ -92,7 +93,7 @@ keel_images() {
         docker build -q \
             --build-arg SERVICE="$service" \
             --build-arg RUST_IMAGE="keel-offline/rust:$TAG" \
-            --build-arg RUNTIME_IMAGE="$BASE" \
+            --build-arg RUNTIME_IMAGE="keel-offline/runtime:$TAG" \
             --build-arg REVISION="$(git -C "$KEELDEV_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
             -t "keel/$service:$TAG" "$KEELDEV_ROOT" >/dev/null
     done
