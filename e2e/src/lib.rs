@@ -8,11 +8,15 @@
 //! Every journey test ends with [`Journey::assert_audit_passes`]: keelctl's invariants over
 //! the three databases and the broker must hold once every row is past the audit's time gates,
 //! and each check the test's scenario feeds ([`Examines`]) must have examined rows, so no check
-//! passes merely because it had nothing to look at.
+//! passes merely because it had nothing to look at. [`rolling::Rolling`] starts the same
+//! journey with every hop a restart would break behind a readiness-aware balancer, so a test
+//! can replace its services one at a time while orders flow.
 //!
 //! The service crates are dependencies only for their embedded default configs and migrators
 //! (the template databases); the services themselves run as processes.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+pub mod rolling;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -101,70 +105,45 @@ pub const E2E_CUSTOMER: &str = "cust-e2e";
 
 impl Journey {
     pub async fn start(options: Options) -> Self {
-        let (checkout_db, billing_db, notification_db, vhost) = tokio::join!(
-            TestDb::create("checkout", &checkout::MIGRATOR),
-            TestDb::create("billing", &billing::MIGRATOR),
-            TestDb::create("notification", &notification::MIGRATOR),
-            TestVhost::create(),
-        );
-        let common = |db: &TestDb| {
-            let mut env = db.env();
-            env.extend(kv(&[
-                ("KEEL_HTTP__PORT", "0".into()),
-                ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s".into()),
-            ]));
-            env
-        };
+        let (checkout_db, billing_db, notification_db, vhost) = own_data().await;
+        // No drain delay: nothing routes to these processes but the test itself.
+        let drain = Duration::ZERO;
         let psp_port = reserve_port();
 
-        let mut billing_env = common(&billing_db);
-        billing_env.extend(kv(&[
-            ("KEEL_GRPC__PORT", "0".into()),
-            ("KEEL_PSP__BASE_URL", format!("http://127.0.0.1:{psp_port}")),
-            ("KEEL_AMQP__URL", vhost.url()),
-        ]));
+        let billing_env = billing_env(
+            &billing_db,
+            drain,
+            &format!("http://127.0.0.1:{psp_port}"),
+            &vhost,
+        );
         let billing = ServiceProcess::spawn(&bin("billing"), &[], &billing_env).await;
         let grpc_addr = logged_addr(&billing, "grpc_addr");
 
         let psp = ServiceProcess::spawn(
             &bin("psp-sim"),
             &[],
-            &kv(&[
-                ("KEEL_HTTP__PORT", psp_port.to_string()),
-                ("KEEL_ADMIN__PORT", "0".into()),
-                ("KEEL_FAULTS__SLOW_DELAY", secs(options.psp_slow_delay)),
-                ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s".into()),
-                (
-                    "KEEL_WEBHOOK__URL",
-                    format!("{}/v1/webhooks/psp", billing.base_url()),
-                ),
-            ]),
+            &psp_env(
+                &options,
+                psp_port,
+                &format!("{}/v1/webhooks/psp", billing.base_url()),
+            ),
         )
         .await;
 
-        let mut notification_env = common(&notification_db);
-        notification_env.push(("KEEL_AMQP__URL".into(), vhost.url()));
+        let notification_env = notification_env(&notification_db, drain, &vhost);
         let notification =
             ServiceProcess::spawn(&bin("notification"), &[], &notification_env).await;
 
         let billing_link = FaultProxy::start(grpc_addr).await;
-        let mut checkout_env = common(&checkout_db);
-        checkout_env.extend(kv(&[
-            (
-                "KEEL_BILLING__GRPC_URL",
-                format!("http://{}", billing_link.addr()),
-            ),
-            ("KEEL_BILLING__CALL_TIMEOUT", secs(options.call_timeout)),
-            ("KEEL_SAGA__DEADLINE", secs(options.saga_deadline)),
-            ("KEEL_SAGA__LEASE", secs(options.saga_lease)),
-            ("KEEL_AMQP__URL", vhost.url()),
-        ]));
+        let checkout_env = checkout_env(
+            &checkout_db,
+            drain,
+            &options,
+            &format!("http://{}", billing_link.addr()),
+            &vhost,
+        );
         let checkout = ServiceProcess::spawn(&bin("checkout"), &[], &checkout_env).await;
-        let api_key = keelctl::api_keys::issue(&checkout_db.admin_url(), E2E_CUSTOMER)
-            .await
-            .unwrap()
-            .expose()
-            .to_owned();
+        let api_key = issue_api_key(&checkout_db).await;
 
         let journey = Self {
             checkout_db,
@@ -177,21 +156,18 @@ impl Journey {
             checkout,
             billing_link,
             checkout_env,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
+            http: http_client(),
             api_key,
         };
-        for p in [
-            &journey.checkout,
-            &journey.billing,
-            &journey.notification,
-            &journey.psp,
-        ] {
-            journey.wait_ready(&p.base_url()).await;
-        }
+        journey.wait_all_ready().await;
         journey
+    }
+
+    /// Waits until every process's `/readyz` answers 200.
+    async fn wait_all_ready(&self) {
+        for p in [&self.checkout, &self.billing, &self.notification, &self.psp] {
+            self.wait_ready(&p.base_url()).await;
+        }
     }
 
     async fn wait_ready(&self, base: &str) {
@@ -490,6 +466,103 @@ pub fn order_body(token: &str, lines: &[(&str, u32)]) -> Value {
         "payment_token": token,
         "lines": lines.iter().map(|(sku, q)| serde_json::json!({"sku": sku, "quantity": q})).collect::<Vec<_>>(),
     })
+}
+
+/// A journey's own data: the three services' databases and a vhost, created at once.
+async fn own_data() -> (TestDb, TestDb, TestDb, TestVhost) {
+    // On the heap: four set-ups in flight at once make a future too large to keep on the
+    // caller's stack (clippy::large_futures).
+    Box::pin(async {
+        tokio::join!(
+            TestDb::create("checkout", &checkout::MIGRATOR),
+            TestDb::create("billing", &billing::MIGRATOR),
+            TestDb::create("notification", &notification::MIGRATOR),
+            TestVhost::create(),
+        )
+    })
+    .await
+}
+
+/// What every service process of a journey gets: its database, port 0, and `drain` as its
+/// `shutdown.drain_delay`.
+fn service_env(db: &TestDb, drain: Duration) -> Vec<(String, String)> {
+    let mut env = db.env();
+    env.extend(kv(&[
+        ("KEEL_HTTP__PORT", "0".into()),
+        ("KEEL_SHUTDOWN__DRAIN_DELAY", secs(drain)),
+    ]));
+    env
+}
+
+/// billing's variables: the provider at `psp_url`, events on `vhost`.
+fn billing_env(
+    db: &TestDb,
+    drain: Duration,
+    psp_url: &str,
+    vhost: &TestVhost,
+) -> Vec<(String, String)> {
+    let mut env = service_env(db, drain);
+    env.extend(kv(&[
+        ("KEEL_GRPC__PORT", "0".into()),
+        ("KEEL_PSP__BASE_URL", psp_url.to_owned()),
+        ("KEEL_AMQP__URL", vhost.url()),
+    ]));
+    env
+}
+
+/// psp-sim's variables: its card API on `http_port` (0: any), webhooks to `webhook_url`. It is
+/// never drained: no test rolls it (see [`rolling`]).
+fn psp_env(options: &Options, http_port: u16, webhook_url: &str) -> Vec<(String, String)> {
+    kv(&[
+        ("KEEL_HTTP__PORT", http_port.to_string()),
+        ("KEEL_ADMIN__PORT", "0".into()),
+        ("KEEL_FAULTS__SLOW_DELAY", secs(options.psp_slow_delay)),
+        ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s".into()),
+        ("KEEL_WEBHOOK__URL", webhook_url.to_owned()),
+    ])
+}
+
+/// notification's variables: it consumes from `vhost`.
+fn notification_env(db: &TestDb, drain: Duration, vhost: &TestVhost) -> Vec<(String, String)> {
+    let mut env = service_env(db, drain);
+    env.push(("KEEL_AMQP__URL".into(), vhost.url()));
+    env
+}
+
+/// checkout's variables: billing's gRPC API at `billing_grpc_url`, the saga bounds of
+/// `options`, events on `vhost`.
+fn checkout_env(
+    db: &TestDb,
+    drain: Duration,
+    options: &Options,
+    billing_grpc_url: &str,
+    vhost: &TestVhost,
+) -> Vec<(String, String)> {
+    let mut env = service_env(db, drain);
+    env.extend(kv(&[
+        ("KEEL_BILLING__GRPC_URL", billing_grpc_url.to_owned()),
+        ("KEEL_BILLING__CALL_TIMEOUT", secs(options.call_timeout)),
+        ("KEEL_SAGA__DEADLINE", secs(options.saga_deadline)),
+        ("KEEL_SAGA__LEASE", secs(options.saga_lease)),
+        ("KEEL_AMQP__URL", vhost.url()),
+    ]));
+    env
+}
+
+/// An API key of [`E2E_CUSTOMER`] in checkout's database, issued as an operator does.
+async fn issue_api_key(checkout_db: &TestDb) -> String {
+    keelctl::api_keys::issue(&checkout_db.admin_url(), E2E_CUSTOMER)
+        .await
+        .unwrap()
+        .expose()
+        .to_owned()
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
 }
 
 fn secs(d: Duration) -> String {

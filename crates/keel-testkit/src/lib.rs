@@ -2,6 +2,7 @@
 // A test harness panics on purpose: a failed set-up is a failed test, with the reason.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod balancer;
 pub mod bench;
 mod broker;
 mod db;
@@ -13,6 +14,7 @@ mod stack;
 use std::future::Future;
 use std::time::Duration;
 
+pub use balancer::Balancer;
 pub use broker::{QueueCounts, TestBroker};
 pub use db::TestDb;
 pub use process::ServiceProcess;
