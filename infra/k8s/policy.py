@@ -309,7 +309,14 @@ def check_service_deployment(w: Workload, autoscaled: set[str], root: Path) -> l
     v: list[Violation] = []
     spec = w.obj.get("spec", {})
     rolling = (spec.get("strategy") or {}).get("rollingUpdate") or {}
-    if ((spec.get("strategy") or {}).get("type", "RollingUpdate") != "RollingUpdate"
+    # One exception, stated where it is made: a single replica whose state lives in its memory
+    # (psp-sim) must not overlap with its successor, which would split that state; it is
+    # recreated, and says why in the annotation.
+    recreate_why = ((w.obj.get("metadata") or {}).get("annotations") or {}).get(
+        "keel.dev/recreate-because", "")
+    recreated = ((spec.get("strategy") or {}).get("type") == "Recreate"
+                 and spec.get("replicas") == 1 and recreate_why.strip())
+    if not recreated and ((spec.get("strategy") or {}).get("type", "RollingUpdate") != "RollingUpdate"
             or rolling.get("maxUnavailable") != 0 or rolling.get("maxSurge") != 1):
         v.append(Violation("rolling-update", w.ref,
                            f"strategy is {spec.get('strategy')!r}, not RollingUpdate with "

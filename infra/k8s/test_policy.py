@@ -191,6 +191,19 @@ class PolicyBites(unittest.TestCase):
             find(d, "Deployment", "billing")["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] = 1
         self.assert_rejected(change, "rolling-update", "Deployment/billing")
 
+    def test_recreate_without_its_stated_reason_is_rejected(self) -> None:
+        # psp-sim's Recreate is allowed only with the annotation that says why, on one replica.
+        def change(d: list[dict[str, Any]]) -> None:
+            del find(d, "Deployment", "psp-sim")["metadata"]["annotations"]["keel.dev/recreate-because"]
+        self.assert_rejected(change, "rolling-update", "Deployment/psp-sim")
+
+    def test_recreate_of_a_service_with_replicas_to_spare_is_rejected(self) -> None:
+        def change(d: list[dict[str, Any]]) -> None:
+            dep = find(d, "Deployment", "billing")
+            dep["spec"]["strategy"] = {"type": "Recreate"}
+            dep["metadata"].setdefault("annotations", {})["keel.dev/recreate-because"] = "no reason"
+        self.assert_rejected(change, "rolling-update", "Deployment/billing")
+
     def test_a_grace_period_shorter_than_the_shutdown_stages_is_rejected(self) -> None:
         def change(d: list[dict[str, Any]]) -> None:
             pod(d, "Deployment", "checkout")["terminationGracePeriodSeconds"] = 20
