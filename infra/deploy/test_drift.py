@@ -37,7 +37,24 @@ from urllib.parse import urlsplit
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(os.environ.get("KEELDEV_BIN_DIR", ROOT / "target" / "debug"))
+# Where the service binaries are: KEELDEV_BIN_DIRS (colon-separated, the first folder that has
+# a service's binary wins; the scaffolding test puts its scratch build of the new service
+# before this workspace's), else KEELDEV_BIN_DIR, else target/debug.
+BIN_DIRS = [
+    Path(d)
+    for d in (
+        os.environ.get("KEELDEV_BIN_DIRS")
+        or os.environ.get("KEELDEV_BIN_DIR")
+        or str(ROOT / "target" / "debug")
+    ).split(":")
+    if d
+]
+
+
+def binary(service: str) -> Path:
+    """The service's binary: the first of BIN_DIRS that has it (the first folder if none does)."""
+    return next((d / service for d in BIN_DIRS if (d / service).exists()), BIN_DIRS[0] / service)
+
 REGISTRY = tomllib.loads((ROOT / "infra" / "services.toml").read_text())["service"]
 SERVICES = {s["name"]: s for s in REGISTRY}
 
@@ -58,7 +75,7 @@ def check_config(service: str, env: dict[str, str]) -> tuple[int, dict[str, str]
     """Runs the service's own check-config with `env` only; returns (code, values, stderr)."""
     clean = {"PATH": "/usr/bin:/bin", **env}
     proc = subprocess.run(
-        [str(BIN / service), "check-config"],
+        [str(binary(service)), "check-config"],
         env=clean,
         capture_output=True,
         text=True,
@@ -478,7 +495,8 @@ class Bites(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    missing = [s for s in SERVICES if not (BIN / s).exists()]
+    missing = [s for s in SERVICES if not binary(s).exists()]
     if missing:
-        sys.exit(f"test_drift: build the services first (missing {', '.join(missing)} in {BIN})")
+        where = ", ".join(str(d) for d in BIN_DIRS)
+        sys.exit(f"test_drift: build the services first (missing {', '.join(missing)} in {where})")
     unittest.main(verbosity=2)

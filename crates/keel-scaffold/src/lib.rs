@@ -1,7 +1,9 @@
 #![doc = include_str!("../README.md")]
 
 mod commit;
+pub mod deploy;
 pub mod identifiers;
+pub mod k8s;
 mod name;
 pub mod registry;
 pub mod workspace;
@@ -9,7 +11,7 @@ pub mod workspace;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use commit::{File, Replace};
+use commit::{File, Folder, Replace};
 
 pub use name::{NameError, ServiceName};
 
@@ -31,8 +33,9 @@ pub const PLACEHOLDER: [&str; 3] = ["skeleton", "Skeleton", "SKELETON"];
 /// camel-cased name could.
 pub const MARKER_SUFFIX: &str = "Service";
 
-/// The template's placeholder HTTP port: `port = 8099` in its `config/default.toml` and
-/// `http = 8099` in its registry entry, each replaced by the port the generator picks.
+/// The template's placeholder HTTP port: `port = 8099` in its `config/default.toml`,
+/// `http = 8099` in its registry entry, and every 8099 of its compose entry and Kubernetes
+/// manifests, each replaced by the port the generator picks.
 pub const PLACEHOLDER_PORT: u16 = 8099;
 
 /// The one file of the template that sets the HTTP port.
@@ -106,6 +109,27 @@ fn set_port(text: &str, key: &str, port: u16, file: &str) -> Result<String, Scaf
     Ok(text.replace(&placeholder, &format!("{key} = {port}")))
 }
 
+/// `text` with every [`PLACEHOLDER_PORT`] that stands as a number of its own (not inside a
+/// longer one, as in 18099) replaced by `port`, and how many there were.
+pub(crate) fn replace_port(text: &str, port: u16) -> (String, usize) {
+    let placeholder = PLACEHOLDER_PORT.to_string();
+    let (mut out, mut count, mut last) = (String::with_capacity(text.len()), 0, 0);
+    for (at, _) in text.match_indices(&placeholder) {
+        let end = at + placeholder.len();
+        let digit_before = text[..at].ends_with(|c: char| c.is_ascii_digit());
+        let digit_after = text[end..].starts_with(|c: char| c.is_ascii_digit());
+        if digit_before || digit_after {
+            continue;
+        }
+        out.push_str(&text[last..at]);
+        out.push_str(&port.to_string());
+        last = end;
+        count += 1;
+    }
+    out.push_str(&text[last..]);
+    (out, count)
+}
+
 /// Every name the template's Rust files (`src/` and `tests/`) use at module level, lowercased,
 /// with one place it was found (`App` in `src/lib.rs`).
 fn template_names(
@@ -172,8 +196,8 @@ fn check_collisions(root: &Path, name: &ServiceName) -> Result<(), ScaffoldError
     Ok(())
 }
 
-/// Reads the template into memory, rendered. Build output (`target/`) is not part of it.
-fn render_template(
+/// Reads a template folder into memory, rendered. Build output (`target/`) is not part of it.
+pub(crate) fn render_template(
     dir: &Path,
     rel: &Path,
     name: &ServiceName,
@@ -289,24 +313,31 @@ pub fn new_service(root: &Path, raw_name: &str) -> Result<Scaffolded, ScaffoldEr
     }
     let new_manifest = workspace::add_member(&manifest, &member)?;
 
-    // 3. Write the folder, the registry entry and the workspace member all or nothing.
-    commit::apply(
-        &target,
-        &files,
-        &[
-            Replace {
-                path: registry_path,
-                old: old_registry.into_bytes(),
-                new: registry_text.into_bytes(),
-            },
-            Replace {
-                path: manifest_path,
-                old: manifest.into_bytes(),
-                new: new_manifest.into_bytes(),
-            },
-        ],
-        name.as_str(),
-    )?;
+    // Its place in the deployments: compose.yaml and the Kubernetes manifests.
+    let compose = deploy::plan(root, &name, http_port)?;
+    let cluster = k8s::plan(root, &name, http_port)?;
+
+    // 3. Write the folders and every file that names the service all or nothing: the
+    // service's folder first, the root manifest last (it is what makes cargo look for the
+    // folder).
+    let mut folders = vec![Folder {
+        path: target,
+        files,
+    }];
+    folders.extend(cluster.folders);
+    let mut replaces = compose;
+    replaces.extend(cluster.replaces);
+    replaces.push(Replace {
+        path: registry_path,
+        old: Some(old_registry.into_bytes()),
+        new: registry_text.into_bytes(),
+    });
+    replaces.push(Replace {
+        path: manifest_path,
+        old: Some(manifest.into_bytes()),
+        new: new_manifest.into_bytes(),
+    });
+    commit::apply(&folders, &replaces, name.as_str())?;
     Ok(Scaffolded {
         name,
         dir,

@@ -40,6 +40,8 @@ fn main() -> ExitCode {
                 "created {dir} (package and binary `{n}`, HTTP port {port})\n\
                  registered in infra/services.toml (database keel_{n}, roles {n}_owner/{n}_app, \
                  queue {n}.events, routing keys {n}.item.*) and as a workspace member\n\
+                 deployed by compose.yaml (services {n}-migrate and {n}, its secrets) and by \
+                 k8s/ (k8s/base/{n}, and in the kind overlay its image, Secret and database)\n\
                  next: `cargo nextest run -p {n}` (its tests), `make dev` (the stack, {n} on \
                  127.0.0.1:{port}), then\n  \
                  curl -si -X POST localhost:{port}/v1/items -H 'Idempotency-Key: k1' \

@@ -1,10 +1,14 @@
 //! What `make new-service` writes, checked on a scratch copy of the workspace's manifests,
-//! registry and template (no build): the placeholder is gone everywhere, the service has its
-//! own port, database, roles, queue and routing keys, keelctl accepts the registry it leaves,
-//! a name that cannot be used (malformed, taken, one of the template's own names, a
-//! dependency's) writes nothing at all, and neither does a write that fails halfway.
+//! registry, templates, compose.yaml and Kubernetes manifests (no build): the placeholder is
+//! gone everywhere, the service has its own port, database, roles, queue and routing keys,
+//! keelctl accepts the registry it leaves, compose and the kind overlay list it, a name that
+//! cannot be used (malformed, taken, one of the template's own names, a dependency's) writes
+//! nothing at all, and neither does a write that fails halfway. That what it writes into
+//! compose.yaml and k8s/ renders and passes the deployment checks is the proof of
+//! `scaffolded_service.rs`, which runs them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use keel_scaffold::{ScaffoldError, new_service};
@@ -26,7 +30,7 @@ fn copy_tree(from: &Path, to: &Path) {
 }
 
 /// A scratch root with what the generator reads: the root manifest and every member's,
-/// `Cargo.lock`, the registry and the template.
+/// `Cargo.lock`, the registry, the templates, compose.yaml with its secrets and `k8s/`.
 fn scratch(test: &str) -> PathBuf {
     let root = keel_testkit::workspace_root();
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("scaffold-{test}"));
@@ -49,7 +53,17 @@ fn scratch(test: &str) -> PathBuf {
     )
     .unwrap();
     copy_tree(&root.join("templates"), &dir.join("templates"));
+    std::fs::copy(root.join("compose.yaml"), dir.join("compose.yaml")).unwrap();
+    copy_tree(
+        &root.join("infra/compose/secrets"),
+        &dir.join("infra/compose/secrets"),
+    );
+    copy_tree(&root.join("k8s"), &dir.join("k8s"));
     dir
+}
+
+fn read(path: PathBuf) -> String {
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn files(dir: &Path) -> Vec<PathBuf> {
@@ -148,28 +162,140 @@ fn a_new_service_is_the_template_renamed_with_its_own_port_and_registry_entry() 
     let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
     let members = keel_scaffold::workspace::members(&manifest).unwrap();
     assert!(members.contains(&"services/inventory".to_owned()));
+
+    // compose.yaml: its migration and its service before the observability section, on its
+    // port; its database created by db-init; its secrets declared, and their files written.
+    let port = made.http_port;
+    let compose = read(root.join("compose.yaml"));
+    let observability = compose.find("  # --- observability").unwrap();
+    for expected in [
+        "\n  inventory-migrate:\n".to_owned(),
+        "\n  inventory:\n".to_owned(),
+        format!("${{KEEL_INVENTORY_PORT:-{port}}}:{port}\""),
+        format!("http://127.0.0.1:{port}/readyz"),
+    ] {
+        let at = compose
+            .find(&expected)
+            .unwrap_or_else(|| panic!("{expected} in compose.yaml"));
+        assert!(
+            at < observability,
+            "{expected} after the observability section"
+        );
+    }
+    assert!(
+        !compose.contains("8099"),
+        "the placeholder port in compose.yaml"
+    );
+    assert!(
+        compose.contains("      KEEL_DB_SERVICES: checkout,billing,notification,inventory\n"),
+        "db-init's list"
+    );
+    assert!(compose.ends_with(
+        "  inventory_database_url: { file: ./infra/compose/secrets/inventory_database_url }\n  \
+         inventory_database_migrate_url: { file: ./infra/compose/secrets/inventory_database_migrate_url }\n"
+    ));
+    let secrets = root.join("infra/compose/secrets");
+    assert_eq!(
+        read(secrets.join("inventory_database_url")),
+        "postgres://inventory_app:inventory_app_dev@pgbouncer:6432/keel_inventory"
+    );
+    assert_eq!(
+        read(secrets.join("inventory_database_migrate_url")),
+        "postgres://inventory_owner:inventory_owner_dev@postgres:5432/keel_inventory"
+    );
+
+    // k8s/base/inventory: every manifest of templates/k8s/base, renamed, on its port.
+    let base = root.join("k8s/base/inventory");
+    let k8s_template = root.join("templates/k8s/base");
+    assert_eq!(
+        rel(&base, files(&base)),
+        rel(&k8s_template, files(&k8s_template))
+    );
+    for file in files(&base) {
+        let text = read(file.clone());
+        assert!(
+            !text.to_lowercase().contains("skeleton"),
+            "{}",
+            file.display()
+        );
+        assert!(
+            !text.contains("8099"),
+            "{} keeps the placeholder port",
+            file.display()
+        );
+    }
+    let deployment = read(base.join("deployment.yaml"));
+    for expected in [
+        "  name: inventory\n".to_owned(),
+        "image: keel/inventory\n".to_owned(),
+        format!("containerPort: {port}\n"),
+        format!("value: \"{port}\"\n"),
+        "    keel.dev/database: \"true\"\n".to_owned(),
+        "secretName: inventory\n".to_owned(),
+    ] {
+        assert!(
+            deployment.contains(&expected),
+            "{expected} in:\n{deployment}"
+        );
+    }
+    assert!(
+        read(root.join("k8s/base/kustomization.yaml")).ends_with("  - psp-sim\n  - inventory\n")
+    );
+
+    // The kind overlay: its image pinned, its development Secret generated from its folder,
+    // its database created by the kind Postgres.
+    let kind = read(root.join("k8s/overlays/kind/kustomization.yaml"));
+    assert!(
+        kind.contains(
+            "  - { name: keel/psp-sim, newTag: dev }\n  - { name: keel/inventory, newTag: dev }\n"
+        ),
+        "{kind}"
+    );
+    assert!(
+        kind.contains(
+            "  - name: inventory\n    files:\n      - secrets/inventory/amqp-url\n      \
+             - secrets/inventory/database-migrate-url\n      - secrets/inventory/database-url\n"
+        ),
+        "{kind}"
+    );
+    let kind_secrets = root.join("k8s/overlays/kind/secrets/inventory");
+    assert_eq!(
+        read(kind_secrets.join("database-url")),
+        "postgres://inventory_app:inventory_app_dev@pgbouncer:6432/keel_inventory\n"
+    );
+    assert_eq!(
+        read(kind_secrets.join("database-migrate-url")),
+        "postgres://inventory_owner:inventory_owner_dev@postgres:5432/keel_inventory\n"
+    );
+    assert_eq!(
+        read(kind_secrets.join("amqp-url")),
+        "amqp://guest:guest@rabbitmq:5672/keel\n"
+    );
+    let roles = read(root.join("k8s/overlays/kind/dependencies/postgres/10-keel-roles.sh"));
+    assert!(
+        roles.contains("-v services=checkout,billing,notification,inventory "),
+        "{roles}"
+    );
 }
 
-/// What the generator may change: the root manifest, the registry, every file under
-/// `services/` and every file at the two folders' top (where its temporary files go).
-fn snapshot(root: &Path) -> (String, String, Option<Vec<PathBuf>>, Vec<PathBuf>) {
-    let top = |dir: &Path| -> Vec<PathBuf> {
-        std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect()
-    };
-    let mut tops = top(root);
-    tops.extend(top(&root.join("infra")));
-    tops.sort();
-    (
-        std::fs::read_to_string(root.join("Cargo.toml")).unwrap(),
-        std::fs::read_to_string(root.join("infra/services.toml")).unwrap(),
-        root.join("services")
-            .exists()
-            .then(|| files(&root.join("services"))),
-        tops,
-    )
+/// Every folder and file under the scratch root, with each file's content: whatever the
+/// generator writes, renames or leaves behind shows up here.
+fn snapshot(root: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    let mut dirs = vec![root.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let rel = path.strip_prefix(root).unwrap().to_owned();
+            if path.is_dir() {
+                out.insert(rel, None);
+                dirs.push(path);
+            } else {
+                out.insert(rel, Some(std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out
 }
 
 #[test]
@@ -211,6 +337,18 @@ fn two_new_services_get_two_ports() {
     let registry = keelctl::Registry::load(&root.join("infra/services.toml")).unwrap();
     let names: Vec<_> = registry.services.iter().map(|s| s.name.as_str()).collect();
     assert!(names.ends_with(&["inventory", "shipping"]), "{names:?}");
+    // Each list that names services gets both, in the registry's order.
+    assert!(
+        read(root.join("compose.yaml"))
+            .contains("KEEL_DB_SERVICES: checkout,billing,notification,inventory,shipping\n")
+    );
+    assert!(
+        read(root.join("k8s/base/kustomization.yaml")).ends_with("  - inventory\n  - shipping\n")
+    );
+    assert!(
+        read(root.join("k8s/overlays/kind/dependencies/postgres/10-keel-roles.sh"))
+            .contains("-v services=checkout,billing,notification,inventory,shipping ")
+    );
 }
 
 #[test]
@@ -277,18 +415,66 @@ fn a_name_that_once_shadowed_the_prelude_now_makes_a_service_with_unique_names()
 #[test]
 fn a_write_that_fails_halfway_leaves_nothing_half_written() {
     let root = scratch("halfway");
-    // Where the generator writes the root manifest's new text, something it did not make: by
-    // then the service's folder and the registry's new text are already written aside.
+    // Where the generator writes the root manifest's new text, the last it writes aside,
+    // something it did not make: by then the service's folders (its own and its Kubernetes
+    // ones), compose.yaml's, the kustomizations' and the registry's new texts and the new
+    // secret files are all written aside.
     std::fs::create_dir_all(root.join(".Cargo.toml.inventory.scaffolding/keep")).unwrap();
     let before = snapshot(&root);
     let err = new_service(&root, "inventory").unwrap_err();
     assert!(matches!(err, ScaffoldError::Io { .. }), "{err}");
+    let after = snapshot(&root);
+    for file in [
+        "compose.yaml",
+        "k8s/base/kustomization.yaml",
+        "k8s/overlays/kind/kustomization.yaml",
+        "k8s/overlays/kind/dependencies/postgres/10-keel-roles.sh",
+    ] {
+        assert_eq!(
+            after[Path::new(file)],
+            before[Path::new(file)],
+            "{file} changed"
+        );
+    }
+    for absent in [
+        "services/inventory",
+        "k8s/base/inventory",
+        "k8s/overlays/kind/secrets/inventory",
+        "infra/compose/secrets/inventory_database_url",
+        "infra/compose/secrets/inventory_database_migrate_url",
+    ] {
+        assert!(!root.join(absent).exists(), "{absent} was left behind");
+    }
     assert_eq!(
-        snapshot(&root),
-        before,
-        "no folder, no registry entry, no member, no temporary file"
+        after, before,
+        "no folder, no entry, no member, no secret, no temporary file"
     );
     // Once the obstacle is gone, the same name goes through: nothing was left to refuse it.
     std::fs::remove_dir_all(root.join(".Cargo.toml.inventory.scaffolding")).unwrap();
     new_service(&root, "inventory").unwrap();
+}
+
+#[test]
+fn a_deployment_file_reshaped_by_hand_is_refused_and_nothing_is_written() {
+    let root = scratch("reshaped");
+    let kind = root.join("k8s/overlays/kind/kustomization.yaml");
+    let text = read(kind.clone()).replace("\nimages:\n", "\nimages: # pinned\n");
+    std::fs::write(&kind, text).unwrap();
+    let before = snapshot(&root);
+    let err = new_service(&root, "inventory").unwrap_err();
+    assert!(matches!(err, ScaffoldError::Template { .. }), "{err}");
+    assert!(err.to_string().contains("images:"), "{err}");
+    assert_eq!(snapshot(&root), before, "nothing written");
+
+    // A service whose Kubernetes folder exists (made by hand, say) is refused by name.
+    let root = scratch("k8s-taken");
+    std::fs::create_dir_all(root.join("k8s/base/inventory")).unwrap();
+    let before = snapshot(&root);
+    let err = new_service(&root, "inventory").unwrap_err();
+    assert!(matches!(err, ScaffoldError::Taken { .. }), "{err}");
+    assert!(
+        err.to_string().contains("k8s/base/inventory exists"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&root), before, "nothing written");
 }

@@ -1,7 +1,11 @@
 //! The proof that `make new-service` gives a working service: scaffold one into a scratch
 //! copy of the workspace with the real Makefile target, then build it and run its own tests
 //! (health, exit 78, least privilege, inbox dedupe, SIGTERM with a request in flight, the
-//! idempotent resource) against the real Postgres, pgbouncer and RabbitMQ.
+//! idempotent resource) against the real Postgres, pgbouncer and RabbitMQ. Then the copy's
+//! deployment checks, which now include the new service: `infra/k8s/check.sh` (the kind
+//! overlay rendered, schema-validated, held to the policy) and the drift test
+//! (`infra/deploy/test_drift.py`: the new service's own `check-config` on the environment
+//! compose and the kind overlay give it, and its wiring against its registry entry).
 //!
 //! Kept fast by reuse, but never of this workspace's own build: the copy and its target dir
 //! (`CARGO_TARGET_DIR`) live at fixed places under `target/scaffold-test/`, and files are
@@ -12,13 +16,17 @@
 //! artifacts by its path *relative to the workspace root*, which the copy shares, so the two
 //! trees would overwrite each other's artifacts, each with the other tree's absolute paths
 //! inside (`env!("CARGO_MANIFEST_DIR")`, the dep-info cargo checks for changes) — a test of
-//! this workspace would then read the copy's registry. The elapsed time is printed
+//! this workspace would then read the copy's registry. The deployment checks reuse what
+//! this workspace has: its Python tools (`.keel/venv`, linked into the copy, so check.sh
+//! installs nothing) and its service binaries (the drift test looks in the copy's build for
+//! the new service, then in this workspace's `target/debug` for the others, which `make
+//! test` has built by then); they add a few seconds. The elapsed time of each step is printed
 //! (`--no-capture` shows it).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What a build of one service needs from the workspace (not its history, docs or outputs).
 const COPIED: &[&str] = &[
@@ -31,6 +39,8 @@ const COPIED: &[&str] = &[
     "e2e",
     "templates",
     "infra",
+    "compose.yaml",
+    "k8s",
 ];
 
 const NAME: &str = "inventory";
@@ -93,6 +103,39 @@ fn run(what: &str, mut cmd: Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// Runs the copy's deployment checks (see the module docs); returns how long they took.
+fn deployment_checks(root: &Path, scratch: &Path, target: &Path) -> Duration {
+    let started = Instant::now();
+    // This workspace's pinned kubectl, kubernetes-validate and PyYAML: linked, not installed
+    // again. check.sh would reinstall only for other pins, and the copy's are these.
+    let venv = root.join(".keel/venv");
+    if venv.join("bin/python").exists() {
+        std::fs::create_dir_all(scratch.join(".keel")).unwrap();
+        std::os::unix::fs::symlink(&venv, scratch.join(".keel/venv")).unwrap();
+    }
+    let check = clean(Command::new(scratch.join("infra/k8s/check.sh")));
+    run("infra/k8s/check.sh in the copy", check);
+
+    // check.sh has made sure the venv exists; its Python has PyYAML, all the drift test needs.
+    let python = scratch.join(".keel/venv/bin/python");
+    let mut drift = clean(Command::new(&python));
+    drift
+        .current_dir(scratch)
+        .arg(scratch.join("infra/deploy/test_drift.py"))
+        .env(
+            "KEELDEV_BIN_DIRS",
+            format!(
+                "{}:{}",
+                target.join("debug").display(),
+                target_dir(root).join("debug").display()
+            ),
+        );
+    // It checks every service of the copy's registry, the new one included; a binary missing
+    // from both folders fails it by name.
+    run("infra/deploy/test_drift.py in the copy", drift);
+    started.elapsed()
 }
 
 fn target_dir(root: &Path) -> PathBuf {
@@ -162,11 +205,18 @@ fn a_scaffolded_service_builds_and_passes_its_own_tests() {
         .lines()
         .find(|l| l.trim_start().starts_with("Summary"))
         .unwrap_or("(no summary)");
+    assert!(summary.contains("passed"), "{report}");
+    let tested = started.elapsed();
+
+    // Built for its process tests; the drift test asks it for its configuration.
+    assert!(target.join("debug").join(NAME).exists());
+    let checks = deployment_checks(&root, &scratch, &target);
     eprintln!(
-        "scaffolded `{NAME}` and ran its tests in {:.1?} (copy, generate, roles {:.1?}): {}",
+        "scaffolded `{NAME}`, ran its tests and the deployment checks in {:.1?} (copy, \
+         generate, roles {copied:.1?}; build and tests {:.1?}; k8s check and drift test \
+         {checks:.1?}): {}",
         started.elapsed(),
-        copied,
+        tested - copied,
         summary.trim()
     );
-    assert!(summary.contains("passed"), "{report}");
 }

@@ -6,7 +6,8 @@
 # file outside the overlay; infra/k8s/test_policy.py fails if the copy drifts.
 #
 # The list is the registry's services with `database = true` (infra/services.toml); the same
-# test checks it. No extra role pairs: those are for the platform's own tests.
+# test checks it, and `make new-service` appends a new service's name to it. No extra role
+# pairs: those are for the platform's own tests.
 set -euo pipefail
 
 psql -v ON_ERROR_STOP=1 --no-psqlrc --username "$POSTGRES_USER" --dbname postgres \
