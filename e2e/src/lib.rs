@@ -105,16 +105,17 @@ pub const E2E_CUSTOMER: &str = "cust-e2e";
 
 impl Journey {
     pub async fn start(options: Options) -> Self {
-        let (checkout_db, billing_db, notification_db, vhost) = own_data().await;
+        let data = own_data().await;
+        let (billing_db, vhost) = (&data.billing_db, &data.vhost);
         // No drain delay: nothing routes to these processes but the test itself.
         let drain = Duration::ZERO;
         let psp_port = reserve_port();
 
         let billing_env = billing_env(
-            &billing_db,
+            billing_db,
             drain,
             &format!("http://127.0.0.1:{psp_port}"),
-            &vhost,
+            vhost,
         );
         let billing = ServiceProcess::spawn(&bin("billing"), &[], &billing_env).await;
         let grpc_addr = logged_addr(&billing, "grpc_addr");
@@ -130,15 +131,36 @@ impl Journey {
         )
         .await;
 
+        Self::complete(data, &options, drain, psp, billing, grpc_addr).await
+    }
+
+    /// The rest of a start, once psp-sim and billing run: notification, the checkout → billing
+    /// link (a [`FaultProxy`] to `billing_grpc`), checkout, an API key; returns when every
+    /// service is ready. Shared by [`Journey::start`] and `Rolling::start` (which hands it a
+    /// balancer's address as `billing_grpc`).
+    pub(crate) async fn complete(
+        data: Data,
+        options: &Options,
+        drain: Duration,
+        psp: ServiceProcess,
+        billing: ServiceProcess,
+        billing_grpc: std::net::SocketAddr,
+    ) -> Self {
+        let Data {
+            checkout_db,
+            billing_db,
+            notification_db,
+            vhost,
+        } = data;
         let notification_env = notification_env(&notification_db, drain, &vhost);
         let notification =
             ServiceProcess::spawn(&bin("notification"), &[], &notification_env).await;
 
-        let billing_link = FaultProxy::start(grpc_addr).await;
+        let billing_link = FaultProxy::start(billing_grpc).await;
         let checkout_env = checkout_env(
             &checkout_db,
             drain,
-            &options,
+            options,
             &format!("http://{}", billing_link.addr()),
             &vhost,
         );
@@ -468,11 +490,19 @@ pub fn order_body(token: &str, lines: &[(&str, u32)]) -> Value {
     })
 }
 
-/// A journey's own data: the three services' databases and a vhost, created at once.
-async fn own_data() -> (TestDb, TestDb, TestDb, TestVhost) {
+/// A journey's own data: the three services' databases and a vhost.
+pub(crate) struct Data {
+    pub(crate) checkout_db: TestDb,
+    pub(crate) billing_db: TestDb,
+    pub(crate) notification_db: TestDb,
+    pub(crate) vhost: TestVhost,
+}
+
+/// Creates a journey's [`Data`], all at once.
+async fn own_data() -> Data {
     // On the heap: four set-ups in flight at once make a future too large to keep on the
     // caller's stack (clippy::large_futures).
-    Box::pin(async {
+    let (checkout_db, billing_db, notification_db, vhost) = Box::pin(async {
         tokio::join!(
             TestDb::create("checkout", &checkout::MIGRATOR),
             TestDb::create("billing", &billing::MIGRATOR),
@@ -480,7 +510,13 @@ async fn own_data() -> (TestDb, TestDb, TestDb, TestVhost) {
             TestVhost::create(),
         )
     })
-    .await
+    .await;
+    Data {
+        checkout_db,
+        billing_db,
+        notification_db,
+        vhost,
+    }
 }
 
 /// What every service process of a journey gets: its database, port 0, and `drain` as its

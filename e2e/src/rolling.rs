@@ -36,12 +36,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use keel_testkit::balancer::{FAILURE_THRESHOLD, PROBE_INTERVAL, PROBE_TIMEOUT};
-use keel_testkit::{Balancer, FaultProxy, ServiceProcess, eventually};
+use keel_testkit::{Balancer, ServiceProcess, eventually};
 
-use crate::{
-    Journey, Options, billing_env, bin, checkout_env, http_client, issue_api_key, logged_addr,
-    notification_env, own_data, psp_env,
-};
+use crate::{Journey, Options, billing_env, bin, logged_addr, notification_env, own_data, psp_env};
 
 /// `shutdown.drain_delay` of every rolled service: readiness is false this long before its
 /// listeners close. The balancer usually sees the 503 within half a second; this covers its
@@ -92,7 +89,7 @@ impl Rolling {
     /// Starts the journey behind its balancers; returns once every service is ready and
     /// routed to.
     pub async fn start(options: Options) -> Self {
-        let (checkout_db, billing_db, notification_db, vhost) = own_data().await;
+        let data = own_data().await;
         let checkout_lb = Balancer::start().await;
         let billing_grpc_lb = Balancer::start().await;
         let billing_http_lb = Balancer::start().await;
@@ -109,37 +106,21 @@ impl Rolling {
             ),
         )
         .await;
-        let billing_env = billing_env(&billing_db, DRAIN_DELAY, &psp.base_url(), &vhost);
+        let billing_env = billing_env(&data.billing_db, DRAIN_DELAY, &psp.base_url(), &data.vhost);
         let billing = ServiceProcess::spawn(&bin("billing"), &[], &billing_env).await;
-        let notification_env = notification_env(&notification_db, DRAIN_DELAY, &vhost);
-        let notification =
-            ServiceProcess::spawn(&bin("notification"), &[], &notification_env).await;
-        let billing_link = FaultProxy::start(billing_grpc_lb.addr()).await;
-        let checkout_env = checkout_env(
-            &checkout_db,
-            DRAIN_DELAY,
+        // checkout reaches billing's gRPC through its balancer, behind the journey's link.
+        let journey = Journey::complete(
+            data,
             &options,
-            &format!("http://{}", billing_link.addr()),
-            &vhost,
-        );
-        let checkout = ServiceProcess::spawn(&bin("checkout"), &[], &checkout_env).await;
-        let api_key = issue_api_key(&checkout_db).await;
-
-        let journey = Journey {
-            checkout_db,
-            billing_db,
-            notification_db,
-            vhost,
+            DRAIN_DELAY,
             psp,
             billing,
-            notification,
-            checkout,
-            billing_link,
-            checkout_env,
-            http: http_client(),
-            api_key,
-        };
-        journey.wait_all_ready().await;
+            billing_grpc_lb.addr(),
+        )
+        .await;
+        // The same environment `complete` gave notification, for its replacements.
+        let notification_env =
+            notification_env(&journey.notification_db, DRAIN_DELAY, &journey.vhost);
         let rolling = Self {
             journey,
             checkout_lb,
