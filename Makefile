@@ -86,8 +86,9 @@ mutants: deps ## mutation testing of the pattern modules (slow, not part of test
 up: ## the whole stack under docker compose (pulls public images; builds Keel's); PROFILE=observability adds traces and metrics
 	infra/compose/compose.sh $(if $(PROFILE),--profile $(PROFILE)) up -d --build
 
-down-compose: ## stop the compose stack and delete its volumes
+down-compose: ## stop the compose stack and delete its volumes (and the project-local engine, if make up started one)
 	infra/compose/compose.sh --profile observability down -v --remove-orphans
+	infra/compose/engine.sh stop
 
 test-compose: ## compose.yaml brought up here for real (offline stand-in images), the demo's orders and keelctl audit through it, then down -v
 	infra/compose/test.sh

@@ -8,7 +8,8 @@
 # one, and the newer client at /usr/local/bin has no buildx to fall back on).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-eval "$("$ROOT/infra/compose/engine.sh" start)"
+engine=$("$ROOT/infra/compose/engine.sh" start) || exit 1
+eval "$engine"
 export DOCKER_HOST
 cd "$ROOT"
 if docker compose version >/dev/null 2>&1; then

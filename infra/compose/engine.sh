@@ -2,15 +2,18 @@
 # A Docker engine for `make test-compose` and `make up`, on a machine that may have none.
 #
 #   engine.sh start   prints `export DOCKER_HOST=...` for an engine that answers: the one the
-#                     environment already points at, else a project-local dockerd under
-#                     .keel/docker/ (started here, as root; Debian's docker.io, installed if
-#                     missing) whose pid this script records
-#   engine.sh stop    stops the project-local dockerd, if this script started one; an engine it
+#                     environment already points at, else the system's (/var/run/docker.sock),
+#                     else a project-local dockerd under .keel/docker/, started here (as root;
+#                     Debian's docker.io is installed then, and only then, if dockerd is
+#                     missing); exits non-zero, printing nothing, when none can be had
+#   engine.sh stop    stops the project-local dockerd, if one runs (its pid file); an engine it
 #                     did not start is never touched
 #
-# Why a project-local daemon and not the system's: CI and a developer's laptop may have no
-# daemon running (or one we must not reconfigure); this one lives and dies with the test, its
-# images and volumes under .keel/docker/root, and nothing else on the machine sees it.
+# Why a project-local daemon at all: CI machines have no daemon running. It keeps its images,
+# volumes and build cache under .keel/docker/root (several GB; delete the folder to reclaim
+# them). It is not isolated from the host's networking: like any dockerd it uses the docker0
+# bridge and adds iptables chains and IP forwarding, which stay after it stops. Hence a system
+# engine that answers is always preferred, and two daemons are never run side by side.
 set -euo pipefail
 
 # shellcheck source-path=SCRIPTDIR source=../dev/lib.sh
@@ -23,38 +26,46 @@ PIDFILE="$D/dockerd.pid"
 # newer client at /usr/local/bin cannot without buildx.
 DOCKER=/usr/bin/docker
 
-answers() { DOCKER_HOST=$1 timeout 10 "$DOCKER" info >/dev/null 2>&1; }
+# Debian's client, or whatever docker the machine has (only `info` is asked of it here).
+answers() {
+    local client=$DOCKER
+    [[ -x $client ]] || client=$(command -v docker) || return 1
+    DOCKER_HOST=$1 timeout 10 "$client" info >/dev/null 2>&1
+}
 
-ensure_packages() {
-    # docker.io: dockerd and a client that builds with BuildKit; docker-compose 1.29 (the
-    # Compose v2 plugin is not packaged for Debian 12); debootstrap for the base image.
-    [[ -x /usr/sbin/dockerd && -x /usr/bin/docker ]] || apt_install docker.io
+# The tools `make test-compose` uses besides the engine: Debian's docker client (BuildKit
+# without buildx), docker-compose 1.29 (Compose v2 is not packaged for Debian 12), debootstrap.
+ensure_tools() {
+    [[ -x /usr/bin/docker ]] || apt_install docker.io
     command -v docker-compose >/dev/null || apt_install docker-compose
     command -v debootstrap >/dev/null || apt_install debootstrap
 }
 
 start() {
-    ensure_packages
-    if [[ -n ${DOCKER_HOST:-} ]] && answers "$DOCKER_HOST"; then
-        printf 'export DOCKER_HOST=%q\n' "$DOCKER_HOST"
-        return 0
-    fi
-    if answers "unix://$SOCK"; then
-        printf 'export DOCKER_HOST=%q\n' "unix://$SOCK"
-        return 0
-    fi
+    local host
+    for host in "${DOCKER_HOST:-}" unix:///var/run/docker.sock "unix://$SOCK"; do
+        if [[ -n $host ]] && answers "$host"; then
+            ensure_tools
+            printf 'export DOCKER_HOST=%q\n' "$host"
+            return 0
+        fi
+    done
     need_root "starting a project-local dockerd"
+    command -v dockerd >/dev/null || apt_install docker.io
+    ensure_tools
     mkdir -p "$D/root" "$D/exec"
     log "starting a project-local dockerd ($D)"
-    # Its own data root, exec root, socket and pid file: nothing shared with a system engine.
-    # --iptables stays on: compose's published ports and container egress (apt, crates.io)
-    # need its NAT rules; they are removed again when the daemon stops.
-    nohup /usr/sbin/dockerd \
+    # Its own data root, exec root, socket and pid file. --iptables stays on: compose's
+    # published ports and the builds' egress (apt, crates.io) need its NAT rules.
+    nohup "$(command -v dockerd)" \
         --data-root "$D/root" --exec-root "$D/exec" \
         --host "unix://$SOCK" --pidfile "$PIDFILE" \
         >"$D/dockerd.log" 2>&1 &
-    wait_until 60 "dockerd to answer on $SOCK" answers "unix://$SOCK" ||
+    local pid=$!
+    if ! wait_until 60 "dockerd to answer on $SOCK" answers "unix://$SOCK"; then
+        kill -TERM "$pid" 2>/dev/null || true
         die "dockerd did not start; see $D/dockerd.log"
+    fi
     printf 'export DOCKER_HOST=%q\n' "unix://$SOCK"
 }
 

@@ -29,26 +29,28 @@ compose() { docker-compose -p "$PROJECT" --project-directory "$ROOT" "${COMPOSE_
 docker() { /usr/bin/docker "$@"; }
 
 # --- engine ---------------------------------------------------------------------------------
+# The trap first: whatever happens from here on (a failed start, Ctrl-C during a wait), the
+# stack comes down and an engine this run started is stopped.
 engine_was_up=false
-if [[ -n ${DOCKER_HOST:-} ]] && DOCKER_HOST=$DOCKER_HOST timeout 10 /usr/bin/docker info >/dev/null 2>&1; then
-    engine_was_up=true
-elif [[ -S $KEELDEV_HOME/docker/docker.sock ]] &&
-    DOCKER_HOST=unix://$KEELDEV_HOME/docker/docker.sock timeout 10 /usr/bin/docker info >/dev/null 2>&1; then
-    engine_was_up=true
-fi
-eval "$("$ROOT/infra/compose/engine.sh" start)"
-export DOCKER_HOST
+for host in "${DOCKER_HOST:-}" unix:///var/run/docker.sock "unix://$KEELDEV_HOME/docker/docker.sock"; do
+    if [[ -n $host ]] && [[ -x /usr/bin/docker ]] && DOCKER_HOST=$host timeout 10 /usr/bin/docker info >/dev/null 2>&1; then
+        engine_was_up=true
+        break
+    fi
+done
 
 cleanup() {
     local rc=$?
     set +e
-    if ((rc != 0)); then
-        warn "test-compose failed (exit $rc); the services' last log lines:"
-        compose logs --no-color --tail=15 >&2
+    if [[ -n ${DOCKER_HOST:-} ]]; then
+        if ((rc != 0)); then
+            warn "test-compose failed (exit $rc); the services' last log lines:"
+            compose logs --no-color --tail=15 >&2
+        fi
+        log "docker-compose down -v"
+        timeout 180 docker-compose -p "$PROJECT" --project-directory "$ROOT" "${COMPOSE_FILES[@]}" \
+            down -v --remove-orphans >/dev/null 2>&1 || warn "down did not finish"
     fi
-    log "docker-compose down -v"
-    timeout 180 docker-compose -p "$PROJECT" --project-directory "$ROOT" "${COMPOSE_FILES[@]}" \
-        down -v --remove-orphans >/dev/null 2>&1 || warn "down did not finish"
     if [[ $engine_was_up == false ]]; then
         "$ROOT/infra/compose/engine.sh" stop
     fi
@@ -58,7 +60,13 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+engine=$("$ROOT/infra/compose/engine.sh" start) || die "no Docker engine (infra/compose/engine.sh start failed)"
+eval "$engine"
+export DOCKER_HOST
+
 # --- images ---------------------------------------------------------------------------------
+# compose.yaml and the override read KEEL_IMAGE_TAG; build.sh tags with KEELDEV_IMAGE_TAG.
+export KEEL_IMAGE_TAG=${KEELDEV_IMAGE_TAG:-dev}
 "$ROOT/infra/compose/offline/build.sh" all
 log "images:"
 docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | awk '/^keel/ { printf "  %-32s %s\n", $1, $2 }' | sort >&2
@@ -117,7 +125,10 @@ done
 
 # --- the journey, through the published ports -------------------------------------------------
 KEELCTL="${KEELDEV_BIN_DIR:-$ROOT/target/debug}/keelctl"
-[[ -x $KEELCTL ]] || cargo build -q -p keelctl --manifest-path "$ROOT/Cargo.toml"
+if [[ ! -x $KEELCTL ]]; then
+    cargo build -q -p keelctl --manifest-path "$ROOT/Cargo.toml"
+    KEELCTL="$ROOT/target/debug/keelctl"
+fi
 # `env -i`: keelctl, like the services, refuses KEEL_* variables it does not know, and this
 # script exported compose's (KEEL_CHECKOUT_PORT, ...).
 keelctl() {

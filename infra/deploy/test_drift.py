@@ -157,10 +157,6 @@ def compose_problems(rendered: dict) -> list[str]:
             want.discard(entry["ports"]["grpc"])  # checkout's only, never published
         if container_ports(svc) != want:
             problems.append(f"compose: {name} publishes {sorted(container_ports(svc))}, registry ports {sorted(want)}")
-        for p in svc.get("ports") or []:
-            host_ip = p.get("host_ip") if isinstance(p, dict) else str(p).split(":")[0]
-            if host_ip != "127.0.0.1":
-                problems.append(f"compose: {name} publishes {p} beyond 127.0.0.1")
         # Health: the service's own probe of its readiness on its HTTP port.
         test = " ".join((svc.get("healthcheck") or {}).get("test") or [])
         ready = f"http://127.0.0.1:{entry['ports']['http']}/readyz"
@@ -180,6 +176,12 @@ def compose_problems(rendered: dict) -> list[str]:
             problems.append(f"compose: {name} allows privilege escalation")
         if entry.get("database"):
             problems += migrate_problems(rendered, name)
+    # Every published port of every service, Keel's or not, binds to loopback by default.
+    for name, svc in services.items():
+        for p in svc.get("ports") or []:
+            host_ip = p.get("host_ip") if isinstance(p, dict) else str(p).split(":")[0]
+            if host_ip != "127.0.0.1":
+                problems.append(f"compose: {name} publishes {p} beyond 127.0.0.1")
     # The one-shot that creates roles and databases serves exactly the registry's databases.
     wanted = sorted(n for n, e in SERVICES.items() if e.get("database"))
     listed = sorted(
@@ -461,6 +463,11 @@ class Bites(unittest.TestCase):
         def change(r):
             r["services"]["psp-sim"]["ports"][1] = {"target": 8091, "published": 8091, "host_ip": "0.0.0.0"}
         self.assert_named(self.broken(change), "psp-sim", "beyond 127.0.0.1")
+
+    def test_a_dependency_published_beyond_loopback(self):
+        def change(r):
+            r["services"]["postgres"]["ports"] = [{"target": 5432, "published": 5432, "host_ip": "0.0.0.0"}]
+        self.assert_named(self.broken(change), "postgres", "beyond 127.0.0.1")
 
     def test_a_health_check_on_the_wrong_port(self):
         def change(r):

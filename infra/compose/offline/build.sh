@@ -13,6 +13,8 @@
 # the engine are reused, and BuildKit's cache mounts keep cargo's registry and target/ between
 # runs, so a second run costs only what changed.
 set -euo pipefail
+# A failing command inside $(...) (the build context, the pgbouncer binary) stops the script.
+shopt -s inherit_errexit
 
 # shellcheck source-path=SCRIPTDIR source=../../dev/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/../../dev/lib.sh"
