@@ -43,8 +43,11 @@ status: ## what runs where
 	infra/dev/stack.sh status
 	infra/dev/services.sh status
 
-tools: ## test tools a fresh machine may lack (shellcheck, curl, cargo-nextest, cargo-deny, cargo-machete); fast when present
+tools: ## test tools a fresh machine may lack (shellcheck, curl, docker-compose, cargo-nextest, cargo-deny, cargo-machete); fast when present
 	command -v shellcheck >/dev/null && command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq shellcheck curl; }
+	@# docker-compose renders compose.yaml for the drift test, which the scaffolding test also
+	@# runs (before infra/deploy/check.sh would install it); no engine is needed for that.
+	command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose; }
 	command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
 	@# Pinned: deny.toml's format and machete's findings are those of these versions. A first
 	@# install compiles both from source (a few minutes); afterwards this line costs nothing.
