@@ -116,3 +116,31 @@ ORDER BY s.service
 
 DROP TABLE keel_roles;
 DROP TABLE keel_services;
+
+-- PgBouncer's lookup role (compose and kind; P14). PgBouncer finds a client's SCRAM verifier
+-- with its auth_query, logged in as this role, which can do one thing: call the function
+-- below. The function runs as its owner (SECURITY DEFINER, the superuser that runs this file)
+-- because pg_shadow is superuser-only, and it never answers for a superuser: no superuser can
+-- log in through the pooler, and PgBouncer's own secret is this role's password, not the
+-- superuser's. (`make dev`'s loopback-only pgbouncer still looks roles up as postgres.)
+SELECT 'CREATE ROLE keel_pgbouncer LOGIN'
+WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'keel_pgbouncer')
+\gexec
+ALTER ROLE keel_pgbouncer LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
+    INHERIT PASSWORD 'keel_pgbouncer_dev';
+SET client_min_messages = warning;  -- no "already exists, skipping" on every re-run
+CREATE SCHEMA IF NOT EXISTS pgbouncer;
+REVOKE ALL ON SCHEMA pgbouncer FROM PUBLIC;
+-- A set, not a record: for a superuser or an unknown name it returns no row, which PgBouncer
+-- reports as a failed login (a NULL record would read as a configuration error).
+DROP FUNCTION IF EXISTS pgbouncer.user_lookup(text);
+CREATE FUNCTION pgbouncer.user_lookup(i_username text)
+RETURNS TABLE (uname text, phash text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog
+AS $$
+    SELECT usename::text, passwd::text FROM pg_catalog.pg_shadow
+    WHERE usename = i_username AND NOT usesuper
+$$;
+REVOKE ALL ON FUNCTION pgbouncer.user_lookup(text) FROM PUBLIC;
+GRANT USAGE ON SCHEMA pgbouncer TO keel_pgbouncer;
+GRANT EXECUTE ON FUNCTION pgbouncer.user_lookup(text) TO keel_pgbouncer;
