@@ -15,5 +15,9 @@ cd "$ROOT"
 if docker compose version >/dev/null 2>&1; then
     exec docker compose "$@"
 fi
+command -v docker-compose >/dev/null || {
+    echo "compose.sh: neither \`docker compose\` (v2) nor docker-compose is installed" >&2
+    exit 69
+}
 export COMPOSE_DOCKER_CLI_BUILD=1 DOCKER_BUILDKIT=1
 PATH="/usr/bin:$PATH" exec docker-compose "$@"

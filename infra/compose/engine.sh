@@ -8,6 +8,9 @@
 #                     missing); exits non-zero, printing nothing, when none can be had
 #   engine.sh stop    stops the project-local dockerd, if one runs (its pid file); an engine it
 #                     did not start is never touched
+#   engine.sh tools   installs what `make test-compose` needs besides an engine (Debian's
+#                     docker client, docker-compose, debootstrap); `make up` needs none of it
+#                     when an engine answers, so `start` installs nothing then
 #
 # Why a project-local daemon at all: CI machines have no daemon running. It keeps its images,
 # volumes and build cache under .keel/docker/root (several GB; delete the folder to reclaim
@@ -45,14 +48,12 @@ start() {
     local host
     for host in "${DOCKER_HOST:-}" unix:///var/run/docker.sock "unix://$SOCK"; do
         if [[ -n $host ]] && answers "$host"; then
-            ensure_tools
             printf 'export DOCKER_HOST=%q\n' "$host"
             return 0
         fi
     done
     need_root "starting a project-local dockerd"
     command -v dockerd >/dev/null || apt_install docker.io
-    ensure_tools
     mkdir -p "$D/root" "$D/exec"
     log "starting a project-local dockerd ($D)"
     # Its own data root, exec root, socket and pid file. --iptables stays on: compose's
@@ -87,8 +88,9 @@ stop() {
 case "${1:-}" in
 start) start ;;
 stop) stop ;;
+tools) ensure_tools ;;
 *)
-    echo "usage: $0 start|stop" >&2
+    echo "usage: $0 start|stop|tools" >&2
     exit 64
     ;;
 esac

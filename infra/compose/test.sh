@@ -29,6 +29,7 @@ compose() { docker-compose -p "$PROJECT" --project-directory "$ROOT" "${COMPOSE_
 docker() { /usr/bin/docker "$@"; }
 
 # --- engine ---------------------------------------------------------------------------------
+"$ROOT/infra/compose/engine.sh" tools
 # The trap first: whatever happens from here on (a failed start, Ctrl-C during a wait), the
 # stack comes down and an engine this run started is stopped.
 engine_was_up=false
