@@ -462,3 +462,33 @@ fn the_keelctl_overrides_of_make_dev_name_every_registered_service() {
         }
     }
 }
+
+#[test]
+fn an_admin_port_gives_an_admin_url_that_an_override_replaces() {
+    // psp-sim's fault knobs listen on its registry `admin` port: keelctl derives the URL from
+    // [stack] as it does the HTTP one, and KEEL_PSP_SIM__ADMIN_URL points it elsewhere (compose
+    // publishes the port on another host port; make test-compose relies on it).
+    let derived: keelctl::Config = keel_testkit::config(keelctl::DEFAULT_CONFIG, &[]);
+    let targets = derived.targets().unwrap();
+    let psp = targets.get("psp-sim").unwrap();
+    let admin = psp.service.port("admin").unwrap();
+    assert_eq!(
+        psp.admin_url.as_deref(),
+        Some(format!("http://127.0.0.1:{admin}").as_str())
+    );
+    assert_eq!(
+        targets.get("checkout").unwrap().admin_url,
+        None,
+        "no admin port, no URL"
+    );
+
+    let overridden: keelctl::Config = keel_testkit::config(
+        keelctl::DEFAULT_CONFIG,
+        &[("KEEL_PSP_SIM__ADMIN_URL", "http://127.0.0.1:18091/")],
+    );
+    let targets = overridden.targets().unwrap();
+    assert_eq!(
+        targets.get("psp-sim").unwrap().admin_url.as_deref(),
+        Some("http://127.0.0.1:18091")
+    );
+}
