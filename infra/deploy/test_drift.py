@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import os
 import tempfile
 import re
@@ -93,6 +94,7 @@ def check_config(service: str, env: dict[str, str]) -> tuple[int, dict[str, str]
 # --------------------------------------------------------------------------------- compose --
 
 
+@functools.cache
 def render_compose() -> dict:
     """`docker-compose config` of compose.yaml, with the checked-in defaults (no KEEL_* port
     or image overrides from the caller's environment)."""
@@ -215,6 +217,7 @@ def migrate_problems(rendered: dict, name: str) -> list[str]:
 KUBECTL = os.environ.get("KEELDEV_KUBECTL") or str(ROOT / ".keel" / "venv" / "bin" / "kubectl")
 
 
+@functools.cache
 def render_kind() -> list[dict]:
     """`kubectl kustomize k8s/overlays/kind`: what `kubectl apply -k` would send."""
     kubectl = KUBECTL if Path(KUBECTL).exists() else "kubectl"
@@ -360,7 +363,18 @@ def wiring_problems(place: str, name: str, entry: dict, values: dict[str, str]) 
 # ----------------------------------------------------------------------------------- tests --
 
 
-class Compose(unittest.TestCase):
+class Checks(unittest.TestCase):
+    """Renders are cached per run (render_compose/render_kind): every test reads the same one,
+    and a test that breaks it breaks a deep copy."""
+
+    def assert_named(self, problems: list[str], *words: str):
+        self.assertTrue(
+            any(all(w in p for w in words) for p in problems),
+            f"no problem names {words}: {problems}",
+        )
+
+
+class Compose(Checks):
     rendered: dict
 
     @classmethod
@@ -371,7 +385,7 @@ class Compose(unittest.TestCase):
         self.assertEqual(compose_problems(self.rendered), [])
 
 
-class Kind(unittest.TestCase):
+class Kind(Checks):
     docs: list[dict]
 
     @classmethod
@@ -392,34 +406,33 @@ class Kind(unittest.TestCase):
     def test_bites_a_readiness_probe_on_the_wrong_path(self):
         def change(docs):
             self.container(docs, "checkout")["readinessProbe"]["httpGet"]["path"] = "/livez"
-        self.assertTrue(any("checkout readinessProbe" in p for p in self.broken(change)))
+        self.assert_named(self.broken(change), "checkout readinessProbe")
 
     def test_bites_an_environment_check_config_refuses(self):
         def change(docs):
             self.container(docs, "billing")["env"].append({"name": "KEEL_GRPC__PORTT", "value": "1"})
-        self.assertTrue(any("billing check-config exited 78" in p for p in self.broken(change)))
+        self.assert_named(self.broken(change), "billing check-config exited 78")
 
     def test_bites_a_port_off_the_registry(self):
         def change(docs):
             for e in self.container(docs, "notification")["env"]:
                 if e["name"] == "KEEL_HTTP__PORT":
                     e["value"] = "9082"
-        problems = self.broken(change)
-        self.assertTrue(any("notification http.port = 9082" in p for p in problems), problems)
+        self.assert_named(self.broken(change), "notification http.port = 9082")
 
     def test_bites_a_grace_period_shorter_than_the_stages(self):
         def change(docs):
             find(docs, "Deployment", "psp-sim")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 30
-        self.assertTrue(any("psp-sim terminationGracePeriodSeconds" in p for p in self.broken(change)))
+        self.assert_named(self.broken(change), "psp-sim terminationGracePeriodSeconds")
 
     def test_bites_scaling_on_a_queue_not_consumed(self):
         def change(docs):
             so = next(d for d in docs if d["kind"] == "ScaledObject")
             so["spec"]["triggers"][0]["metadata"]["queueName"] = "checkout.events"
-        self.assertTrue(any("scales on queue checkout.events" in p for p in self.broken(change)))
+        self.assert_named(self.broken(change), "scales on queue checkout.events")
 
 
-class Bites(unittest.TestCase):
+class Bites(Checks):
     """Each rule, shown to fire on a copy of the real render broken in one way."""
 
     @classmethod
@@ -430,12 +443,6 @@ class Bites(unittest.TestCase):
         copy_ = copy.deepcopy(self.rendered)
         change(copy_)
         return compose_problems(copy_)
-
-    def assert_named(self, problems: list[str], *words: str):
-        self.assertTrue(
-            any(all(w in p for w in words) for p in problems),
-            f"no problem names {words}: {problems}",
-        )
 
     def test_a_port_off_the_registry(self):
         def change(r):
