@@ -8,6 +8,8 @@
 #                     missing); exits non-zero, printing nothing, when none can be had
 #   engine.sh stop    stops the project-local dockerd, if one runs (its pid file); an engine it
 #                     did not start is never touched
+#   engine.sh running prints the DOCKER_HOST of an engine that answers now (the one the
+#                     environment names, the system's, or the project-local one), or exits 1
 #   engine.sh tools   installs what `make test-compose` needs besides an engine (Debian's
 #                     docker client, docker-compose, debootstrap); `make up` needs none of it
 #                     when an engine answers, so `start` installs nothing then
@@ -44,14 +46,24 @@ ensure_tools() {
     command -v debootstrap >/dev/null || apt_install debootstrap
 }
 
-start() {
+# The engine that answers now, in order of preference; fails when none does.
+running() {
     local host
     for host in "${DOCKER_HOST:-}" unix:///var/run/docker.sock "unix://$SOCK"; do
         if [[ -n $host ]] && answers "$host"; then
-            printf 'export DOCKER_HOST=%q\n' "$host"
+            printf '%s\n' "$host"
             return 0
         fi
     done
+    return 1
+}
+
+start() {
+    local host
+    if host=$(running); then
+        printf 'export DOCKER_HOST=%q\n' "$host"
+        return 0
+    fi
     need_root "starting a project-local dockerd"
     command -v dockerd >/dev/null || apt_install docker.io
     mkdir -p "$D/root" "$D/exec"
@@ -88,9 +100,10 @@ stop() {
 case "${1:-}" in
 start) start ;;
 stop) stop ;;
+running) running ;;
 tools) ensure_tools ;;
 *)
-    echo "usage: $0 start|stop|tools" >&2
+    echo "usage: $0 start|stop|running|tools" >&2
     exit 64
     ;;
 esac

@@ -33,12 +33,7 @@ docker() { /usr/bin/docker "$@"; }
 # The trap first: whatever happens from here on (a failed start, Ctrl-C during a wait), the
 # stack comes down and an engine this run started is stopped.
 engine_was_up=false
-for host in "${DOCKER_HOST:-}" unix:///var/run/docker.sock "unix://$KEELDEV_HOME/docker/docker.sock"; do
-    if [[ -n $host ]] && [[ -x /usr/bin/docker ]] && DOCKER_HOST=$host timeout 10 /usr/bin/docker info >/dev/null 2>&1; then
-        engine_was_up=true
-        break
-    fi
-done
+"$ROOT/infra/compose/engine.sh" running >/dev/null && engine_was_up=true
 
 cleanup() {
     local rc=$?
