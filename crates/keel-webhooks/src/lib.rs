@@ -4,6 +4,7 @@
 //! checks on the receiving side).
 
 pub mod key;
+pub mod send;
 pub mod verify;
 
 use std::time::{SystemTime, UNIX_EPOCH};
