@@ -9,7 +9,7 @@ CARGO ?= cargo
 # What `make new-service` runs; the scaffolding test passes the binary it already built.
 SCAFFOLD ?= $(CARGO) run -q -p keel-scaffold --
 
-.PHONY: help dev down status demo deps build tools test lint fmt bench new-service reset-dev-data mutants \
+.PHONY: help dev down status demo deps build tools test lint fmt bench new-service reset-dev-data mutants rabbitmq-definitions \
 	up down-compose test-compose kind-up kind-down
 
 help: ## list the targets
@@ -80,6 +80,12 @@ bench: deps ## release build; prints Keel-vs-baseline ratios and writes target/b
 	$(CARGO) build --profile bench --workspace --bins --example bare_axum
 	$(CARGO) bench --workspace --bench keel
 	$(CARGO) bench --workspace --bench journey
+
+rabbitmq-definitions: ## rewrite infra/rabbitmq/definitions.json from the code (topology, per-service users); commit the result
+	$(CARGO) build --bins
+	KEEL_BLESS=1 $(CARGO) nextest run -p keel-e2e --test rabbitmq_definitions the_definitions_file_is_what_the_code_renders
+	@# The kind overlay loads a copy (kustomize takes no file from outside its folder).
+	cp infra/rabbitmq/definitions.json k8s/overlays/kind/dependencies/rabbitmq/definitions.json
 
 mutants: deps ## mutation testing of the pattern modules (slow, not part of test); MODULES=a,b for a subset
 	infra/mutants/run.sh

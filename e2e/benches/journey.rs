@@ -70,7 +70,7 @@ async fn sink(url: &str) -> (Connection, lapin::Channel) {
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    keel_amqp::topology::declare_exchange(&ch).await.unwrap();
+    keel_amqp::topology::declare_exchanges(&ch).await.unwrap();
     ch.queue_declare(
         QUEUE.into(),
         QueueDeclareOptions {

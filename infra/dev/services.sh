@@ -66,7 +66,8 @@ service_env() {
     echo "KEEL_DATABASE__MIGRATE_URL=postgres://${svc}_owner:${svc}_owner_dev@127.0.0.1:${PG_PORT}/keel_${svc}"
   fi
   if reg_has "$svc" broker; then
-    echo "KEEL_AMQP__URL=amqp://guest:guest@127.0.0.1:${AMQP_PORT}/keel"
+    # Its own user (infra/rabbitmq/definitions.json), least privilege as in compose and kind.
+    echo "KEEL_AMQP__URL=amqp://${svc}:${svc}_dev@127.0.0.1:${AMQP_PORT}/keel"
   fi
   for key in $(reg_get "$svc" env); do
     echo "$key=$(reg_expand "$(reg_get "$svc" "env.$key")")"

@@ -326,6 +326,48 @@ up_rabbitmq() {
         -d '{"configure":".*","write":".*","read":".*"}' \
         "$base/permissions/$AMQP_VHOST/$AMQP_MGMT_USER" ||
         die "could not grant $AMQP_MGMT_USER on vhost $AMQP_VHOST"
+    import_rabbitmq_definitions "$base"
+}
+
+# The topology and the per-service users of infra/rabbitmq/definitions.json (the file compose
+# and kind load at broker boot), imported into the running node: the services connect as their
+# own least-privilege users, as they do there. Idempotent. The import skips a queue that exists
+# with other arguments (left by an older Keel), and the service declaring it would then fail
+# with 406 PRECONDITION_FAILED: such a queue is named, deleted (in this development vhost; its
+# messages are discarded, as the log says) and imported again.
+import_rabbitmq_definitions() {
+    local base="$1" file="$KEELDEV_ROOT/infra/rabbitmq/definitions.json" out queues stale q
+    [[ -f $file ]] || die "$file is missing (make rabbitmq-definitions writes it)"
+    out=$(post_definitions "$base" "$file") || die "RabbitMQ refused $file: $out"
+    queues=$(mktemp)
+    curl -fsS -m 10 -u "$AMQP_MGMT_USER:$AMQP_MGMT_PASSWORD" -o "$queues" \
+        "$base/queues/$AMQP_VHOST?columns=name,arguments" ||
+        die "could not list the queues of RabbitMQ vhost $AMQP_VHOST"
+    stale=$(python3 "$KEELDEV_ROOT/infra/rabbitmq/stale_queues.py" "$file" "$queues")
+    rm -f "$queues"
+    [[ -z $stale ]] && return 0
+    for q in $stale; do
+        warn "rabbitmq: queue $q in vhost $AMQP_VHOST has other arguments than $file (an older Keel's); deleting it, with its messages"
+        curl -fsS -o /dev/null -m 10 -u "$AMQP_MGMT_USER:$AMQP_MGMT_PASSWORD" -X DELETE \
+            "$base/queues/$AMQP_VHOST/$q" || die "could not delete RabbitMQ queue $q"
+    done
+    out=$(post_definitions "$base" "$file") || die "RabbitMQ refused $file: $out"
+}
+
+# POSTs a definitions file; prints the broker's answer when it is not a success.
+post_definitions() {
+    local base="$1" file="$2" code body
+    body=$(mktemp)
+    code=$(curl -sS -o "$body" -w '%{http_code}' -m 30 -u "$AMQP_MGMT_USER:$AMQP_MGMT_PASSWORD" \
+        -H 'content-type: application/json' -X POST --data-binary "@$file" \
+        "$base/definitions") || code=000
+    if [[ $code == 2?? ]]; then
+        rm -f "$body"
+        return 0
+    fi
+    printf 'HTTP %s %s' "$code" "$(head -c 500 "$body")"
+    rm -f "$body"
+    return 1
 }
 
 start_local_rabbitmq() {

@@ -2,6 +2,7 @@
 
 mod broker;
 pub mod consumer;
+pub mod definitions;
 pub mod publisher;
 pub mod relay;
 pub mod topology;
@@ -19,9 +20,16 @@ pub enum AmqpError {
     /// A broker operation did not finish within its bound.
     #[error("{0} timed out")]
     Timeout(&'static str),
-    /// The broker refused a message (`basic.nack`): it was not stored.
+    /// The broker refused a message (`basic.nack`): it was not stored (a full queue with
+    /// `reject-publish`, or broker trouble).
     #[error("broker nacked the message")]
     Nacked,
+    /// A `mandatory` message no queue was bound to: returned by the broker, not stored.
+    #[error("unroutable: no queue bound to {routing_key:?} on {exchange:?}")]
+    Unroutable {
+        exchange: String,
+        routing_key: String,
+    },
     /// A name the AMQP protocol cannot carry (longer than 255 bytes).
     #[error("invalid name: {0}")]
     InvalidName(String),

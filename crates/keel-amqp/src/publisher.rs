@@ -11,9 +11,11 @@
 //! `type` = event type, `timestamp` (unix seconds), `content_type = application/json`,
 //! `delivery_mode = 2` (persistent), header `traceparent`; routing key = event type.
 //!
-//! Not `mandatory`: an event nobody has subscribed to yet is dropped by the topic exchange by
-//! design (publish/subscribe); a consumer's durable queue must exist before the events it
-//! wants are published, which declaring it at start-up gives.
+//! Every publish is `mandatory`: a message the broker cannot route is returned, and is an
+//! error of that message ([`AmqpError::Unroutable`]), never a silent drop. On `keel.events`
+//! an event nobody has subscribed to yet is not unroutable: the exchange's alternate exchange
+//! keeps it in `keel.unrouted` ([`crate::topology`]). A nack (a full queue refusing with
+//! `reject-publish`) is [`AmqpError::Nacked`].
 //!
 //! Must not break: after a deadline the channel is discarded, because a late confirm on it
 //! could otherwise be mistaken for one of the next batch's.
@@ -120,7 +122,7 @@ impl Publisher {
         }
         if self.channel.is_none() {
             let channel = self.broker.channel().await?;
-            topology::declare_exchange(&channel).await?;
+            topology::declare_exchanges(&channel).await?;
             channel
                 .confirm_select(ConfirmSelectOptions::default())
                 .await?;
@@ -158,7 +160,10 @@ impl Publisher {
                 channel.basic_publish(
                     exchange.clone(),
                     routing_key,
-                    BasicPublishOptions::default(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
                     &message.body,
                     properties,
                 ),
@@ -179,7 +184,11 @@ impl Publisher {
                 Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
                     Err(_) => Err(AmqpError::Timeout("publisher confirm")),
                     Ok(Err(e)) => Err(AmqpError::from(e)),
-                    Ok(Ok(Confirmation::Ack(_))) => Ok(()),
+                    Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                    Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(AmqpError::Unroutable {
+                        exchange: topology::EXCHANGE.to_owned(),
+                        routing_key: returned.delivery.routing_key.to_string(),
+                    }),
                     Ok(Ok(Confirmation::Nack(_))) => Err(AmqpError::Nacked),
                     // Cannot happen on a confirm-mode channel; never count it as confirmed.
                     Ok(Ok(Confirmation::NotRequested)) => Err(AmqpError::Timeout("confirm mode")),
@@ -218,5 +227,41 @@ impl Publisher {
             )
             .await;
         }
+    }
+}
+
+/// Publishes one message with `mandatory` on a confirm-mode `channel` and waits (at most 10 s)
+/// for the broker's confirm: `Ok` only when the broker stored it. Unroutable (returned) and
+/// nacked are errors the caller sees. The consumer moves messages to tiers and DLQs with it;
+/// `keelctl dlq replay` sends them back with it.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), AmqpError> {
+    let confirm = channel
+        .basic_publish(
+            topology::short(exchange)?,
+            topology::short(routing_key)?,
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties,
+        )
+        .await?;
+    match tokio::time::timeout(Duration::from_secs(10), confirm).await {
+        Err(_) => Err(AmqpError::Timeout("publisher confirm")),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(_)))) => Err(AmqpError::Unroutable {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+        }),
+        Ok(Ok(Confirmation::Nack(_))) => Err(AmqpError::Nacked),
+        Ok(Ok(Confirmation::NotRequested)) => Err(AmqpError::Timeout("confirm mode")),
     }
 }

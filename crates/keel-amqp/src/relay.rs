@@ -317,8 +317,9 @@ struct Rules {
 /// the broker's or the network's.
 #[derive(Debug)]
 enum Refused {
-    /// The broker said no (`basic.nack`): it may say yes later (a full queue drains).
-    Nacked,
+    /// The broker said no (`basic.nack`), or returned it as unroutable: it may say yes later
+    /// (a full queue drains, a binding is added).
+    Broker(String),
     /// It can never be sent as it is (too large, a type AMQP cannot carry, not encodable):
     /// retrying only burns attempts, so it is parked at once.
     Never(String),
@@ -327,7 +328,7 @@ enum Refused {
 impl Refused {
     fn reason(&self) -> String {
         match self {
-            Self::Nacked => AmqpError::Nacked.to_string(),
+            Self::Broker(reason) => reason.clone(),
             Self::Never(reason) => reason.clone(),
         }
     }
@@ -337,7 +338,7 @@ impl Refused {
 fn refusal(row: &outbox::Pending, why: &Refused, rules: &Rules) -> outbox::Refusal {
     let attempts = u32::try_from(row.attempts).unwrap_or(0).saturating_add(1);
     let retry_in = match why {
-        Refused::Nacked if attempts < rules.max_attempts => Some(rules.retry.delay(attempts)),
+        Refused::Broker(_) if attempts < rules.max_attempts => Some(rules.retry.delay(attempts)),
         _ => None,
     };
     outbox::Refusal {
@@ -402,7 +403,9 @@ async fn relay_batch(
     for (row, result) in sendable.into_iter().zip(results) {
         match result {
             Ok(()) => confirmed.push(row.id),
-            Err(AmqpError::Nacked) => refused.push((row, Refused::Nacked)),
+            Err(e @ (AmqpError::Nacked | AmqpError::Unroutable { .. })) => {
+                refused.push((row, Refused::Broker(e.to_string())));
+            }
             Err(AmqpError::InvalidName(name)) => {
                 refused.push((row, Refused::Never(format!("invalid event type: {name}"))));
             }

@@ -1,7 +1,7 @@
 //! The consumer's queue discipline (P05) and clean stop (P20), against a real vhost: no more
 //! than `concurrency` handlers run at once, and stopping lets the running ones finish and ack
-//! while the messages nobody started go back to the queue. And what each answer does to the
-//! message: `Requeue` brings it back (redelivered, counted), `Reject` drops it.
+//! while the messages nobody started go back to the queue. What each answer does to the message
+//! (tiers, DLQ, panics) is `tests/dead_letters.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -55,7 +55,11 @@ fn config(prefetch: u16, concurrency: u16) -> ConsumerConfig {
         prefetch,
         concurrency,
         delivery_limit: 5,
+        max_length: 10_000,
+        retry_tiers: vec![Duration::from_millis(100)],
+        dead_letter_max_length: 1000,
         retry_max_backoff: Duration::from_millis(100),
+        depth_interval: Duration::from_secs(1),
     }
 }
 
@@ -174,76 +178,5 @@ async fn concurrency_is_bounded_and_stop_finishes_in_flight_messages() {
         || async { (ready(&conn).await? == ((MESSAGES - 2) as u32, 0)).then_some(()) },
     )
     .await;
-    broker.close().await;
-}
-
-/// `Outcome::Requeue` gives the message back to the queue (`nack` with requeue): it is
-/// delivered again, marked redelivered with its `x-delivery-count`, and a second answer can
-/// ack it. `Outcome::Reject` drops it for good (no dead-letter exchange here): never again.
-/// One message at a time (prefetch 1, one handler), so each is settled before the next is
-/// handed over and the order of events is the order published.
-#[tokio::test]
-async fn a_requeued_message_is_delivered_again_and_a_rejected_one_is_not() {
-    let vhost = TestVhost::create().await;
-    let stop = CancellationToken::new();
-    let broker = broker(&vhost);
-    // Every delivery as (message id, redelivered, x-delivery-count).
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let handler = {
-        let seen = seen.clone();
-        move |msg: Incoming| {
-            let id = msg.message_id.clone().unwrap();
-            let first = {
-                let mut seen = seen.lock().unwrap();
-                let first = !seen.iter().any(|(seen_id, _, _)| *seen_id == id);
-                seen.push((id.clone(), msg.redelivered, msg.delivery_count));
-                first
-            };
-            async move {
-                match id.as_str() {
-                    "requeue-me" if first => Outcome::Requeue,
-                    "reject-me" => Outcome::Reject,
-                    _ => Outcome::Ack,
-                }
-            }
-        }
-    };
-    let consumer = keel_amqp::consumer::spawn(
-        broker.clone(),
-        config(1, 1),
-        &["test.work.#"],
-        handler,
-        stop.clone(),
-    );
-    let (conn, publisher) = publisher_once_subscribed(&vhost).await;
-    // The rejected one first: one at a time, it is settled before the others arrive.
-    for id in ["reject-me", "requeue-me", "marker"] {
-        publish(&publisher, id).await;
-    }
-    let count = |id: &str| seen.lock().unwrap().iter().filter(|s| s.0 == id).count();
-    eventually(
-        WAIT,
-        "requeued message delivered twice, queue empty",
-        || async {
-            (count("requeue-me") == 2 && count("marker") == 1 && ready(&conn).await?.0 == 0)
-                .then_some(())
-        },
-    )
-    .await;
-    stop.cancel();
-    tokio::time::timeout(WAIT, consumer)
-        .await
-        .expect("consumer stops")
-        .unwrap();
-    let deliveries = seen.lock().unwrap().clone();
-    let requeued: Vec<_> = deliveries.iter().filter(|s| s.0 == "requeue-me").collect();
-    assert_eq!(
-        (requeued[0].1, requeued[0].2, requeued[1].1, requeued[1].2),
-        (false, 0, true, 1),
-        // RabbitMQ 3.10 counts a nack with requeue in x-delivery-count; from 4.3 only
-        // returns that are the consumer's failure (reject, channel loss) count.
-        "first delivery, then a redelivery counted by the quorum queue: {deliveries:?}"
-    );
-    assert_eq!(count("reject-me"), 1, "rejected: never delivered again");
     broker.close().await;
 }

@@ -268,6 +268,9 @@ impl Collector {
             name: "test.everything".into(),
             bindings: vec!["#".into()],
             delivery_limit: 5,
+            max_length: 100_000,
+            retry_tiers: Vec::new(),
+            dead_letter_max_length: 1000,
         };
         topology::declare_queue(&channel, &spec).await.unwrap();
         let mut consumer = channel

@@ -138,6 +138,9 @@ impl Collector {
             name: "test.everything".into(),
             bindings: patterns.iter().map(|p| (*p).to_owned()).collect(),
             delivery_limit: 5,
+            max_length: 10_000,
+            retry_tiers: Vec::new(),
+            dead_letter_max_length: 1000,
         };
         topology::declare_queue(&channel, &spec).await.unwrap();
         let mut consumer = channel
@@ -806,7 +809,7 @@ async fn relay_concurrency_two_keeps_per_aggregate_order_over_many_events() {
 /// A quorum queue that refuses every message: `x-max-length = 0` with
 /// `x-overflow = reject-publish`, so the broker nacks whatever is routed to it.
 async fn declare_full_queue(channel: &lapin::Channel, name: &str, binding: &str) {
-    topology::declare_exchange(channel).await.unwrap();
+    topology::declare_exchanges(channel).await.unwrap();
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),

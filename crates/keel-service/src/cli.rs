@@ -1,5 +1,6 @@
 //! The one command line every Keel service has (clap): `serve` (the default), `migrate`, `probe`,
-//! `check-config`, plus the service's own commands (billing's `rebuild-projections`).
+//! `check-config`, `topology`, plus the service's own commands (billing's
+//! `rebuild-projections`).
 //!
 //! A service's `main.rs` is one line, `keel_service::cli::main::<MyService>()`, and the
 //! [`ServiceMain`] impl says what is specific to it. Exit codes (BSD `sysexits.h`, so
@@ -60,6 +61,15 @@ pub trait ServiceMain {
     fn migrations(config: &Self::Config) -> Option<(&DatabaseConfig, &'static Migrator)> {
         let _ = config;
         None
+    }
+
+    /// The RabbitMQ queues the service consumes (with their retry tiers and DLQs), as `config`
+    /// declares them: what the definitions file (`infra/rabbitmq/definitions.json`) must hold
+    /// for it, and what its broker user may touch. The default is a service that consumes
+    /// nothing.
+    fn queues(config: &Self::Config) -> Vec<keel_amqp::topology::QueueSpec> {
+        let _ = config;
+        Vec::new()
     }
 
     /// Builds the service and runs it until `signal` (and the staged shutdown after it).
@@ -129,6 +139,10 @@ fn command_line<S: ServiceMain>() -> Command {
         .subcommand(Command::new("check-config").about(
             "Load the configuration exactly as `serve` would, print the effective values \
              (secrets redacted) and exit 0, or exit 78 naming the bad key",
+        ))
+        .subcommand(Command::new("topology").about(
+            "Print the RabbitMQ queues this service consumes, with their retry tiers and DLQs, \
+             as JSON (what `make rabbitmq-definitions` writes into infra/rabbitmq/definitions.json)",
         ));
     for extra in S::commands() {
         cmd = cmd.subcommand(extra);
@@ -196,6 +210,22 @@ pub async fn run<S: ServiceMain>(args: impl IntoIterator<Item = std::ffi::OsStri
             return EXIT_CONFIG;
         }
     };
+    if name == "topology" {
+        // stdout on purpose: the queue specs are this command's output.
+        let queues = S::queues(&config);
+        let code = match serde_json::to_string_pretty(&queues) {
+            Ok(json) => {
+                print_stdout(&format!("{json}\n"));
+                0
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", S::NAME);
+                EXIT_FAILURE
+            }
+        };
+        telemetry.shutdown();
+        return code;
+    }
     if name == "check-config" {
         // stdout on purpose: the effective configuration is this command's output.
         let mut out = String::new();

@@ -125,26 +125,112 @@ impl TestVhost {
     }
 }
 
+impl TestVhost {
+    /// Creates a RabbitMQ user that exists for this test only (deleted on drop), with
+    /// `permissions` (`{"configure", "write", "read"}`) on this vhost and `topic_permissions`
+    /// (`[{"exchange", "write", "read"}]`). `password_hash` is RabbitMQ's
+    /// `rabbit_password_hashing_sha256` form, so the hash a definitions file carries is what the
+    /// test logs in with. Returns the user's AMQP URL for this vhost.
+    pub async fn user(
+        &self,
+        name: &str,
+        password: &str,
+        password_hash: &str,
+        permissions: serde_json::Value,
+        topic_permissions: &[serde_json::Value],
+    ) -> TestUser {
+        let base = self.stack.amqp_mgmt_base();
+        let user = format!("{}.{name}", self.name);
+        let client = reqwest::Client::new();
+        let put = |url: String, body: serde_json::Value| {
+            let client = client.clone();
+            async move {
+                let res = client
+                    .put(url)
+                    .basic_auth("guest", Some("guest"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("RabbitMQ management API reachable");
+                assert!(
+                    res.status().is_success(),
+                    "management API: {}",
+                    res.status()
+                );
+            }
+        };
+        put(
+            format!("{base}/api/users/{user}"),
+            serde_json::json!({
+                "password_hash": password_hash,
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": "",
+            }),
+        )
+        .await;
+        put(
+            format!("{base}/api/permissions/{}/{user}", self.name),
+            permissions,
+        )
+        .await;
+        for topic in topic_permissions {
+            put(
+                format!("{base}/api/topic-permissions/{}/{user}", self.name),
+                topic.clone(),
+            )
+            .await;
+        }
+        TestUser {
+            url: format!(
+                "amqp://{user}:{password}@127.0.0.1:{}/{}",
+                self.stack.amqp_port, self.name
+            ),
+            delete: format!("{base}/api/users/{user}"),
+        }
+    }
+}
+
+/// A RabbitMQ user created by [`TestVhost::user`], deleted on drop.
+#[derive(Debug)]
+pub struct TestUser {
+    /// `amqp://<user>:<password>@host:port/<vhost>`.
+    pub url: String,
+    delete: String,
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        delete_in_background(self.delete.clone());
+    }
+}
+
+/// Sends a management API DELETE from Drop, which cannot be async: a short-lived thread with
+/// its own runtime does it whether or not we are inside a tokio runtime.
+fn delete_in_background(url: String) {
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let _ = reqwest::Client::new()
+                .delete(url)
+                .basic_auth("guest", Some("guest"))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await;
+        });
+        Ok::<_, std::io::Error>(())
+    })
+    .join();
+}
+
 impl Drop for TestVhost {
     fn drop(&mut self) {
-        let url = format!("{}/api/vhosts/{}", self.stack.amqp_mgmt_base(), self.name);
-        // Drop cannot be async; a short-lived thread with its own runtime does the cleanup
-        // whether or not we are inside a tokio runtime.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let _ = reqwest::Client::new()
-                    .delete(url)
-                    .basic_auth("guest", Some("guest"))
-                    .timeout(Duration::from_secs(5))
-                    .send()
-                    .await;
-            });
-            Ok::<_, std::io::Error>(())
-        })
-        .join();
+        delete_in_background(format!(
+            "{}/api/vhosts/{}",
+            self.stack.amqp_mgmt_base(),
+            self.name
+        ));
     }
 }
 

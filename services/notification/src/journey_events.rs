@@ -16,15 +16,16 @@
 //! the journey's audit trail, and a new kind of notification starts by giving one of them an
 //! announcement in [`crate::customer_notifications::for_order_event`].
 //!
-//! Failure handling, by kind (each logged once, here):
+//! Failure handling, by kind (P01; the consumer logs the message's fate once):
 //! - unparseable body, unknown `schema_version`, data that does not match its event type
 //!   (decoded into `keel_events::JourneyEvent`, never picked out of raw JSON):
-//!   [`Outcome::Reject`], because redelivering cannot fix it;
-//! - database unreachable, serialization/deadlock conflicts: [`Outcome::Retry`], so the
-//!   consumer holds the message and tries again after a backoff, and an outage does not burn
-//!   the queue's delivery limit;
-//! - any other database error: [`Outcome::Requeue`], which counts towards the delivery limit,
-//!   so a message that always fails this way is eventually given up on.
+//!   [`Outcome::Reject`] with the reason, because redelivering cannot fix it: it goes to
+//!   `notification.events.dlq` at once, where `keelctl dlq` lists and replays it;
+//! - database unreachable, serialization/deadlock conflicts: [`Outcome::Unavailable`], so the
+//!   consumer holds the message and tries again after a backoff, and an outage pushes nothing
+//!   through the retry tiers;
+//! - any other database error: [`Outcome::Retry`], through the retry tiers (1 s, 10 s, 60 s by
+//!   default), then the DLQ.
 //!
 //! Must not break: the answer is `Ack` only after the commit returned `Ok`.
 
@@ -117,7 +118,7 @@ pub async fn handle(pool: PgPool, msg: Incoming) -> Outcome {
                 message_id = msg.message_id.as_deref().unwrap_or_default(),
                 "rejecting a message that can never be processed"
             );
-            return Outcome::Reject;
+            return Outcome::reject(reason);
         }
     };
     match apply(&pool, &parsed).await {
@@ -132,14 +133,12 @@ pub async fn handle(pool: PgPool, msg: Incoming) -> Outcome {
             Outcome::Ack
         }
         Err(e) if e.is_transient() => {
-            // Expected during an outage; the consumer's retry counter shows it.
-            tracing::debug!(error = %e, "database unavailable; will retry");
-            Outcome::Retry
+            // Expected during an outage; `amqp_handler_unavailable_total` shows it.
+            tracing::debug!(error = %e, "database unavailable; will retry in place");
+            Outcome::Unavailable
         }
-        Err(e) => {
-            tracing::error!(error = %e, message_id = %parsed.message_id, "handling failed; requeueing");
-            Outcome::Requeue
-        }
+        // Logged once, by the consumer, when it moves the message to a tier or the DLQ.
+        Err(e) => Outcome::retry(e),
     }
 }
 

@@ -36,6 +36,13 @@ pub const DEFAULT_CONFIG: keel_config::Embedded = keel_config::embed!();
 /// tables first (`keel_pg::migrate`), then these.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// The queues notification consumes, with their tiers and DLQs, as `config` declares them:
+/// what `infra/rabbitmq/definitions.json` must hold for this service (checked by
+/// `e2e/tests/rabbitmq_definitions.rs`).
+pub fn queues(config: &Config) -> Vec<keel_amqp::topology::QueueSpec> {
+    vec![config.consumer.queue_spec(&journey_events::BINDINGS)]
+}
+
 /// A built, not yet running notification service.
 #[derive(Debug)]
 pub struct App {
@@ -101,6 +108,10 @@ impl keel_service::ServiceMain for Notification {
 
     fn migrations(config: &Config) -> Option<(&DatabaseConfig, &'static sqlx::migrate::Migrator)> {
         Some((&config.database, &MIGRATOR))
+    }
+
+    fn queues(config: &Config) -> Vec<keel_amqp::topology::QueueSpec> {
+        queues(config)
     }
 
     async fn serve(

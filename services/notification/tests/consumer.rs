@@ -143,12 +143,12 @@ fn service_config(db: &TestDb, amqp_url: &str, db_url: &str, extra: &[(&str, &st
 /// nothing is lost; but every delivery of a message applies it again.
 async fn naive_handle(pool: PgPool, msg: Incoming) -> Outcome {
     let Some(message_id) = msg.message_id.clone() else {
-        return Outcome::Reject;
+        return Outcome::reject("no message id");
     };
     let Ok(Ok(Some(JourneyEvent::Order(kind, event)))) =
         msg.envelope().map(|e| JourneyEvent::decode(&e))
     else {
-        return Outcome::Reject;
+        return Outcome::reject("not a journey event");
     };
     let Some(announcement) = customer_notifications::for_order_event(kind, &event) else {
         return Outcome::Ack;
@@ -185,7 +185,7 @@ async fn naive_handle(pool: PgPool, msg: Incoming) -> Outcome {
     .await;
     match applied {
         Ok(()) => Outcome::Ack,
-        Err(_) => Outcome::Requeue,
+        Err(e) => Outcome::retry(e),
     }
 }
 
@@ -308,7 +308,7 @@ async fn naive_consumer_without_an_inbox_applies_a_redelivered_message_once_per_
 
     let order = publish_one_event_100_times(&broker).await;
     eventually(WAIT, "every copy acked", || async {
-        (settled(QUEUE, "ack") == 100).then_some(())
+        (settled(QUEUE, "acked") == 100).then_some(())
     })
     .await;
     naive.stop().await;
@@ -344,7 +344,7 @@ async fn redelivered_message_has_one_effect() {
     let order = publish_one_event_100_times(&broker).await;
 
     eventually(WAIT, "every copy acked", || async {
-        (settled(QUEUE, "ack") == 100).then_some(())
+        (settled(QUEUE, "acked") == 100).then_some(())
     })
     .await;
     assert_eq!(
@@ -384,6 +384,9 @@ async fn final_order_event_records_a_customer_notification_visible_over_http() {
             name: "test.observer".into(),
             bindings: vec!["notification.#".into()],
             delivery_limit: 5,
+            max_length: 10_000,
+            retry_tiers: Vec::new(),
+            dead_letter_max_length: 1000,
         },
     )
     .await
@@ -553,8 +556,10 @@ async fn ack_happens_only_after_commit() {
     assert_eq!(count(&db, "SELECT count(*) FROM inbox").await, 1);
 }
 
+/// P01: a message that can never be processed goes to the DLQ on its first delivery, with the
+/// reason, instead of looping; the good message behind it is handled.
 #[tokio::test]
-async fn unparseable_message_is_rejected_not_looped() {
+async fn unparseable_messages_go_to_the_dlq_at_once_not_looped() {
     // A queue of its own, so this test's metric lines are its own; a delivery limit high
     // enough that a requeue loop would still be running when we look.
     const Q: &str = "notification.events.rejects";
@@ -603,8 +608,8 @@ async fn unparseable_message_is_rejected_not_looped() {
         (app.notifications(&order.to_string()).await.len() == 1).then_some(())
     })
     .await;
-    let rejected = format!("amqp_messages_total{{queue=\"{Q}\",outcome=\"reject\"}} 2");
-    eventually(WAIT, "both bad messages rejected", || async {
+    let rejected = format!("amqp_messages_total{{queue=\"{Q}\",outcome=\"dead_lettered\"}} 2");
+    eventually(WAIT, "both bad messages dead-lettered", || async {
         keel_telemetry::metrics_handle()
             .render()
             .lines()
@@ -617,14 +622,23 @@ async fn unparseable_message_is_rejected_not_looped() {
     let metrics = keel_telemetry::metrics_handle().render();
     assert!(
         !metrics.contains(&format!(
-            "amqp_messages_total{{queue=\"{Q}\",outcome=\"requeue\"}}"
+            "amqp_messages_total{{queue=\"{Q}\",outcome=\"requeued\"}}"
         )),
         "nothing was requeued:\n{metrics}"
     );
     assert_eq!(
         ready_after_stop(&broker, Q).await,
         0,
-        "the bad messages are gone, not waiting"
+        "the bad messages are out of the queue, not waiting"
+    );
+    assert_eq!(
+        broker
+            .queue(&keel_amqp::topology::dead_letter_queue(Q))
+            .await
+            .unwrap()
+            .ready,
+        2,
+        "both kept in the DLQ"
     );
     assert!(app_has_no_notification(&db, unknown_version_order).await);
 }

@@ -101,6 +101,11 @@ impl keel_service::ServiceMain for SkeletonService {
         Some((&config.database, &MIGRATOR))
     }
 
+    /// Its queue, tiers and DLQ: what the RabbitMQ definitions file must hold for it.
+    fn queues(config: &Config) -> Vec<keel_amqp::topology::QueueSpec> {
+        vec![config.consumer.queue_spec(&history::BINDINGS)]
+    }
+
     async fn serve(
         config: Config,
         signal: impl Future<Output = ()> + Send + 'static,

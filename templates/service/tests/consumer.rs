@@ -31,7 +31,7 @@ async fn a_redelivered_message_is_recorded_once() {
     let broker = TestBroker::connect(&vhost).await;
     let app = Running::start(&env(&db, &vhost)).await;
     broker.wait_for_consumer(QUEUE, WAIT).await;
-    let acked_before = settled(QUEUE, "ack");
+    let acked_before = settled(QUEUE, "acked");
 
     // One event, delivered 20 times: what a relay that crashed between the broker's confirm
     // and its own commit, or a consumer that lost its ack, produces.
@@ -42,7 +42,7 @@ async fn a_redelivered_message_is_recorded_once() {
             .await;
     }
     eventually(WAIT, "all 20 deliveries acked", || async {
-        (settled(QUEUE, "ack") - acked_before >= 20).then_some(())
+        (settled(QUEUE, "acked") - acked_before >= 20).then_some(())
     })
     .await;
     assert_eq!(
@@ -55,7 +55,7 @@ async fn a_redelivered_message_is_recorded_once() {
 }
 
 #[tokio::test]
-async fn a_message_that_can_never_be_processed_is_rejected_not_looped() {
+async fn a_message_that_can_never_be_processed_goes_to_the_dlq_not_looped() {
     const Q: &str = "skeleton.events.rejects";
     let db = database().await;
     let vhost = TestVhost::create().await;
@@ -73,15 +73,21 @@ async fn a_message_that_can_never_be_processed_is_rejected_not_looped() {
     broker.publish("skeleton.item.created", &good, &body).await;
     eventually(
         WAIT,
-        "the bad message rejected, the good one recorded",
+        "the bad message dead-lettered, the good one recorded",
         || async {
             let recorded = count(&db, "SELECT count(*) FROM item_history").await == 1;
-            (settled(Q, "reject") == 1 && recorded).then_some(())
+            (settled(Q, "dead_lettered") == 1 && recorded).then_some(())
         },
     )
     .await;
-    assert_eq!(settled(Q, "requeue"), 0, "nothing was requeued");
+    assert_eq!(settled(Q, "requeued"), 0, "nothing was requeued");
     app.stop().await;
     let ready = broker.queue(Q).await.unwrap().ready;
-    assert_eq!(ready, 0, "the bad message is gone, not waiting");
+    assert_eq!(ready, 0, "the bad message is out of the queue, not waiting");
+    let dlq = keel_amqp::topology::dead_letter_queue(Q);
+    assert_eq!(
+        broker.queue(&dlq).await.unwrap().ready,
+        1,
+        "kept in the DLQ, for `keelctl dlq`"
+    );
 }

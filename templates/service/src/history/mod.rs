@@ -13,15 +13,17 @@
 //! message unacked and the broker redelivers it; a crash after the commit but before the ack
 //! redelivers a message whose inbox row exists: one effect either way.
 //!
-//! Failure handling, by kind (each logged once, here):
+//! Failure handling, by kind (P01; the consumer logs the message's fate once):
 //! - unparseable body, unknown `schema_version`, data that does not match its event type:
-//!   [`Outcome::Reject`], because redelivering cannot fix it;
+//!   [`Outcome::Reject`] with the reason, because redelivering cannot fix it: it goes to the
+//!   queue's DLQ at once (`keelctl dlq list`);
 //! - an event type this build does not know: recorded in the inbox and acked, because
 //!   producers may add events before their consumers learn them;
 //! - database unreachable, serialization conflicts ([`keel_pg::PgError::is_transient`]):
-//!   [`Outcome::Retry`], so the consumer holds the message and tries again after a backoff;
-//! - any other database error: [`Outcome::Requeue`], which counts towards the queue's
-//!   delivery limit, so a message that always fails is eventually given up on.
+//!   [`Outcome::Unavailable`], so the consumer holds the message and tries again after a
+//!   backoff, counting no attempt;
+//! - any other database error: [`Outcome::Retry`], through the queue's retry tiers, then its
+//!   DLQ.
 //!
 //! Must not break: the answer is `Ack` only after the commit returned `Ok`.
 
@@ -121,7 +123,7 @@ pub async fn handle(pool: PgPool, msg: Incoming) -> Outcome {
                 message_id = msg.message_id.as_deref().unwrap_or_default(),
                 "rejecting a message that can never be processed"
             );
-            return Outcome::Reject;
+            return Outcome::reject(reason);
         }
     };
     match apply(&pool, &parsed).await {
@@ -131,14 +133,12 @@ pub async fn handle(pool: PgPool, msg: Incoming) -> Outcome {
             Outcome::Ack
         }
         Err(e) if e.is_transient() => {
-            // Expected during an outage; the consumer's retry counter shows it.
-            tracing::debug!(error = %e, "database unavailable; will retry");
-            Outcome::Retry
+            // Expected during an outage; `amqp_handler_unavailable_total` shows it.
+            tracing::debug!(error = %e, "database unavailable; will retry in place");
+            Outcome::Unavailable
         }
-        Err(e) => {
-            tracing::error!(error = %e, message_id = %parsed.message_id, "handling failed; requeueing");
-            Outcome::Requeue
-        }
+        // Logged once, by the consumer, when it moves the message to a tier or the DLQ.
+        Err(e) => Outcome::retry(e),
     }
 }
 
