@@ -88,6 +88,7 @@ keelctl_env() {
     echo "KEEL_$(env_name "$svc")__HTTP_URL=http://127.0.0.1:$(http_port "$svc")"
   done
   echo "KEEL_RABBITMQ__MANAGEMENT_URL=http://127.0.0.1:${AMQP_MGMT_PORT}"
+  echo "KEEL_STACK__AMQP_PORT=${AMQP_PORT}"
 }
 
 # Replaces the calling (sub)shell with the service binary, so `$!` of a background call is

@@ -3,10 +3,12 @@
 pub mod api_keys;
 pub mod audit;
 pub mod demo;
+pub mod dlq;
 pub mod jobs;
 pub mod outbox;
 pub mod output;
 pub mod progress;
+pub mod queues;
 pub mod registry;
 pub mod services;
 pub mod targets;
@@ -48,9 +50,11 @@ pub struct StackConfig {
     pub host: String,
     /// pgbouncer: keelctl reaches every service database through it, as its own roles.
     pub pgbouncer_port: u16,
+    /// RabbitMQ's AMQP port: where [`Config::amqp_url`] points when `rabbitmq.url` is unset.
+    pub amqp_port: u16,
 }
 
-/// `[rabbitmq]`: the management API.
+/// `[rabbitmq]`: the management API (the audit), and the AMQP URL (`dlq`, `queues`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RabbitTarget {
@@ -58,6 +62,37 @@ pub struct RabbitTarget {
     pub username: String,
     pub password: SecretString,
     pub vhost: String,
+    /// The AMQP URL `keelctl dlq` and `keelctl queues` connect with, as
+    /// [`keel_amqp::definitions::OPERATOR`]: a secret (`KEEL_RABBITMQ__URL`, or `_FILE`).
+    /// Unset, it is derived like the database URLs: that user's development password on
+    /// `stack.host`:`stack.amqp_port`, vhost `vhost` ([`Config::amqp_url`]).
+    #[serde(default)]
+    pub url: Option<SecretString>,
+}
+
+/// `[dlq]`: how `keelctl dlq` and `keelctl queues` reach and read the broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DlqSettings {
+    /// The consumers' retry tiers (their `consumer.retry_tiers`): AMQP cannot list queues, so
+    /// `keelctl queues` probes `<queue>.retry.<tier>` for each of these.
+    #[serde(deserialize_with = "durations")]
+    pub retry_tiers: Vec<Duration>,
+    /// How long a browse waits for the broker's next message before it takes the queue as
+    /// read: the bound of a listing that finds fewer messages than the queue said it had.
+    #[serde(with = "keel_config::duration")]
+    pub idle_timeout: Duration,
+    /// Deadline of the AMQP connection (TCP, TLS, handshake).
+    #[serde(with = "keel_config::duration")]
+    pub connect_timeout: Duration,
+}
+
+/// A list of human durations (`["1s", "10s", "60s"]`), as the consumers' `retry_tiers`.
+fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| keel_config::parse_duration(s).map_err(serde::de::Error::custom))
+        .collect()
 }
 
 /// `[audit]`: the bounds the invariants are checked against.
@@ -94,6 +129,7 @@ pub struct Config {
     pub rabbitmq: RabbitTarget,
     pub audit: AuditBounds,
     pub demo: DemoSettings,
+    pub dlq: DlqSettings,
     /// Per-service overrides, keyed by [`registry::Service::config_key`].
     #[serde(flatten)]
     pub services: BTreeMap<String, ServiceOverride>,
@@ -123,7 +159,24 @@ impl Validate for Config {
             &SecretString::from(self.rabbitmq.management_url.clone()),
             http,
         )?;
+        if let Some(url) = &self.rabbitmq.url {
+            ensure_url("rabbitmq.url", url, &["amqp", "amqps"])?;
+        }
         ensure_range("stack.pgbouncer_port", self.stack.pgbouncer_port, 1, 65_535)?;
+        ensure_range("stack.amqp_port", self.stack.amqp_port, 1, 65_535)?;
+        ensure_range("dlq.retry_tiers (count)", self.dlq.retry_tiers.len(), 0, 16)?;
+        ensure_range(
+            "dlq.idle_timeout (ms)",
+            keel_config::millis(self.dlq.idle_timeout),
+            10,
+            60_000,
+        )?;
+        ensure_range(
+            "dlq.connect_timeout (ms)",
+            keel_config::millis(self.dlq.connect_timeout),
+            100,
+            300_000,
+        )?;
         let secs = |d: Duration| d.as_secs();
         ensure_range(
             "demo.settle_timeout (s)",
@@ -143,6 +196,67 @@ impl Validate for Config {
             1,
             86_400,
         )
+    }
+}
+
+impl Config {
+    /// The AMQP URL of `keelctl dlq` and `keelctl queues`: `rabbitmq.url`, or, unset, the
+    /// development stack's as [`keel_amqp::definitions::OPERATOR`] (read every queue, publish
+    /// to `keel.events` and `keel.retry`, configure nothing), derived as the database URLs are
+    /// ([`targets`]).
+    pub fn amqp_url(&self) -> SecretString {
+        if let Some(url) = &self.rabbitmq.url {
+            return url.clone();
+        }
+        let user = keel_amqp::definitions::OPERATOR;
+        // A vhost is one path segment: `/` (the default vhost's name) must be escaped.
+        let vhost = self.rabbitmq.vhost.replace('%', "%25").replace('/', "%2F");
+        SecretString::from(format!(
+            "amqp://{user}:{}@{}:{}/{vhost}",
+            keel_amqp::definitions::dev_password(user),
+            self.stack.host,
+            self.stack.amqp_port,
+        ))
+    }
+}
+
+/// Why keelctl could not reach the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// Refused (credentials, vhost) or unreachable.
+    #[error("connect to RabbitMQ (rabbitmq.url): {0}")]
+    Connect(lapin::Error),
+    #[error("connect to RabbitMQ (rabbitmq.url): no answer within {0:?}")]
+    ConnectTimeout(Duration),
+    /// An operation on an open connection failed (`what` names it and its queue).
+    #[error("{what}: {source}")]
+    Amqp { what: String, source: lapin::Error },
+}
+
+impl BrokerError {
+    /// An error of operation `what` (`"browse notification.events.dlq"`).
+    pub fn amqp(what: impl Into<String>) -> impl FnOnce(lapin::Error) -> Self {
+        let what = what.into();
+        move |source| Self::Amqp { what, source }
+    }
+}
+
+/// Connects to the broker at `url` within `timeout`: one plain connection (a command runs a
+/// few operations; no supervisor, no reconnect), named `keelctl` in the management UI.
+pub async fn connect_broker(
+    url: &SecretString,
+    timeout: Duration,
+) -> Result<lapin::Connection, BrokerError> {
+    let props = lapin::ConnectionProperties::default().with_connection_name("keelctl".into());
+    match tokio::time::timeout(
+        timeout,
+        lapin::Connection::connect(url.expose_secret(), props),
+    )
+    .await
+    {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(BrokerError::Connect(e)),
+        Err(_) => Err(BrokerError::ConnectTimeout(timeout)),
     }
 }
 

@@ -7,12 +7,14 @@
 // A CLI talks to its operator on stdout; that is what the workspace lint guards services from.
 #![allow(clippy::print_stdout)]
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use keel_config::EXIT_CONFIG;
+use keelctl::dlq::{self, DeadLetterQueue, Filter, TopicPattern};
 use keelctl::jobs::JobState;
 use keelctl::output::{self, Format};
 use keelctl::progress::Progress;
@@ -24,7 +26,7 @@ const EXIT_USAGE: u8 = 64;
 #[derive(Debug, Parser)]
 #[command(
     name = "keelctl",
-    about = "Keel's operator CLI: every registered service's jobs and outbox, the journey's audit and demo",
+    about = "Keel's operator CLI: every registered service's jobs, outbox, queues and dead letters, the journey's audit and demo",
     version,
     after_help = "Exit codes: 0 ok, 1 a check failed or an error, 64 usage, 78 configuration.\n\
                   Configuration: KEEL_* variables (see crates/keelctl/config/default.toml)."
@@ -65,6 +67,13 @@ enum Command {
         action: Option<OutboxAction>,
         #[command(flatten)]
         select: Select,
+    },
+    /// Every registered consumer queue and keel.unrouted: ready, consumers, DLQ, retry tiers.
+    Queues,
+    /// Dead letters of the consumer queues and keel.unrouted: list, show, replay, purge.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
     },
     /// Place every kind of order against the running stack, show the outcomes, then audit.
     Demo,
@@ -118,6 +127,146 @@ enum OutboxAction {
         #[command(flatten)]
         select: Select,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqAction {
+    /// Dead letters in queue order, without removing them (they stay in their queues).
+    List {
+        #[command(flatten)]
+        queues: DlqQueues,
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Look at no more than this many messages of each queue.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        limit: u16,
+    },
+    /// One dead letter in full: every header (x-death included) and the body.
+    Show {
+        /// Its message id (as `dlq list` shows it).
+        message_id: String,
+        #[command(flatten)]
+        queues: DlqQueues,
+        /// Look at no more than this many messages of each queue.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+        limit: u16,
+    },
+    /// Send dead letters back, keeping their message ids, attempts reset; acked out of the DLQ
+    /// only once the broker confirms the copy.
+    #[command(group(clap::ArgGroup::new("selector").multiple(true)
+        .args(["ids", "routing_key", "error", "older_than"]).conflicts_with("all")))]
+    Replay {
+        #[command(flatten)]
+        queues: DlqQueues,
+        /// This message id (repeatable).
+        #[arg(long = "id", value_name = "MESSAGE_ID")]
+        ids: Vec<String>,
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Every dead letter of the selected queues (required when no other selector is given).
+        #[arg(long)]
+        all: bool,
+        /// Deliver to this consumer queue only (through keel.retry), not to the original
+        /// routing key's every queue.
+        #[arg(long, value_name = "QUEUE")]
+        to_queue: Option<String>,
+        /// Show what would be replayed; publish and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Most messages published per second.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        rate: u32,
+        /// Look at no more than this many messages of each queue.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+        limit: u16,
+    },
+    /// Delete every message of one dead-letter queue (or keel.unrouted), after confirmation.
+    Purge {
+        /// The queue: `<queue>.dlq` or keel.unrouted, spelt out (never a consumer queue).
+        #[arg(long, value_name = "QUEUE")]
+        queue: String,
+        /// Do not ask (required when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+impl DlqAction {
+    /// The refusals that need no broker: a replay without a selector, a purge of something
+    /// that is not a DLQ, or without `--yes` and no terminal to confirm on.
+    fn check(&self) -> Result<(), String> {
+        match self {
+            Self::Replay {
+                ids, filter, all, ..
+            } => {
+                let selected = !ids.is_empty()
+                    || filter.routing_key.is_some()
+                    || filter.error.is_some()
+                    || filter.older_than.is_some();
+                if !selected && !all {
+                    return Err(dlq::DlqError::NoSelector.to_string());
+                }
+            }
+            Self::Purge { queue, yes } => {
+                let queue = DeadLetterQueue::exact(queue).map_err(|e| e.to_string())?;
+                if dlq::consent(*yes, std::io::stdin().is_terminal()) == dlq::Consent::Refused {
+                    return Err(format!(
+                        "refusing to purge {queue} without --yes: stdin is not a terminal to \
+                         confirm on"
+                    ));
+                }
+            }
+            Self::List { .. } | Self::Show { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+/// Which dead-letter queues a `dlq` command reads.
+#[derive(Debug, Args)]
+struct DlqQueues {
+    /// A consumer queue (meaning its DLQ), a DLQ, or keel.unrouted (repeatable); default:
+    /// every registered consumer queue's DLQ, then keel.unrouted.
+    #[arg(long = "queue", short = 'q', value_name = "QUEUE")]
+    queues: Vec<String>,
+}
+
+impl DlqQueues {
+    fn resolve(&self, targets: &Targets) -> Vec<DeadLetterQueue> {
+        if self.queues.is_empty() {
+            DeadLetterQueue::registered(&targets.registry)
+        } else {
+            self.queues
+                .iter()
+                .map(|q| DeadLetterQueue::from_arg(q))
+                .collect()
+        }
+    }
+}
+
+/// Conditions on dead letters (all must hold).
+#[derive(Debug, Args)]
+struct DlqFilter {
+    /// Original routing key matches this topic pattern (`checkout.order.*`, `billing.#`).
+    #[arg(long, value_name = "PATTERN", value_parser = TopicPattern::parse)]
+    routing_key: Option<TopicPattern>,
+    /// Error text contains this (ignoring case).
+    #[arg(long, value_name = "SUBSTRING")]
+    error: Option<String>,
+    /// First failed at least this long ago (`30m`, `2h`, `1d`).
+    #[arg(long, value_name = "DURATION", value_parser = dlq::parse_age)]
+    older_than: Option<std::time::Duration>,
+}
+
+impl DlqFilter {
+    fn with_ids(self, ids: Vec<String>) -> Filter {
+        Filter {
+            ids,
+            routing_key: self.routing_key,
+            error: self.error,
+            older_than: self.older_than,
+        }
+    }
 }
 
 /// Which services a generic command covers.
@@ -295,6 +444,30 @@ async fn run(cli: Cli, config: &Config, targets: &Targets) -> anyhow::Result<Exi
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Queues => {
+            let conn =
+                keelctl::connect_broker(&config.amqp_url(), config.dlq.connect_timeout).await?;
+            let consumed = keelctl::queues::registered(&targets.registry);
+            let rows = keelctl::queues::status(&conn, &consumed, &config.dlq.retry_tiers).await;
+            let _ = conn.close(200, "keelctl done".into()).await;
+            let rows = rows?;
+            match format {
+                Format::Table => println!("{}", keelctl::queues::table(&rows)),
+                Format::Json => output::json(&rows)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq { action } => {
+            // Usage errors need no broker: refused before connecting.
+            if let Err(e) = action.check() {
+                return Ok(usage(&e));
+            }
+            let conn =
+                keelctl::connect_broker(&config.amqp_url(), config.dlq.connect_timeout).await?;
+            let result = run_dlq(action, format, config, targets, &conn).await;
+            let _ = conn.close(200, "keelctl done".into()).await;
+            result
+        }
         Command::Demo => {
             let outcome = keelctl::demo::run(config, &mut Progress::stderr())
                 .await
@@ -341,6 +514,128 @@ async fn run(cli: Cli, config: &Config, targets: &Targets) -> anyhow::Result<Exi
                  (checkout stores its hash): keep it now.",
                 issued.id, issued.customer_id
             );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn run_dlq(
+    action: DlqAction,
+    format: Format,
+    config: &Config,
+    targets: &Targets,
+    conn: &lapin::Connection,
+) -> anyhow::Result<ExitCode> {
+    let idle = config.dlq.idle_timeout;
+    let note_missing = |missing: &[String]| {
+        for queue in missing {
+            eprintln!("note: queue {queue} does not exist");
+        }
+    };
+    match action {
+        DlqAction::List {
+            queues,
+            filter,
+            limit,
+        } => {
+            let queues = queues.resolve(targets);
+            let filter = filter.with_ids(Vec::new());
+            let listing = dlq::list(conn, &queues, &filter, limit, idle).await?;
+            note_missing(&listing.missing);
+            match format {
+                Format::Table => println!("{}", dlq::list_table(&listing.rows)),
+                Format::Json => output::json(&listing.rows)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqAction::Show {
+            message_id,
+            queues,
+            limit,
+        } => {
+            let queues = queues.resolve(targets);
+            match dlq::show(conn, &queues, &message_id, limit, idle).await? {
+                Some(shown) => {
+                    match format {
+                        Format::Table => println!("{}", dlq::show_text(&shown)),
+                        Format::Json => output::json(&shown)?,
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => {
+                    let names: Vec<String> = queues.iter().map(ToString::to_string).collect();
+                    eprintln!(
+                        "message {message_id} is not among the first {limit} messages of {}",
+                        names.join(", ")
+                    );
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        DlqAction::Replay {
+            queues,
+            ids,
+            filter,
+            all,
+            to_queue,
+            dry_run,
+            rate,
+            limit,
+        } => {
+            let selection = match dlq::Selection::new(all, filter.with_ids(ids)) {
+                Ok(s) => s,
+                Err(e) => return Ok(usage(&e.to_string())),
+            };
+            let request = dlq::ReplayRequest {
+                queues: queues.resolve(targets),
+                selection,
+                to_queue,
+                dry_run,
+                rate,
+                limit,
+                idle,
+            };
+            let summary = dlq::replay(conn, &request).await?;
+            note_missing(&summary.missing);
+            match format {
+                Format::Table => println!("{}", dlq::replay_table(&summary)),
+                Format::Json => output::json(&summary)?,
+            }
+            Ok(exit(summary.failed == 0))
+        }
+        DlqAction::Purge { queue, yes } => {
+            let queue = match DeadLetterQueue::exact(&queue) {
+                Ok(q) => q,
+                Err(e) => return Ok(usage(&e.to_string())),
+            };
+            use std::io::IsTerminal;
+            match dlq::consent(yes, std::io::stdin().is_terminal()) {
+                dlq::Consent::Refused => {
+                    return Ok(usage(&format!(
+                        "refusing to purge {queue} without --yes: stdin is not a terminal to                          confirm on"
+                    )));
+                }
+                dlq::Consent::Ask => {
+                    let messages = dlq::depth(conn, &queue).await?;
+                    if !dlq::confirm(&queue, messages, std::io::stdin().lock(), std::io::stderr())?
+                    {
+                        eprintln!("not confirmed: nothing purged");
+                        return Ok(ExitCode::FAILURE);
+                    }
+                }
+                dlq::Consent::Given => {}
+            }
+            let purged = dlq::purge(conn, &queue).await?;
+            match format {
+                Format::Table => {
+                    let s = if purged == 1 { "" } else { "s" };
+                    println!("purged {purged} message{s} from {queue}");
+                }
+                Format::Json => output::json(&serde_json::json!({
+                    "queue": queue.name(),
+                    "purged": purged,
+                }))?,
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

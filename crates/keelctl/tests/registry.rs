@@ -109,7 +109,8 @@ fn expected_env(r: &Registry, name: &str, pg: u16, pgbouncer: u16, amqp: u16) ->
     if s.broker {
         env.insert(
             "KEEL_AMQP__URL".into(),
-            format!("amqp://guest:guest@127.0.0.1:{amqp}/keel"),
+            // Its own user of infra/rabbitmq/definitions.json, dev password `<name>_dev`.
+            format!("amqp://{0}:{0}_dev@127.0.0.1:{amqp}/keel", s.name),
         );
     }
     for (key, template) in &s.env {
