@@ -50,6 +50,10 @@ pub struct Options {
     pub saga_lease: Duration,
     /// How long psp-sim holds a `tok_slow` authorization.
     pub psp_slow_delay: Duration,
+    /// The services' broker: `None`, the journey's own vhost on the stack's RabbitMQ (as
+    /// guest); `Some(port)`, a node of the test's own on that port (`keel_testkit::RabbitNode`,
+    /// the broker drill), reached as each service's own user of the definitions file.
+    pub broker_port: Option<u16>,
 }
 
 impl Default for Options {
@@ -60,6 +64,7 @@ impl Default for Options {
             // Must exceed call_timeout (checkout refuses a lease shorter than one call).
             saga_lease: Duration::from_secs(3),
             psp_slow_delay: Duration::from_millis(1500),
+            broker_port: None,
         }
     }
 }
@@ -111,12 +116,13 @@ impl Journey {
         let drain = Duration::ZERO;
         let psp_port = reserve_port();
 
-        let billing_env = billing_env(
+        let mut billing_env = billing_env(
             billing_db,
             drain,
             &format!("http://127.0.0.1:{psp_port}"),
             vhost,
         );
+        on_broker(&mut billing_env, &options, "billing");
         let billing = ServiceProcess::spawn(&bin("billing"), &[], &billing_env).await;
         let grpc_addr = logged_addr(&billing, "grpc_addr");
 
@@ -152,18 +158,20 @@ impl Journey {
             notification_db,
             vhost,
         } = data;
-        let notification_env = notification_env(&notification_db, drain, &vhost);
+        let mut notification_env = notification_env(&notification_db, drain, &vhost);
+        on_broker(&mut notification_env, options, "notification");
         let notification =
             ServiceProcess::spawn(&bin("notification"), &[], &notification_env).await;
 
         let billing_link = FaultProxy::start(billing_grpc).await;
-        let checkout_env = checkout_env(
+        let mut checkout_env = checkout_env(
             &checkout_db,
             drain,
             options,
             &format!("http://{}", billing_link.addr()),
             &vhost,
         );
+        on_broker(&mut checkout_env, options, "checkout");
         let checkout = ServiceProcess::spawn(&bin("checkout"), &[], &checkout_env).await;
         let api_key = issue_api_key(&checkout_db).await;
 
@@ -516,6 +524,18 @@ async fn own_data() -> Data {
         billing_db,
         notification_db,
         vhost,
+    }
+}
+
+/// Points `service`'s broker URL at [`Options::broker_port`]'s node, as its own user.
+fn on_broker(env: &mut [(String, String)], options: &Options, service: &str) {
+    let Some(port) = options.broker_port else {
+        return;
+    };
+    for (key, value) in env.iter_mut() {
+        if key == "KEEL_AMQP__URL" {
+            *value = format!("amqp://{service}:{service}_dev@127.0.0.1:{port}/keel");
+        }
     }
 }
 

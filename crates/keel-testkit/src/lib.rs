@@ -9,6 +9,7 @@ mod db;
 pub mod privilege;
 mod process;
 pub mod proxy;
+mod rabbit_node;
 mod stack;
 
 use std::future::Future;
@@ -19,6 +20,7 @@ pub use broker::{QueueCounts, TestBroker};
 pub use db::TestDb;
 pub use process::ServiceProcess;
 pub use proxy::FaultProxy;
+pub use rabbit_node::RabbitNode;
 pub use stack::{Stack, workspace_root};
 
 /// Polls `check` until it returns `Some`, or panics naming `what` after `deadline`.
