@@ -12,8 +12,8 @@ What it does, for every service in infra/services.toml:
   secretGenerator's file), and runs `target/debug/<service> check-config` with exactly that
   environment (nothing inherited): it must exit 0;
 - compares what the service would run with (check-config's effective values) and how the
-  deployment wires it (published and container ports, probe paths, queue names, grace periods)
-  with the registry and the defaults.
+  deployment wires it (published and container ports, probe paths, queue names, grace periods,
+  each service on the broker as its own user) with the registry and the defaults.
 
 Each rule is a function returning the problems it finds, so the `Bites` tests can break a copy
 of a real render and show the rule naming the break; without them, a rule that never fires
@@ -357,6 +357,10 @@ def wiring_problems(place: str, name: str, entry: dict, values: dict[str, str]) 
         url = urlsplit(values.get("amqp.url", ""))
         if url.path.lstrip("/") != "keel":
             problems.append(f"{place}: {name} amqp.url vhost is `{url.path.lstrip('/')}`, not keel")
+        # Least privilege: each service is its own RabbitMQ user, whose permissions in
+        # infra/rabbitmq/definitions.json cover its own queues and routing keys only.
+        if url.username != name:
+            problems.append(f"{place}: {name} amqp.url user is `{url.username}`, not its own `{name}`")
     return problems
 
 
@@ -425,6 +429,15 @@ class Kind(Checks):
             find(docs, "Deployment", "psp-sim")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 30
         self.assert_named(self.broken(change), "psp-sim terminationGracePeriodSeconds")
 
+    def test_bites_a_service_connecting_as_another_services_broker_user(self):
+        def change(docs):
+            spec = find(docs, "Deployment", "notification")["spec"]["template"]["spec"]
+            secrets = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v]
+            secret = find(docs, "Secret", secrets[0])
+            secret["data"]["amqp-url"] = base64.b64encode(
+                b"amqp://checkout:checkout_dev@rabbitmq:5672/keel").decode()
+        self.assert_named(self.broken(change), "notification amqp.url user is `checkout`")
+
     def test_bites_scaling_on_a_queue_not_consumed(self):
         def change(docs):
             so = next(d for d in docs if d["kind"] == "ScaledObject")
@@ -465,6 +478,11 @@ class Bites(Checks):
         def change(r):
             r["secrets"]["billing_database_url"]["file"] = r["secrets"]["checkout_database_url"]["file"]
         self.assert_named(self.broken(change), "billing database.url", "keel_billing")
+
+    def test_another_services_broker_user(self):
+        def change(r):
+            r["secrets"]["billing_amqp_url"]["file"] = r["secrets"]["checkout_amqp_url"]["file"]
+        self.assert_named(self.broken(change), "billing amqp.url user is `checkout`")
 
     def test_a_port_published_beyond_loopback(self):
         def change(r):

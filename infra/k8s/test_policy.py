@@ -15,6 +15,7 @@ the overlay is rendered here with kubectl. Standard library, PyYAML and policy.p
 
 from __future__ import annotations
 
+import base64
 import copy
 import os
 import re
@@ -68,6 +69,55 @@ def main_container(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
 def registry() -> list[dict[str, Any]]:
     with open(ROOT / "infra" / "services.toml", "rb") as f:
         return tomllib.load(f)["service"]
+
+
+DEFINITIONS = ROOT / "infra" / "rabbitmq" / "definitions.json"
+
+
+def broker_definitions_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """How the kind RabbitMQ would fail to load infra/rabbitmq/definitions.json at boot (its
+    users, permissions and topology): the `load_definitions` its conf.d files set must name a
+    key of a Secret (the file holds password hashes) mounted at that directory, and the key
+    must hold the generated file byte for byte."""
+    spec = pod(docs, "Deployment", "rabbitmq")
+    container = spec["containers"][0]
+    volumes = {v["name"]: v for v in spec.get("volumes") or []}
+    mounts = container.get("volumeMounts") or []
+
+    def generated(kind: str, name: str) -> dict[str, Any] | None:
+        return next((o for o in docs if o.get("kind") == kind
+                     and o["metadata"]["name"] == name), None)
+
+    conf = []
+    for m in mounts:
+        source = (volumes.get(m["name"]) or {}).get("configMap")
+        if not m["mountPath"].startswith("/etc/rabbitmq/conf.d/") or source is None:
+            continue
+        data = (generated("ConfigMap", source["name"]) or {}).get("data") or {}
+        conf.append(data.get(m.get("subPath") or "", ""))
+    paths = re.findall(r"^\s*load_definitions\s*=\s*(\S+)", "\n".join(conf), re.MULTILINE)
+    if len(paths) != 1:
+        return [f"Deployment/rabbitmq: conf.d sets load_definitions {len(paths)} times, not once"]
+    directory, _, key = paths[0].rpartition("/")
+    mount = next((m for m in mounts if m["mountPath"].rstrip("/") == directory), None)
+    if mount is None:
+        return [f"Deployment/rabbitmq: nothing is mounted at {directory}, where load_definitions "
+                f"= {paths[0]} points"]
+    secret_ref = (volumes.get(mount["name"]) or {}).get("secret")
+    if secret_ref is None:
+        return [f"Deployment/rabbitmq: {directory} is not a Secret (the definitions hold "
+                f"password hashes)"]
+    for item in secret_ref.get("items") or []:
+        if item["path"] == key:
+            key = item["key"]
+    secret = generated("Secret", secret_ref["secretName"]) or {}
+    data = secret.get("data") or {}
+    if key not in data:
+        return [f"Deployment/rabbitmq: Secret {secret_ref['secretName']} has no key {key!r} "
+                f"for load_definitions = {paths[0]}"]
+    if base64.b64decode(data[key]) != DEFINITIONS.read_bytes():
+        return [f"Deployment/rabbitmq: {paths[0]} differs from infra/rabbitmq/definitions.json"]
+    return []
 
 
 class PolicyBites(unittest.TestCase):
@@ -381,6 +431,43 @@ class ManifestsAgreeWithTheRepository(unittest.TestCase):
         self.assertIsNotNone(listed)
         assert listed is not None
         self.assertEqual(set(listed.group(1).split(",")), set(policy.DATABASE_SERVICES))
+
+    def test_the_kind_rabbitmq_loads_the_generated_definitions(self) -> None:
+        copy_ = KIND / "dependencies" / "rabbitmq" / "definitions.json"
+        self.assertEqual(copy_.read_bytes(), DEFINITIONS.read_bytes(),
+                         f"{copy_} differs from infra/rabbitmq/definitions.json: "
+                         "run `make rabbitmq-definitions`, which rewrites both")
+        self.assertEqual(broker_definitions_problems(self.docs), [])
+
+    def assert_definitions_broken(self, change: Callable[[list[dict[str, Any]]], None],
+                                  *words: str) -> None:
+        docs = copy.deepcopy(self.docs)
+        change(docs)
+        problems = broker_definitions_problems(docs)
+        self.assertTrue(any(all(w in p for w in words) for p in problems),
+                        f"no problem names {words}: {problems}")
+
+    def test_bites_a_broker_that_loads_no_definitions(self) -> None:
+        def change(d: list[dict[str, Any]]) -> None:
+            for cm in d:
+                if cm["kind"] == "ConfigMap" and "90-keel.conf" in cm.get("data", {}):
+                    cm["data"]["90-keel.conf"] = re.sub(r"(?m)^load_definitions.*$", "",
+                                                        cm["data"]["90-keel.conf"])
+        self.assert_definitions_broken(change, "load_definitions 0 times")
+
+    def test_bites_definitions_not_mounted_where_the_config_says(self) -> None:
+        def change(d: list[dict[str, Any]]) -> None:
+            for m in pod(d, "Deployment", "rabbitmq")["containers"][0]["volumeMounts"]:
+                if m["mountPath"] == "/run/secrets/keel":
+                    m["mountPath"] = "/run/secrets/rabbitmq"
+        self.assert_definitions_broken(change, "nothing is mounted at /run/secrets/keel")
+
+    def test_bites_definitions_that_differ_from_the_generated_file(self) -> None:
+        def change(d: list[dict[str, Any]]) -> None:
+            for o in d:
+                if o["kind"] == "Secret" and "definitions.json" in o.get("data", {}):
+                    o["data"]["definitions.json"] = base64.b64encode(b'{"users": []}').decode()
+        self.assert_definitions_broken(change, "differs from infra/rabbitmq/definitions.json")
 
     def test_kind_publishes_checkouts_node_port_on_the_hosts_8080(self) -> None:
         with open(ROOT / "k8s" / "kind-cluster.yaml", encoding="utf-8") as f:

@@ -6,7 +6,7 @@
 //! As with the registry, compose.yaml is changed as text, never re-serialised: its comments,
 //! anchors and layout are what a reader learns from. The entry (`templates/compose-entry.yaml`,
 //! rendered like the template) goes before the observability profile's section, the new
-//! database joins db-init's list, and its two secrets join the file's `secrets:` at the end.
+//! database joins db-init's list, and its three secrets join the file's `secrets:` at the end.
 //! Each anchor the edit relies on is checked, so a compose.yaml reshaped by hand fails the
 //! generator with a reason before anything is written.
 
@@ -30,7 +30,7 @@ const OBSERVABILITY: &str = "  # --- observability";
 /// The line listing the databases db-init creates.
 const DB_SERVICES: &str = "      KEEL_DB_SERVICES: ";
 
-/// What compose gets for `name` on `http_port`: compose.yaml's new text and the two secret
+/// What compose gets for `name` on `http_port`: compose.yaml's new text and the three secret
 /// files, new (a secret file that exists refuses the name).
 pub(crate) fn plan(
     root: &Path,
@@ -125,21 +125,28 @@ pub fn add_to_compose(compose: &str, entry: &str, name: &str) -> Result<String, 
     Ok(out)
 }
 
-/// The compose secrets of a service with a database: its runtime and its migration URL.
-pub fn secret_names(name: &str) -> [String; 2] {
+/// The compose secrets of a service made from the template (a database and a broker): its
+/// runtime and its migration URL, and its own broker URL.
+pub fn secret_names(name: &str) -> [String; 3] {
     [
         format!("{name}_database_url"),
         format!("{name}_database_migrate_url"),
+        format!("{name}_amqp_url"),
     ]
 }
 
 /// The development values of [`secret_names`], in the same order: the registry's conventions
 /// (roles `<name>_app` through pgbouncer, `<name>_owner` straight to Postgres, passwords
-/// `<role>_dev`, database `keel_<name>`) at compose's host names.
-pub fn secret_values(name: &str) -> [String; 2] {
+/// `<role>_dev`, database `keel_<name>`; the RabbitMQ user `<name>`, password `<name>_dev`,
+/// vhost `keel`) at compose's host names. The broker user is the service's own, with
+/// permissions on its own queues and routing keys only: it exists once
+/// `infra/rabbitmq/definitions.json` is regenerated with the service in it
+/// (`make rabbitmq-definitions`).
+pub fn secret_values(name: &str) -> [String; 3] {
     [
         format!("postgres://{name}_app:{name}_app_dev@pgbouncer:6432/keel_{name}"),
         format!("postgres://{name}_owner:{name}_owner_dev@postgres:5432/keel_{name}"),
+        format!("amqp://{name}:{name}_dev@rabbitmq:5672/keel"),
     ]
 }
 
@@ -163,8 +170,28 @@ mod tests {
         assert!(!out.contains("# a comment"));
         assert!(out.contains("      KEEL_DB_SERVICES: checkout,billing,inventory\n"));
         assert!(out.ends_with(
-            "  x: { file: ./x }\n  inventory_database_url: { file: ./infra/compose/secrets/inventory_database_url }\n  inventory_database_migrate_url: { file: ./infra/compose/secrets/inventory_database_migrate_url }\n"
+            "  x: { file: ./x }\n  inventory_database_url: { file: ./infra/compose/secrets/inventory_database_url }\n  inventory_database_migrate_url: { file: ./infra/compose/secrets/inventory_database_migrate_url }\n  inventory_amqp_url: { file: ./infra/compose/secrets/inventory_amqp_url }\n"
         ));
+    }
+
+    #[test]
+    fn each_secret_has_its_value_and_the_broker_url_is_the_services_own_user() {
+        let names = secret_names("inventory");
+        let values = secret_values("inventory");
+        assert_eq!(
+            names,
+            [
+                "inventory_database_url",
+                "inventory_database_migrate_url",
+                "inventory_amqp_url"
+            ]
+        );
+        assert!(values[0].starts_with("postgres://inventory_app:"));
+        assert!(values[1].starts_with("postgres://inventory_owner:"));
+        assert_eq!(
+            values[2],
+            "amqp://inventory:inventory_dev@rabbitmq:5672/keel"
+        );
     }
 
     #[test]

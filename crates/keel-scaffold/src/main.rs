@@ -42,8 +42,12 @@ fn main() -> ExitCode {
                  queue {n}.events, routing keys {n}.item.*) and as a workspace member\n\
                  deployed by compose.yaml (services {n}-migrate and {n}, its secrets) and by \
                  k8s/ (k8s/base/{n}, and in the kind overlay its image, Secret and database)\n\
-                 next: `cargo nextest run -p {n}` (its tests), `make dev` (the stack, {n} on \
-                 127.0.0.1:{port}), then\n  \
+                 next:\n  \
+                 1. `cargo nextest run -p {n}`: its tests\n  \
+                 2. `make rabbitmq-definitions`: rewrites infra/rabbitmq/definitions.json (and \
+                 the kind overlay's copy) from the code, so the broker gets {n}'s own user, \
+                 permissions and queues; commit the result\n  \
+                 3. `make dev`: the stack, {n} on 127.0.0.1:{port}; then\n     \
                  curl -si -X POST localhost:{port}/v1/items -H 'Idempotency-Key: k1' \
                  -H 'Content-Type: application/json' -d '{{\"name\":\"bolt\",\"quantity\":3}}'\n\
                  read docs/new-service.md for what each file is for",

@@ -125,6 +125,7 @@ fn a_new_service_is_the_template_renamed_with_its_own_port_and_registry_entry() 
     for expected in [
         "inventory_app:inventory_app_dev@127.0.0.1:6432/keel_inventory",
         "inventory_owner:inventory_owner_dev@127.0.0.1:5432/keel_inventory",
+        "amqp://inventory:inventory_dev@127.0.0.1:5672/keel",
     ] {
         assert!(dev.contains(expected), "{expected} in:\n{dev}");
         assert!(
@@ -192,8 +193,17 @@ fn a_new_service_is_the_template_renamed_with_its_own_port_and_registry_entry() 
     );
     assert!(compose.ends_with(
         "  inventory_database_url: { file: ./infra/compose/secrets/inventory_database_url }\n  \
-         inventory_database_migrate_url: { file: ./infra/compose/secrets/inventory_database_migrate_url }\n"
+         inventory_database_migrate_url: { file: ./infra/compose/secrets/inventory_database_migrate_url }\n  \
+         inventory_amqp_url: { file: ./infra/compose/secrets/inventory_amqp_url }\n"
     ));
+    // Its own broker user, not another service's, in both of its compose entries.
+    assert_eq!(
+        compose
+            .matches("KEEL_AMQP__URL_FILE: /run/secrets/inventory_amqp_url\n")
+            .count(),
+        2,
+        "{compose}"
+    );
     let secrets = root.join("infra/compose/secrets");
     assert_eq!(
         read(secrets.join("inventory_database_url")),
@@ -202,6 +212,10 @@ fn a_new_service_is_the_template_renamed_with_its_own_port_and_registry_entry() 
     assert_eq!(
         read(secrets.join("inventory_database_migrate_url")),
         "postgres://inventory_owner:inventory_owner_dev@postgres:5432/keel_inventory"
+    );
+    assert_eq!(
+        read(secrets.join("inventory_amqp_url")),
+        "amqp://inventory:inventory_dev@rabbitmq:5672/keel"
     );
 
     // k8s/base/inventory: every manifest of templates/k8s/base, renamed, on its port.
@@ -269,7 +283,7 @@ fn a_new_service_is_the_template_renamed_with_its_own_port_and_registry_entry() 
     );
     assert_eq!(
         read(kind_secrets.join("amqp-url")),
-        "amqp://guest:guest@rabbitmq:5672/keel\n"
+        "amqp://inventory:inventory_dev@rabbitmq:5672/keel\n"
     );
     let roles = read(root.join("k8s/overlays/kind/dependencies/postgres/10-keel-roles.sh"));
     assert!(
@@ -442,6 +456,7 @@ fn a_write_that_fails_halfway_leaves_nothing_half_written() {
         "k8s/overlays/kind/secrets/inventory",
         "infra/compose/secrets/inventory_database_url",
         "infra/compose/secrets/inventory_database_migrate_url",
+        "infra/compose/secrets/inventory_amqp_url",
     ] {
         assert!(!root.join(absent).exists(), "{absent} was left behind");
     }
