@@ -111,9 +111,25 @@ pub struct ConsumerConfig {
     pub depth_interval: Duration,
 }
 
-/// A list of humantime durations (`["1s", "10s"]`).
+/// A list of humantime durations: `["1s", "10s"]` in a file, `1s,10s` in an environment
+/// variable (`KEEL_CONSUMER__RETRY_TIERS=1s,10s,60s`; an empty value means no tiers).
 fn durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
-    Vec::<String>::deserialize(d)?
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum List {
+        Items(Vec<String>),
+        Text(String),
+    }
+    let items: Vec<String> = match List::deserialize(d)? {
+        List::Items(items) => items,
+        List::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    };
+    items
         .iter()
         .map(|s| keel_config::parse_duration(s).map_err(serde::de::Error::custom))
         .collect()
