@@ -116,15 +116,8 @@ enum Effect {
 pub async fn handle(pool: PgPool, msg: Incoming) -> Outcome {
     let parsed = match parse(&msg) {
         Ok(p) => p,
-        Err(reason) => {
-            tracing::warn!(
-                %reason,
-                routing_key = %msg.routing_key,
-                message_id = msg.message_id.as_deref().unwrap_or_default(),
-                "rejecting a message that can never be processed"
-            );
-            return Outcome::reject(reason);
-        }
+        // Logged once, by the consumer, as it dead-letters the message with this reason.
+        Err(reason) => return Outcome::reject(reason),
     };
     match apply(&pool, &parsed).await {
         Ok(Effect::Recorded | Effect::Ignored) => Outcome::Ack,
