@@ -80,6 +80,7 @@ bench: deps ## release build; prints Keel-vs-baseline ratios and writes target/b
 	$(CARGO) build --profile bench --workspace --bins --example bare_axum
 	$(CARGO) bench --workspace --bench keel
 	$(CARGO) bench --workspace --bench journey
+	$(CARGO) bench --workspace --bench messaging
 
 rabbitmq-definitions: ## rewrite infra/rabbitmq/definitions.json from the code (topology, per-service users); commit the result
 	$(CARGO) build --bins
