@@ -3,19 +3,24 @@
 //! start so a bad value exits 78 naming its key (P19).
 //!
 //! The platform sections (`http`, `shutdown`, `database`, `amqp`, `consumer`, `relay`,
-//! `telemetry`) validate themselves; this file adds notification's own section and the rules
-//! that cross sections.
+//! `telemetry`) validate themselves; this file adds notification's own sections (`api`,
+//! `email`) and the rules that cross sections.
 //!
 //! Must not break: every field has its default in `config/default.toml` and a range check
 //! here; a bound that is not validated is a bound an operator can set to zero.
 
+use std::time::Duration;
+
 use keel_amqp::{AmqpConfig, ConsumerConfig, RelayConfig};
-use keel_config::{ConfigError, Validate, ensure_range};
+use keel_config::{ConfigError, Validate, ensure_range, millis as ms};
 use keel_http::HttpConfig;
 use keel_pg::DatabaseConfig;
 use keel_service::ShutdownConfig;
 use keel_telemetry::TelemetryConfig;
 use serde::Deserialize;
+
+use crate::email::address::{RecipientDomain, Sender};
+use crate::email::job::MAX_ATTEMPTS_CEILING;
 
 /// notification's configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -30,6 +35,8 @@ pub struct Config {
     /// The outbox relay (P02) for `notification.notification.recorded`.
     pub relay: RelayConfig,
     pub api: ApiConfig,
+    /// Email delivery (P08, P33): the SMTP server, addresses and the job worker.
+    pub email: EmailConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -39,6 +46,88 @@ pub struct Config {
 pub struct ApiConfig {
     /// Most notifications returned for one order.
     pub list_limit: u16,
+}
+
+/// `[email]`: where and how notifications are emailed ([`crate::email`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailConfig {
+    /// The SMTP server (plain SMTP, no TLS or authentication: a local relay or a sink).
+    pub smtp_host: String,
+    pub smtp_port: u16,
+    /// The sender, a mailbox: `Keel <notifications@keel.test>`. Its domain is also the right
+    /// side of every Message-ID.
+    pub from: Sender,
+    /// Customers' addresses are `<customer_id>@<recipient_domain>` (the journey has no
+    /// address; a real system would look it up).
+    pub recipient_domain: RecipientDomain,
+    /// Bound on one send, connect to `250` after DATA.
+    #[serde(with = "keel_config::duration")]
+    pub timeout: Duration,
+    /// Emails sent at once by one process (P05: the bound on connections to the server).
+    pub concurrency: usize,
+    /// Pause between polls of an empty queue.
+    #[serde(with = "keel_config::duration")]
+    pub poll_interval: Duration,
+    /// Job lease; renewed every third of it while a send runs. A crashed worker's email is
+    /// retried by another once its lease expires.
+    #[serde(with = "keel_config::duration")]
+    pub lease: Duration,
+    /// Backoff between attempts: exponential from `retry_base`, capped at `retry_max`, full
+    /// jitter (`keel_pg::jobs::backoff`).
+    #[serde(with = "keel_config::duration")]
+    pub retry_base: Duration,
+    #[serde(with = "keel_config::duration")]
+    pub retry_max: Duration,
+    /// Attempts of one email before its job is `failed` for an operator (`keelctl jobs`).
+    pub max_attempts: i32,
+}
+
+const HOUR_MS: u64 = 3_600_000;
+
+impl Validate for EmailConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let host = &self.smtp_host;
+        if host.is_empty() || host.len() > 253 || host.chars().any(|c| c.is_whitespace()) {
+            return Err(ConfigError::invalid(
+                "email.smtp_host",
+                "must be a host name or IP address",
+            ));
+        }
+        ensure_range("email.smtp_port", self.smtp_port, 1, u16::MAX)?;
+        ensure_range("email.timeout (ms)", ms(self.timeout), 1, 300_000)?;
+        ensure_range("email.concurrency", self.concurrency, 1, 256)?;
+        ensure_range(
+            "email.poll_interval (ms)",
+            ms(self.poll_interval),
+            1,
+            60_000,
+        )?;
+        ensure_range("email.lease (ms)", ms(self.lease), 300, HOUR_MS)?;
+        ensure_range("email.retry_base (ms)", ms(self.retry_base), 1, 60_000)?;
+        ensure_range("email.retry_max (ms)", ms(self.retry_max), 1, HOUR_MS)?;
+        ensure_range(
+            "email.max_attempts",
+            self.max_attempts,
+            1,
+            MAX_ATTEMPTS_CEILING,
+        )?;
+        if self.retry_max < self.retry_base {
+            return Err(ConfigError::invalid(
+                "email.retry_max",
+                "must be at least email.retry_base",
+            ));
+        }
+        // A send must fit in a lease: the worker renews it every third, but a lease shorter
+        // than one send lets a second worker send the same email while the first still may.
+        if self.lease <= self.timeout {
+            return Err(ConfigError::invalid(
+                "email.lease",
+                "must be longer than email.timeout",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Validate for Config {
@@ -53,6 +142,7 @@ impl Validate for Config {
         self.consumer.validate()?;
         self.relay.validate()?;
         ensure_range("api.list_limit", self.api.list_limit, 1, 1000)?;
+        self.email.validate()?;
         self.telemetry.validate()
     }
 }
@@ -77,6 +167,45 @@ mod tests {
         let config = load(&[]).unwrap();
         assert_eq!(config.consumer.queue, "notification.events");
         assert_eq!(config.http.port, 8082);
+        assert_eq!(config.email.smtp_host, "127.0.0.1");
+        assert_eq!(config.email.smtp_port, 1025);
+        assert_eq!(
+            config.email.recipient_domain.as_str(),
+            "customers.keel.test"
+        );
+    }
+
+    #[test]
+    fn the_smtp_server_is_set_by_environment() {
+        let config = load(&[
+            ("KEEL_EMAIL__SMTP_HOST", "mailpit"),
+            ("KEEL_EMAIL__SMTP_PORT", "2525"),
+        ])
+        .unwrap();
+        assert_eq!(config.email.smtp_host, "mailpit");
+        assert_eq!(config.email.smtp_port, 2525);
+    }
+
+    #[test]
+    fn bad_email_settings_are_refused_naming_their_key() {
+        for (var, value, key) in [
+            ("KEEL_EMAIL__SMTP_PORT", "0", "email.smtp_port"),
+            ("KEEL_EMAIL__SMTP_HOST", "", "email.smtp_host"),
+            ("KEEL_EMAIL__FROM", "nobody", "email.from"),
+            (
+                "KEEL_EMAIL__RECIPIENT_DOMAIN",
+                "not a domain",
+                "email.recipient_domain",
+            ),
+            ("KEEL_EMAIL__CONCURRENCY", "0", "email.concurrency"),
+            ("KEEL_EMAIL__MAX_ATTEMPTS", "0", "email.max_attempts"),
+            ("KEEL_EMAIL__TIMEOUT", "0s", "email.timeout"),
+            ("KEEL_EMAIL__RETRY_MAX", "1ms", "email.retry_max"),
+            ("KEEL_EMAIL__LEASE", "1s", "email.lease"),
+        ] {
+            let err = load(&[(var, value)]).unwrap_err();
+            assert!(err.to_string().contains(key), "{var}={value}: {err}");
+        }
     }
 
     #[test]

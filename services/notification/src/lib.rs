@@ -5,6 +5,8 @@
 //!   to `checkout.order.*` and `billing.payment.*`: which events become notifications;
 //! - [`customer_notifications`]: what a customer is told, and the table it is kept in; each
 //!   one is announced as `notification.notification.recorded` through the outbox (P02);
+//! - [`email`]: each notification emailed to the customer over SMTP, through a job on the
+//!   Postgres queue enqueued with it (P08, P33; at-least-once email);
 //! - [`api`]: `GET /v1/notifications?order_id=` on the Keel HTTP stack (8082), with health
 //!   and metrics; its failures are [`error::ApiError`] problem documents.
 //!
@@ -15,6 +17,7 @@
 pub mod api;
 pub mod config;
 pub mod customer_notifications;
+pub mod email;
 pub mod error;
 pub mod journey_events;
 
@@ -70,6 +73,12 @@ impl App {
             &journey_events::BINDINGS,
             move |msg| journey_events::handle(consumer_pool.clone(), msg),
         );
+        // The email worker sends what the consumer enqueued. The mail server gates nothing: while
+        // it is down, jobs wait with backoff. A job cut off at shutdown hands its lease back.
+        let mailer = email::Mailer::new(pool.clone(), config.email.clone());
+        service.worker("email worker", move |stop| {
+            mailer.run_worker(email::worker_name(), stop)
+        });
         service.relay(&pool, &broker, &config.relay);
         let addr = service
             .http(api::routes(ApiState {
@@ -86,7 +95,8 @@ impl App {
     }
 
     /// Runs until `signal`, then stops in stages: HTTP, the consumer (in-flight messages
-    /// settle), the relay (publishes what they wrote), the broker, the pool.
+    /// settle), the email worker (sends in flight finish or hand their jobs back), the relay
+    /// (publishes what they wrote), the broker, the pool.
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<Drained, ServiceError> {
         self.service.run(signal).await
     }
