@@ -154,5 +154,33 @@ async fn a_broker_restart_mid_stream_loses_no_order_and_notifies_each_once() {
         })
         .await;
     }
+    // Nothing was parked on the way: the inbox, not the DLQ, absorbed the redeliveries. And
+    // notification's own `notification.notification.recorded` events, which nobody consumes,
+    // all reached keel.unrouted (at least one per order: a relay may publish one twice).
+    let admin =
+        lapin::Connection::connect(&node.url("keel"), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    for (queue, at_least, at_most) in [
+        ("notification.events.dlq", 0, 0),
+        ("notification.events", 0, 0),
+        ("keel.unrouted", u32::try_from(orders).unwrap(), u32::MAX),
+    ] {
+        let channel = admin.create_channel().await.unwrap();
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..lapin::options::QueueDeclareOptions::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let n = q.message_count();
+        assert!((at_least..=at_most).contains(&n), "{queue}: {n} messages");
+    }
+    let _ = admin.close(200, "done".into()).await;
     drop(node);
 }

@@ -170,12 +170,14 @@ async fn rabbitmq_imports_the_file_and_each_service_declares_over_it_as_its_own_
         let conn = Connection::connect(&url, ConnectionProperties::default())
             .await
             .unwrap_or_else(|e| panic!("{} logs in with its dev password: {e}", access.service));
-        let channel = conn.create_channel().await.unwrap();
-        topology::declare_exchanges(&channel)
+        // As the service does at start-up: the shared exchanges checked (passively: it has no
+        // `configure` on them), its own queues declared over the imported ones.
+        topology::ensure_exchanges(&conn)
             .await
-            .unwrap_or_else(|e| panic!("{} declares the exchanges: {e}", access.service));
+            .unwrap_or_else(|e| panic!("{} checks the exchanges: {e}", access.service));
+        let channel = conn.create_channel().await.unwrap();
         for queue in &access.queues {
-            topology::declare_queue(&channel, queue)
+            topology::declare_own(&channel, queue)
                 .await
                 .unwrap_or_else(|e| panic!("{} declares {}: {e}", access.service, queue.name));
         }

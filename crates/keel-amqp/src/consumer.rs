@@ -457,7 +457,8 @@ async fn subscribe(
 ) -> Result<(Channel, Consumer), AmqpError> {
     let channel = broker.channel().await?;
     let setup = async {
-        topology::declare_queue(&channel, queue).await?;
+        topology::ensure_exchanges(broker).await?;
+        topology::declare_own(&channel, queue).await?;
         // Confirm mode: a copy sent to a tier or the DLQ is acked by the broker before the
         // original is acked to it (see `Worker::forward`).
         channel
@@ -542,6 +543,18 @@ async fn watch_depths(
     }
 }
 
+/// The subscription's channel, as its handlers settle on it.
+#[derive(Clone)]
+struct Link {
+    channel: Channel,
+    /// One forward (a mandatory publish and its confirm) at a time on the channel: lapin hands
+    /// a `basic.return` to the next confirm that completes, so with two forwards in flight a
+    /// return could be matched to the other message, which would then be acked as stored while
+    /// its copy was dropped. Forwards happen only on failures; serialising them costs nothing
+    /// on the happy path.
+    forwarding: Arc<tokio::sync::Mutex<()>>,
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum End {
     Stopped,
@@ -571,6 +584,10 @@ where
     ) -> End {
         // A replaced connection does not always end the stream at once; look every second.
         let mut health = tokio::time::interval(Duration::from_secs(1));
+        let link = Link {
+            channel: channel.clone(),
+            forwarding: Arc::new(tokio::sync::Mutex::new(())),
+        };
         loop {
             while tasks.try_join_next().is_some() {}
             // A free slot first, then a delivery: at most `concurrency` handlers run, and the
@@ -598,12 +615,7 @@ where
             };
             match delivery {
                 Some(Ok(delivery)) => {
-                    tasks.spawn(self.handle(
-                        channel.clone(),
-                        delivery,
-                        permit,
-                        subscription.clone(),
-                    ));
+                    tasks.spawn(self.handle(link.clone(), delivery, permit, subscription.clone()));
                 }
                 Some(Err(e)) => {
                     tracing::debug!(queue = %self.queue.name, error = %e, "consumer stream error");
@@ -628,7 +640,7 @@ where
 
     fn handle(
         &self,
-        channel: Channel,
+        link: Link,
         delivery: Delivery,
         permit: OwnedSemaphorePermit,
         cancel: CancellationToken,
@@ -658,7 +670,7 @@ where
                 metrics::histogram!("amqp_handler_duration_seconds", "queue" => label.clone())
                     .record(started.elapsed().as_secs_f64());
                 let settled =
-                    settle(&channel, &queue, &delivery, &incoming, decision, retry_max_backoff)
+                    settle(&link, &queue, &delivery, &incoming, decision, retry_max_backoff)
                         .await;
                 match settled {
                     Ok(settled) => {
@@ -710,10 +722,10 @@ where
     loop {
         // The panic hook has logged the panic once, with its location; here it becomes the
         // message's fate, not a dead consumer task.
-        match AssertUnwindSafe(handler(incoming.clone()))
-            .catch_unwind()
-            .await
-        {
+        // The call itself inside the guarded future: a handler that panics before it returns
+        // its future (in the closure's synchronous part) is caught too.
+        let call = async { handler(incoming.clone()).await };
+        match AssertUnwindSafe(call).catch_unwind().await {
             Ok(Outcome::Ack) => return Decision::Ack,
             Ok(Outcome::Retry(reason)) => return Decision::Retry(reason),
             Ok(Outcome::Reject(reason)) => return Decision::DeadLetter(Failure::Rejected, reason),
@@ -743,7 +755,7 @@ where
 
 /// Carries out `decision` on the delivery's channel.
 async fn settle(
-    channel: &Channel,
+    link: &Link,
     queue: &QueueSpec,
     delivery: &Delivery,
     incoming: &Incoming,
@@ -790,9 +802,18 @@ async fn settle(
     let mut warned = false;
     loop {
         let copy = properties.clone();
-        match publisher::publish_confirmed(channel, exchange, &routing_key, &delivery.data, copy)
+        let forwarded = {
+            let _one_at_a_time = link.forwarding.lock().await;
+            publisher::publish_confirmed(
+                &link.channel,
+                exchange,
+                &routing_key,
+                &delivery.data,
+                copy,
+            )
             .await
-        {
+        };
+        match forwarded {
             Ok(()) => break,
             Err(e) => {
                 if !warned {

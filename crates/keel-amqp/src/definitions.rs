@@ -8,17 +8,20 @@
 //! fails when it differs from what this code renders (`make rabbitmq-definitions` rewrites it).
 //!
 //! One user per service, least privilege ([`Permissions::for_service`]):
-//! - resource permissions (configure, write, read) only on the platform's exchanges and
-//!   `keel.unrouted` (every service declares them, idempotently) and on the service's own
-//!   `<service>.` queues;
-//! - **topic permissions** narrow what it may publish by routing key: on `keel.events` only the
-//!   routing keys the registry says it publishes (`checkout.order.*` for checkout), on
-//!   `keel.retry` and `keel.dlx` only its own queues' keys. So notification cannot publish a
-//!   `billing.payment.*` event, nor push a message into billing's queue through the retry
-//!   exchange (`crates/keel-amqp/tests/permissions.rs` proves both).
+//! - `configure` only on its own `<service>.` queues (the shared exchanges come from the file
+//!   and are checked passively, [`crate::topology::ensure_exchanges`]: with `configure` on
+//!   them a service could delete them); `write` and `read` on `keel.events`, `keel.retry`,
+//!   `keel.dlx` and its own queues, `write` only on `keel.unrouted` (the alternate exchange
+//!   a publish may be handed to);
+//! - **topic permissions** narrow routing keys: on `keel.events` it may publish only what the
+//!   registry says it publishes (`checkout.order.*` for checkout) and bind only the keys its
+//!   queues use; on `keel.retry` and `keel.dlx` only keys under its own prefix. So
+//!   notification cannot publish a `billing.payment.*` event, bind a queue of its own to
+//!   `billing.#` beyond what it consumes, nor push a message into billing's queue through the
+//!   retry exchange (`crates/keel-amqp/tests/permissions.rs` proves each).
 //!
-//! Plus `keel_operator` (what `keelctl dlq` and `keelctl queues` need: read every queue,
-//! publish replays to `keel.events` and `keel.retry`, configure nothing) and `keel`, the
+//! Plus `keel_operator` (what `keelctl dlq` and `keelctl queues` need: read the DLQs and
+//! `keel.unrouted`, publish replays to `keel.events` and `keel.retry`, configure nothing) and `keel`, the
 //! administrator of the management UI. Their passwords, and the services', are the development
 //! ones (`<user>_dev`, as `config/dev.toml` has them), stored as RabbitMQ's salted SHA-256
 //! hashes: a deployment outside development brings its own users (docs/deploy/production.md).
@@ -106,10 +109,15 @@ fn any_of(alternatives: &[String]) -> String {
 impl Permissions {
     /// What `access.service` may do (see the module docs).
     pub fn for_service(access: &ServiceAccess) -> Self {
-        let own = format!(
-            "^(keel\\.(events|retry|dlx|unrouted)|{}\\..*)$",
-            escape(&access.service)
-        );
+        let prefix = escape(&access.service);
+        let own = format!("^{prefix}\\..*$");
+        // Publishing and binding its own queues: write and read on the three exchanges it
+        // uses, and write on keel.unrouted (RabbitMQ checks it when keel.events hands an event
+        // nobody is bound to over to it). No `configure` on any of them (it could delete them;
+        // it checks them passively) and no read of keel.unrouted (every service's stray events
+        // are there).
+        let read = format!("^(keel\\.(events|retry|dlx)|{prefix}\\..*)$");
+        let write = format!("^(keel\\.(events|retry|dlx|unrouted)|{prefix}\\..*)$");
         let publishes: Vec<String> = access
             .publishes
             .iter()
@@ -120,40 +128,39 @@ impl Permissions {
                     .to_owned()
             })
             .collect();
-        let queues: Vec<String> = access.queues.iter().map(|q| escape(&q.name)).collect();
-        let tiers: Vec<String> = access
+        // Topic read is checked on queue.bind: the binding keys its queues use, literally (a
+        // queue of its own bound to `billing.#` would read every billing event).
+        let mut bound: Vec<String> = access
             .queues
             .iter()
-            .flat_map(|q| {
-                std::iter::once(escape(&q.name)).chain(
-                    q.retry_tiers
-                        .iter()
-                        .map(|d| escape(&topology::retry_queue(&q.name, *d))),
-                )
-            })
+            .flat_map(|q| q.bindings.iter().map(|b| escape(b)))
             .collect();
-        // Topic *read* permissions are not checked for AMQP 0-9-1 bindings; "any" says so
-        // instead of pretending to restrict.
-        let any = ".*".to_owned();
+        bound.sort();
+        bound.dedup();
+        // Its own queues' keys on keel.retry and keel.dlx, by prefix: a tier added by
+        // configuration stays covered, and another service's queue stays out of reach.
+        let queues = format!("^{prefix}\\..*$");
         Self {
-            configure: own.clone(),
-            write: own.clone(),
-            read: own,
+            configure: own,
+            write,
+            read,
             topics: vec![
-                (EXCHANGE, any_of(&publishes), any.clone()),
-                (RETRY_EXCHANGE, any_of(&tiers), any.clone()),
-                (DEAD_LETTER_EXCHANGE, any_of(&queues), any),
+                (EXCHANGE, any_of(&publishes), any_of(&bound)),
+                (RETRY_EXCHANGE, queues.clone(), queues.clone()),
+                (DEAD_LETTER_EXCHANGE, queues.clone(), queues),
             ],
         }
     }
 
-    /// `keel_operator`: read (and purge) every queue, publish replays, declare nothing.
+    /// `keel_operator`: read (and purge) the DLQs and `keel.unrouted`, publish replays,
+    /// declare nothing. Depths of the other queues are passive declares, which need no
+    /// permission.
     pub fn operator() -> Self {
         let any = ".*".to_owned();
         Self {
             configure: String::new(),
             write: "^keel\\.(events|retry)$".to_owned(),
-            read: any.clone(),
+            read: "^(.+\\.dlq|keel\\.unrouted)$".to_owned(),
             topics: vec![
                 (EXCHANGE, any.clone(), any.clone()),
                 (RETRY_EXCHANGE, any.clone(), any),
@@ -322,19 +329,20 @@ mod tests {
     }
 
     #[test]
-    fn a_service_publishes_only_its_own_routing_keys() {
+    fn a_service_publishes_only_its_own_routing_keys_and_binds_only_its_own() {
         let p = Permissions::for_service(&notification());
         let events = &p.topics[0];
         assert_eq!(events.0, "keel.events");
         assert_eq!(events.1, "^(notification\\.notification\\.[^.]+)$");
-        let retry = &p.topics[1];
         assert_eq!(
-            retry.1,
-            "^(notification\\.events|notification\\.events\\.retry\\.1s)$"
+            events.2, "^(checkout\\.order\\.\\*)$",
+            "its binding, literally"
         );
-        assert_eq!(p.topics[2].1, "^(notification\\.events)$");
+        assert_eq!(p.topics[1].1, "^notification\\..*$");
+        assert_eq!(p.topics[2].1, "^notification\\..*$");
+        assert_eq!(p.configure, "^notification\\..*$", "no shared exchange");
         assert_eq!(
-            p.configure,
+            p.write,
             "^(keel\\.(events|retry|dlx|unrouted)|notification\\..*)$"
         );
     }

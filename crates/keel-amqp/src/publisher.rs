@@ -121,8 +121,8 @@ impl Publisher {
             self.channel = None;
         }
         if self.channel.is_none() {
+            topology::ensure_exchanges(&self.broker).await?;
             let channel = self.broker.channel().await?;
-            topology::declare_exchanges(&channel).await?;
             channel
                 .confirm_select(ConfirmSelectOptions::default())
                 .await?;

@@ -4,8 +4,9 @@
 //! Four exchanges, declared by every service (idempotent, on every (re)connect):
 //! - [`EXCHANGE`] `keel.events` (topic): every domain event, routing key = event type
 //!   (`checkout.order.confirmed`). Its `alternate-exchange` is [`UNROUTED_EXCHANGE`], so an
-//!   event no queue is bound to yet is **kept** in the [`UNROUTED_QUEUE`] instead of being
-//!   dropped by the broker (replayable with `keelctl dlq replay --queue keel.unrouted`).
+//!   event no queue is bound to yet is **kept** in the [`UNROUTED_QUEUE`] (the newest 10,000,
+//!   for 7 days) instead of being dropped by the broker at once (replayable with `keelctl dlq
+//!   replay --queue keel.unrouted`).
 //! - [`RETRY_EXCHANGE`] `keel.retry` (topic): the way back into one consumer's queue. A message
 //!   a handler could not process *for now* goes to the queue's next retry tier
 //!   (`<queue>.retry.10s`, a queue with that message TTL and no consumer); when it expires, the
@@ -17,8 +18,8 @@
 //!   (a handler that crashes the process, a consumer that never settles).
 //! - [`UNROUTED_EXCHANGE`] `keel.unrouted` (fanout) into the bounded [`UNROUTED_QUEUE`].
 //!
-//! Every queue is a durable **quorum** queue, bounded (`x-max-length`) with
-//! `x-overflow: reject-publish`: a full queue refuses new messages (the publisher's confirm is
+//! Every queue is a durable **quorum** queue, bounded (`x-max-length`); every consumer queue,
+//! tier and DLQ with `x-overflow: reject-publish`: a full queue refuses new messages (the publisher's confirm is
 //! a nack, so the outbox relay keeps the row) rather than dropping old ones. Dead-lettering out
 //! of a consumer queue or a tier uses `x-dead-letter-strategy: at-least-once` (which requires
 //! reject-publish), so a message moving to its DLQ or back from a tier cannot be lost between
@@ -53,9 +54,20 @@ pub const DEAD_LETTER_EXCHANGE: &str = "keel.dlx";
 pub const UNROUTED_EXCHANGE: &str = "keel.unrouted";
 /// The queue behind [`UNROUTED_EXCHANGE`].
 pub const UNROUTED_QUEUE: &str = "keel.unrouted";
-/// Bound of [`UNROUTED_QUEUE`]: events nobody subscribes to are kept for inspection, not
-/// forever.
+/// Bounds of [`UNROUTED_QUEUE`], a diagnostic buffer rather than a delivery: the newest
+/// 10,000 events nobody subscribes to, each for at most 7 days. When it is full the *oldest*
+/// is dropped (`drop-head`), not the new one refused: an event that legitimately has no
+/// subscriber yet (`notification.notification.recorded`) must not back up its producer's
+/// outbox. Its depth is a metric (`keelctl queues`).
 pub const UNROUTED_MAX_LENGTH: u32 = 10_000;
+/// Message TTL of [`UNROUTED_QUEUE`] (7 days, in milliseconds).
+pub const UNROUTED_TTL_MS: u32 = 7 * 24 * 3600 * 1000;
+
+/// `x-delivery-limit` of the queues nobody consumes (DLQs, `keel.unrouted`): in effect none.
+/// Explicit because RabbitMQ 4.x gives quorum queues a default limit of 20 and, with no
+/// dead-letter exchange, drops a message past it: there every `keelctl dlq list` (a browse
+/// that returns the messages) would count towards deleting the dead letters.
+pub const PARKED_DELIVERY_LIMIT: u32 = 1_000_000;
 
 /// Headers the consumer writes on a message it sends to a retry tier or a DLQ. `keelctl dlq`
 /// reads them; they survive every hop because they are headers, not broker state.
@@ -263,6 +275,7 @@ impl QueueSpec {
     pub fn declarations(&self) -> Vec<QueueDeclaration> {
         let q = self.name.as_str();
         let dlq = QueueDeclaration::new(dead_letter_queue(q))
+            .int("x-delivery-limit", PARKED_DELIVERY_LIMIT)
             .int("x-max-length", self.dead_letter_max_length)
             .text("x-overflow", "reject-publish")
             .bind(DEAD_LETTER_EXCHANGE, q);
@@ -299,8 +312,10 @@ impl QueueSpec {
 /// The queue behind [`UNROUTED_EXCHANGE`].
 pub fn unrouted_queue() -> QueueDeclaration {
     QueueDeclaration::new(UNROUTED_QUEUE.to_owned())
+        .int("x-delivery-limit", PARKED_DELIVERY_LIMIT)
         .int("x-max-length", UNROUTED_MAX_LENGTH)
-        .text("x-overflow", "reject-publish")
+        .int("x-message-ttl", UNROUTED_TTL_MS)
+        .text("x-overflow", "drop-head")
         .bind(UNROUTED_EXCHANGE, "")
 }
 
@@ -315,18 +330,85 @@ fn exchange_arguments(spec: &ExchangeSpec) -> FieldTable {
     args
 }
 
-/// Declares the platform's exchanges and the unrouted queue (idempotent). Every publisher and
-/// consumer calls it on every new channel it sets up.
+/// Where a fresh channel comes from: the service's supervised [`Broker`](crate::Broker), or a
+/// plain connection (tests, tools).
+pub trait OpenChannel {
+    /// A new channel.
+    fn open(&self) -> impl std::future::Future<Output = Result<Channel, AmqpError>> + Send;
+}
+
+impl OpenChannel for crate::Broker {
+    fn open(&self) -> impl std::future::Future<Output = Result<Channel, AmqpError>> + Send {
+        self.channel()
+    }
+}
+
+impl OpenChannel for lapin::Connection {
+    async fn open(&self) -> Result<Channel, AmqpError> {
+        self.create_channel().await.map_err(AmqpError::from)
+    }
+}
+
+/// Makes sure the platform's exchanges and `keel.unrouted` exist, the way a service does at
+/// start-up: a *passive* check first, which needs no permission, so a service's user needs no
+/// `configure` on the shared exchanges (with it, it could delete them) wherever the definitions
+/// file was loaded at boot; only if one is missing (a broker without the file: a test's own
+/// vhost) are they declared, which then takes a user allowed to.
+pub async fn ensure_exchanges(source: &impl OpenChannel) -> Result<(), AmqpError> {
+    let probe = source.open().await?;
+    let mut present = true;
+    for spec in exchanges() {
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let kind = lapin_kind(spec.kind);
+        if probe
+            .exchange_declare(short(spec.name)?, kind, passive, FieldTable::default())
+            .await
+            .is_err()
+        {
+            // A failed passive declare closes the channel: nothing more to ask on it.
+            present = false;
+            break;
+        }
+    }
+    if present {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        present = probe
+            .queue_declare(short(UNROUTED_QUEUE)?, passive, FieldTable::default())
+            .await
+            .is_ok();
+    }
+    let _ = probe.close(200, "checked".into()).await;
+    if present {
+        return Ok(());
+    }
+    let channel = source.open().await?;
+    let declared = declare_exchanges(&channel).await;
+    let _ = channel.close(200, "declared".into()).await;
+    declared
+}
+
+fn lapin_kind(kind: ExchangeKind) -> lapin::ExchangeKind {
+    match kind {
+        ExchangeKind::Topic => lapin::ExchangeKind::Topic,
+        ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
+    }
+}
+
+/// Declares the platform's exchanges and the unrouted queue (idempotent): what the
+/// definitions file holds, for a broker that was not given it. Takes `configure` on them;
+/// services use [`ensure_exchanges`].
 pub async fn declare_exchanges(channel: &Channel) -> Result<(), AmqpError> {
     for spec in exchanges() {
-        let kind = match spec.kind {
-            ExchangeKind::Topic => lapin::ExchangeKind::Topic,
-            ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
-        };
         channel
             .exchange_declare(
                 short(spec.name)?,
-                kind,
+                lapin_kind(spec.kind),
                 ExchangeDeclareOptions {
                     durable: true,
                     ..ExchangeDeclareOptions::default()
@@ -343,9 +425,16 @@ pub async fn declare_exchanges(channel: &Channel) -> Result<(), AmqpError> {
 }
 
 /// Declares the exchanges, then `spec`'s DLQ, retry tiers and queue with their bindings
-/// (idempotent).
+/// (idempotent). For tests and tools on a broker without the definitions file; a service
+/// declares with [`ensure_exchanges`] and [`declare_own`].
 pub async fn declare_queue(channel: &Channel, spec: &QueueSpec) -> Result<(), AmqpError> {
     declare_exchanges(channel).await?;
+    declare_own(channel, spec).await
+}
+
+/// Declares `spec`'s DLQ, retry tiers and queue with their bindings (idempotent): what a
+/// service's user may configure, its own `<service>.` queues.
+pub async fn declare_own(channel: &Channel, spec: &QueueSpec) -> Result<(), AmqpError> {
     for declaration in spec.declarations() {
         declare(channel, &declaration).await?;
     }

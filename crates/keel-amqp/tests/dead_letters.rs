@@ -253,6 +253,12 @@ async fn rejected_and_panicking_messages_go_to_the_dlq_at_once_while_good_ones_f
         let acked = acked.clone();
         move |msg: Incoming| {
             let acked = acked.clone();
+            // A panic before the handler even returns its future, in the closure itself.
+            assert_ne!(
+                msg.message_id.as_deref(),
+                Some("boom-sync"),
+                "a bug outside the async block"
+            );
             async move {
                 let id = msg.message_id.clone().unwrap();
                 match id.as_str() {
@@ -275,12 +281,12 @@ async fn rejected_and_panicking_messages_go_to_the_dlq_at_once_while_good_ones_f
         handler,
         stop.clone(),
     );
-    for id in ["good-1", "poison", "good-2", "boom", "good-3"] {
+    for id in ["good-1", "poison", "good-2", "boom", "good-3", "boom-sync"] {
         publish(&channel, id, b"{}").await;
     }
-    eventually(WAIT, "good messages acked, two in the DLQ", || async {
+    eventually(WAIT, "good messages acked, three in the DLQ", || async {
         let dlq = depth(&conn, &topology::dead_letter_queue(QUEUE)).await?;
-        (acked.lock().unwrap().len() == 3 && dlq == 2).then_some(())
+        (acked.lock().unwrap().len() == 3 && dlq == 3).then_some(())
     })
     .await;
     let mut dead = Vec::new();
@@ -305,6 +311,12 @@ async fn rejected_and_panicking_messages_go_to_the_dlq_at_once_while_good_ones_f
                 "boom".to_owned(),
                 "panic".to_owned(),
                 "handler panicked: a bug in the handler".to_owned(),
+                1
+            ),
+            (
+                "boom-sync".to_owned(),
+                "panic".to_owned(),
+                "handler panicked: assertion `left != right` failed: a bug outside the async block\n  left: Some(\"boom-sync\")\n right: Some(\"boom-sync\")".to_owned(),
                 1
             ),
             (

@@ -93,17 +93,18 @@ async fn notification_may_publish_its_own_events_but_not_a_billing_event() {
     // The failure: resource permissions alone let notification write anything to keel.events.
     let naive = user(&vhost, &permissions, false).await;
     let (_c, ch) = channel(&naive.url).await;
-    topology::declare_queue(&ch, &access.queues[0])
-        .await
-        .unwrap();
+    topology::declare_own(&ch, &access.queues[0]).await.unwrap();
     publish(&ch, "keel.events", "billing.payment.captured")
         .await
         .expect("without topic permissions a forged billing event is accepted");
 
     // Keel's user: its own topology and events, nothing else.
     let least = user(&vhost, &permissions, true).await;
-    let (_c, ch) = channel(&least.url).await;
-    topology::declare_queue(&ch, &access.queues[0])
+    let (conn, ch) = channel(&least.url).await;
+    topology::ensure_exchanges(&conn)
+        .await
+        .expect("notification checks the shared exchanges without configure on them");
+    topology::declare_own(&ch, &access.queues[0])
         .await
         .expect("notification declares its own queue, tiers and DLQ");
     publish(&ch, "keel.events", "notification.notification.recorded")
@@ -126,9 +127,21 @@ async fn notification_may_publish_its_own_events_but_not_a_billing_event() {
     );
     let (_c, ch) = channel(&least.url).await;
     assert!(
-        refused(
-            topology::declare_queue(&ch, &queue("billing.events", &["checkout.order.*"])).await
-        ),
+        refused(topology::declare_own(&ch, &queue("billing.events", &["checkout.order.*"])).await),
         "declaring (or re-binding) billing's queue is refused"
     );
+    let (_c, ch) = channel(&least.url).await;
+    assert!(
+        refused(topology::declare_own(&ch, &queue("notification.spy", &["billing.#"])).await),
+        "binding a queue of its own to every billing event is refused (topic read)"
+    );
+    let (_c, ch) = channel(&least.url).await;
+    let deleted = ch
+        .exchange_delete(
+            "keel.events".into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await
+        .map_err(AmqpError::from);
+    assert!(refused(deleted), "deleting the events exchange is refused");
 }

@@ -124,7 +124,8 @@ pub async fn replay(conn: &Connection, request: &ReplayRequest) -> Result<Replay
         ..ReplaySummary::default()
     };
     let mut publisher = Publisher::new(conn);
-    let mut ticker = tokio::time::interval(Duration::from_secs(1) / request.rate.max(1));
+    // Bounded whatever a library caller passes (the CLI refuses more than 1000/s itself).
+    let mut ticker = tokio::time::interval(Duration::from_secs(1) / request.rate.clamp(1, 1000));
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut seen = HashSet::new();
     for queue in &request.queues {
@@ -214,11 +215,21 @@ async fn walk(
     Ok(())
 }
 
+/// Headers a replayed copy does not carry over (see [`copy_properties`]).
+const STALE_ON_REPLAY: [&str; 5] = [
+    "x-delivery-count",
+    "x-death",
+    headers::ERROR,
+    headers::FAILURE,
+    headers::LAST_FAILURE,
+];
+
 /// The copy's properties: all of the dead letter's (message id first of all), with
 /// `x-keel-attempts` reset to 0 so the retry tiers apply again, `x-keel-replays` one higher,
 /// the original route recorded if only the broker's headers knew it (the consumer reads the
-/// routing key from there after a `to_queue` replay), and the broker's `x-delivery-count`
-/// dropped: it counted deliveries of the dead letter, not of the copy.
+/// routing key from there after a `to_queue` replay), and the bookkeeping of the dead letter
+/// dropped ([`STALE_ON_REPLAY`], `x-first-death-*`, `x-last-death-*`): the broker's
+/// `x-delivery-count` counted deliveries of the dead letter, not of the copy.
 pub(crate) fn copy_properties(
     properties: &BasicProperties,
     origin: Option<&Route>,
@@ -232,7 +243,15 @@ pub(crate) fn copy_properties(
     let mut table: FieldTable = original
         .inner()
         .iter()
-        .filter(|(k, _)| k.as_str() != "x-delivery-count")
+        // The broker's and the last failure's bookkeeping describe the dead letter, not the
+        // copy: a copy that fails again gets fresh ones, and a stale `x-death` would make a
+        // later listing read the old cause first. The first failure's time stays: it has been
+        // failing since then.
+        .filter(|(k, _)| {
+            !STALE_ON_REPLAY.contains(&k.as_str())
+                && !k.as_str().starts_with("x-first-death-")
+                && !k.as_str().starts_with("x-last-death-")
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect::<std::collections::BTreeMap<_, _>>()
         .into();
