@@ -33,7 +33,7 @@ pub struct ConsumerConfig {
     /// consumer then holds the message and tries again after a backoff rather than lose it.
     pub dead_letter_max_length: u32,
     /// Cap of the backoff between attempts of a handler that answered
-    /// [`Outcome::Unavailable`].
+    /// [`Outcome::Unavailable`](super::Outcome::Unavailable).
     #[serde(with = "keel_config::duration")]
     pub retry_max_backoff: Duration,
     /// How often queue and DLQ depths are read for the metrics.
