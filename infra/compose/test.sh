@@ -11,9 +11,12 @@
 #  5. `keelctl demo` through the published ports: approved, out of stock, declined, flaky and
 #     silent provider, duplicate Idempotency-Key, replayed webhook; each must reach its
 #     expected final state and its notification;
-#  6. `keelctl audit` against the containers' databases (through the published pgbouncer, as
+#  6. the demo's emails: every order it placed has reached the mail sink (compose's `mailpit`,
+#     here the keel-smtp-sink stand-in), addressed to the customers' domain, read through the
+#     sink's published API (Mailpit's GET /api/v1/messages);
+#  7. `keelctl audit` against the containers' databases (through the published pgbouncer, as
 #     keelctl's read-only role) and broker;
-#  7. `down -v`, however the run ends (an EXIT trap), and reports image sizes, the stack's
+#  8. `down -v`, however the run ends (an EXIT trap), and reports image sizes, the stack's
 #     resident memory and the time taken.
 # Every wait is bounded; the traffic is the demo's few dozen requests, to loopback only.
 set -euo pipefail
@@ -81,7 +84,8 @@ export KEEL_POSTGRES_PORT=${ports[0]} KEEL_PGBOUNCER_PORT=${ports[1]} \
     KEEL_RABBITMQ_MANAGEMENT_PORT=${ports[2]} KEEL_CHECKOUT_PORT=${ports[3]} \
     KEEL_BILLING_PORT=${ports[4]} KEEL_NOTIFICATION_PORT=${ports[5]} \
     KEEL_PSP_SIM_PORT=${ports[6]} KEEL_PSP_SIM_ADMIN_PORT=${ports[7]} \
-    KEEL_JAEGER_PORT=${ports[8]} KEEL_PROMETHEUS_PORT=${ports[9]} KEEL_GRAFANA_PORT=${ports[10]}
+    KEEL_JAEGER_PORT=${ports[8]} KEEL_PROMETHEUS_PORT=${ports[9]} KEEL_GRAFANA_PORT=${ports[10]} \
+    KEEL_MAILPIT_PORT=${ports[11]}
 
 # --- up -------------------------------------------------------------------------------------
 compose down -v --remove-orphans >/dev/null 2>&1 || true
@@ -92,7 +96,7 @@ up_started=$SECONDS
 timeout 600 docker-compose -p "$PROJECT" --project-directory "$ROOT" "${COMPOSE_FILES[@]}" \
     up -d --no-build >&2
 
-long_running=(postgres pgbouncer rabbitmq redis checkout billing notification psp-sim)
+long_running=(postgres pgbouncer rabbitmq redis mailpit checkout billing notification psp-sim)
 restarted=""
 all_healthy() {
     local svc id status restarts
@@ -148,7 +152,59 @@ keelctl() {
         timeout 300 "$KEELCTL" "$@"
 }
 log "keelctl demo: every kind of order through http://127.0.0.1:$KEEL_CHECKOUT_PORT"
-keelctl demo >&2
+# As JSON, kept: the orders it placed are what the mail check below looks for.
+mkdir -p "$KEELDEV_HOME/compose"
+demo_json="$KEELDEV_HOME/compose/demo.json"
+demo_rc=0
+keelctl -o json demo >"$demo_json" || demo_rc=$?
+python3 - "$demo_json" >&2 <<'PY' || true
+import json, sys
+outcome = json.load(open(sys.argv[1]))
+for c in outcome["cases"]:
+    print(f"  {c['scenario']:<30} {c['order_id']:<36} {c['state']:<18} "
+          f"{'ok' if c['ok'] else 'NOT OK, expected ' + c['expected']}  {c['note']}")
+print(f"  replayed webhook: {outcome['replayed_webhook']}")
+PY
+((demo_rc == 0)) || die "keelctl demo failed (exit $demo_rc); its outcome: $demo_json"
+
+# Every order the demo placed reached a final state and its notification; notification emails
+# each one (an email.send job, at least once). Read the sink's API until every order has a
+# message whose subject names it, every recipient in the customers' domain: bounded at 60 s,
+# one loopback request per half second.
+log "mail: the demo's emails at http://127.0.0.1:$KEEL_MAILPIT_PORT/api/v1/messages"
+python3 - "$KEEL_MAILPIT_PORT" "$demo_json" >&2 <<'PY'
+import json, sys, time, urllib.request
+
+port, demo_json = sys.argv[1], sys.argv[2]
+DOMAIN = "@customers.keel.test"
+orders = sorted({c["order_id"] for c in json.load(open(demo_json))["cases"] if c["order_id"]})
+url = f"http://127.0.0.1:{port}/api/v1/messages?limit=500"
+deadline = time.monotonic() + 60
+problem = "no answer yet"
+while True:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body = json.load(response)
+        messages = body.get("messages") or []
+        recipients = [t.get("Address", "") for m in messages for t in (m.get("To") or [])]
+        strays = [m for m in messages
+                  if not m.get("To") or any(not t.get("Address", "").endswith(DOMAIN) for t in m["To"])]
+        if strays:
+            sys.exit(f"mail: messages outside {DOMAIN}: "
+                     + ", ".join(f"{m.get('Subject')!r} to {m.get('To')}" for m in strays[:5]))
+        missing = [o for o in orders if not any(o in (m.get("Subject") or "") for m in messages)]
+        if not missing and body.get("total", 0) >= len(orders):
+            print(f"mail: {body['total']} message(s) for the demo's {len(orders)} orders, every "
+                  f"one to {DOMAIN} ({', '.join(sorted(set(recipients)))}); e.g. "
+                  f"{messages[0].get('Subject')!r}")
+            break
+        problem = f"{body.get('total', 0)} message(s); no email yet for order(s) {', '.join(missing)}"
+    except OSError as e:
+        problem = f"the sink's API: {e}"
+    if time.monotonic() >= deadline:
+        sys.exit(f"mail: after 60 s, {problem}")
+    time.sleep(0.5)  # the poll interval of a bounded wait
+PY
 log "keelctl audit"
 keelctl audit >&2
 

@@ -138,6 +138,12 @@ def container_ports(svc: dict) -> set[int]:
     return ports
 
 
+def named_hosts(values: dict[str, str]) -> dict[str, str]:
+    """The servers a service reaches by host name alone (`email.smtp_host`), by config key;
+    listen addresses (`http.host`) are not among them."""
+    return {k: v for k, v in values.items() if k.rsplit(".", 1)[-1].endswith("_host")}
+
+
 def compose_problems(rendered: dict) -> list[str]:
     """Every way compose.yaml disagrees with the registry, the defaults or its own rules."""
     problems = []
@@ -153,6 +159,9 @@ def compose_problems(rendered: dict) -> list[str]:
             problems.append(f"compose: {name} check-config exited {code}: {err}")
             continue
         problems += wiring_problems("compose", name, entry, values)
+        for key, host in named_hosts(values).items():
+            if host not in services and host not in ("127.0.0.1", "localhost", "::1"):
+                problems.append(f"compose: {name} {key} is {host}, which is no service here")
         # Published ports: the service's own, each on loopback by default.
         want = set(entry["ports"].values())
         if name == "billing":
@@ -284,6 +293,9 @@ def kind_problems(docs: list[dict]) -> list[str]:
                 problems.append(f"kind: {name} check-config exited {code}: {err}")
                 continue
             problems += wiring_problems("kind", name, entry, values)
+            for key, host in named_hosts(values).items():
+                if host not in ("127.0.0.1", "localhost", "::1") and find(docs, "Service", host.split(".")[0]) is None:
+                    problems.append(f"kind: {name} {key} is {host}, which is no Service here")
             # Container ports: the registry's, except the admin listener, loopback only.
             want = {p for k, p in entry["ports"].items() if k != "admin"}
             have = {p["containerPort"] for p in container.get("ports") or []}
@@ -339,6 +351,9 @@ def wiring_problems(place: str, name: str, entry: dict, values: dict[str, str]) 
     # says 127.0.0.1 (a default, or the dev profile's) reaches nothing.
     for key, value in values.items():
         if "://" in value and urlsplit(value).hostname in ("127.0.0.1", "localhost", "::1"):
+            problems.append(f"{place}: {name} {key} points at loopback ({value})")
+    for key, value in named_hosts(values).items():
+        if value in ("127.0.0.1", "localhost", "::1"):
             problems.append(f"{place}: {name} {key} points at loopback ({value})")
     if values.get("http.host") not in ("0.0.0.0", "::"):
         problems.append(f"{place}: {name} listens on {values.get('http.host')}: unreachable from outside its container")
@@ -424,6 +439,12 @@ class Kind(Checks):
                     e["value"] = "9082"
         self.assert_named(self.broken(change), "notification http.port = 9082")
 
+    def test_bites_a_mail_server_left_on_loopback(self):
+        def change(docs):
+            env = self.container(docs, "notification")["env"]
+            env[:] = [e for e in env if e["name"] != "KEEL_EMAIL__SMTP_HOST"]
+        self.assert_named(self.broken(change), "notification email.smtp_host points at loopback")
+
     def test_bites_a_grace_period_shorter_than_the_stages(self):
         def change(docs):
             find(docs, "Deployment", "psp-sim")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 30
@@ -504,6 +525,16 @@ class Bites(Checks):
         def change(r):
             del r["services"]["checkout"]["environment"]["KEEL_BILLING__GRPC_URL"]
         self.assert_named(self.broken(change), "checkout billing.grpc_url points at loopback")
+
+    def test_a_mail_server_left_on_loopback(self):
+        def change(r):
+            del r["services"]["notification"]["environment"]["KEEL_EMAIL__SMTP_HOST"]
+        self.assert_named(self.broken(change), "notification email.smtp_host points at loopback")
+
+    def test_a_mail_server_that_is_not_in_the_file(self):
+        def change(r):
+            del r["services"]["mailpit"]
+        self.assert_named(self.broken(change), "notification email.smtp_host is mailpit, which is no service")
 
     def test_a_grace_period_shorter_than_the_stages(self):
         def change(r):

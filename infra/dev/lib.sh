@@ -34,7 +34,7 @@ fi
 # Export so child processes (psql wrappers, services) see the same values.
 export PG_PORT PG_LOCAL_PORT PGBOUNCER_PORT REDIS_PORT REDIS_LOCAL_PORT \
     AMQP_PORT AMQP_LOCAL_PORT AMQP_MGMT_PORT AMQP_LOCAL_MGMT_PORT \
-    AMQP_LOCAL_DIST_PORT
+    AMQP_LOCAL_DIST_PORT SMTP_PORT SMTP_HTTP_PORT
 
 # The services: infra/services.toml, read by registry.sh. It sets KEELDEV_SERVICES,
 # KEELDEV_DB_SERVICES (those that own a database; roles "<name>_owner"/"<name>_app",

@@ -11,6 +11,12 @@
 # (ports, database, broker), the rest are the entry's `env` templates. Pid files under
 # .keel/run make `stop` precise: it stops what `start` started and nothing else. Nothing here
 # names a service: a new registry entry is started, migrated, stopped and reported as is.
+#
+# Mail: before the services, `start` makes sure something accepts SMTP on 127.0.0.1:SMTP_PORT
+# (infra/dev/stack.env, default 1025). If something already answers there (a Mailpit, another
+# checkout's sink) it is reused and left alone; otherwise keel-smtp-sink (crates/keel-smtp-sink,
+# built with the workspace) is started there, with its Mailpit-style web API on SMTP_HTTP_PORT
+# (8025), a pid file and a log like a service's, and `stop` stops it after the services.
 set -euo pipefail
 
 # Repo root, KEELDEV_HOME (.keel), the checked-in ports (stack.env) and the registry
@@ -51,10 +57,21 @@ env_name() {
   echo "${n^^}"
 }
 
+# smtp_default_port SERVICE: the SMTP port in the service's checked-in defaults
+# (services/<name>/config/default.toml, `smtp_port = N`); fails for a service that sends no
+# email.
+smtp_default_port() {
+  local defaults="$ROOT/services/$1/config/default.toml" port
+  [[ -f "$defaults" ]] || return 1
+  port="$(sed -n 's/^smtp_port[[:space:]]*=[[:space:]]*\([0-9][0-9]*\).*/\1/p' "$defaults" | head -n1)"
+  [[ -n "$port" ]] && echo "$port"
+}
+
 # The KEEL_* environment of one service, one assignment per line: the dev profile (its
 # checked-in development secrets; see docs/getting-started.md#configuration), what its
-# registry entry implies (a port setting per port, the database URLs, the broker URL), then
-# its own `env`.
+# registry entry implies (a port setting per port, the database URLs, the broker URL), its
+# own `env`, and, for a service that sends email, the dev mail port when it is not the one
+# its defaults already name (SMTP_PORT=2025 make dev).
 service_env() {
   local svc="$1" kind key
   echo "KEEL_PROFILE=dev"
@@ -72,6 +89,10 @@ service_env() {
   for key in $(reg_get "$svc" env); do
     echo "$key=$(reg_expand "$(reg_get "$svc" "env.$key")")"
   done
+  local smtp_default
+  if smtp_default="$(smtp_default_port "$svc")" && [[ "$SMTP_PORT" != "$smtp_default" ]]; then
+    echo "KEEL_EMAIL__SMTP_PORT=${SMTP_PORT}"
+  fi
 }
 
 # keelctl's environment: every registered database (read as keel_auditor, changed as
@@ -91,21 +112,26 @@ keelctl_env() {
   echo "KEEL_STACK__AMQP_PORT=${AMQP_PORT}"
 }
 
+# `env` arguments that remove every KEEL_* variable of the caller's shell. env -i would drop
+# PATH/HOME; instead a child sees exactly the configuration given to it (the services reject
+# unknown KEEL_* keys; the sink would read a stray KEEL_SMTP_SINK_*).
+unset_keel_args() {
+  local name
+  while IFS= read -r name; do printf '%s\n' -u "$name"; done < <(compgen -e | grep '^KEEL_' || true)
+}
+
 # Replaces the calling (sub)shell with the service binary, so `$!` of a background call is
 # the service's own pid. Call it in a subshell or in the background, never directly.
 exec_with_env() {
   local svc="$1"
   shift
-  local -a vars
+  local -a vars unset_args
   if [[ "$svc" == keelctl ]]; then
     mapfile -t vars < <(keelctl_env)
   else
     mapfile -t vars < <(service_env "$svc")
   fi
-  # env -i would drop PATH/HOME; instead remove any stray KEEL_* from the caller's shell so
-  # the service sees exactly this configuration (unknown KEEL_* keys are rejected).
-  local -a unset_args=()
-  while IFS= read -r name; do unset_args+=(-u "$name"); done < <(compgen -e | grep '^KEEL_' || true)
+  mapfile -t unset_args < <(unset_keel_args)
   exec env "${unset_args[@]}" "${vars[@]}" "$@"
 }
 
@@ -142,11 +168,107 @@ wait_ready() {
   done
 }
 
+# ------------------------------------------------------------------------------ mail --
+# keel-smtp-sink, run like a service: pid file $RUN/keel-smtp-sink.pid (checked against the
+# binary by running_pid), log $LOGS/keel-smtp-sink.log, and $RUN/keel-smtp-sink.mode saying
+# whether `start` started it ("ours") or found something on SMTP_PORT ("reused").
+SINK=keel-smtp-sink
+SINK_MODE="$RUN/$SINK.mode"
+
+# mail_api_up PORT: a Mailpit-style API answers on 127.0.0.1:PORT (the sink's, or Mailpit's).
+mail_api_up() {
+  curl -fsS -o /dev/null -m 2 "http://127.0.0.1:$1/api/v1/messages?limit=1" 2>/dev/null
+}
+
+exec_sink() {
+  local -a unset_args
+  mapfile -t unset_args < <(unset_keel_args)
+  exec env "${unset_args[@]}" "$BIN/$SINK" \
+    --smtp "127.0.0.1:${SMTP_PORT}" --http "127.0.0.1:${SMTP_HTTP_PORT}"
+}
+
+start_sink() {
+  local pid deadline
+  if pid="$(running_pid "$SINK")"; then
+    log "mail: $SINK already running (pid $pid)"
+    return 0
+  fi
+  if port_open 127.0.0.1 "$SMTP_PORT"; then
+    # Not ours, so never stopped by `stop`; mail goes there all the same.
+    echo reused >"$SINK_MODE"
+    log "mail: something already answers SMTP on 127.0.0.1:${SMTP_PORT} (a Mailpit?); reusing it"
+    return 0
+  fi
+  [[ -x "$BIN/$SINK" ]] || { log "missing $BIN/$SINK: run \`cargo build --bins\` (make dev does)"; exit 1; }
+  if port_open 127.0.0.1 "$SMTP_HTTP_PORT"; then
+    log "mail: port ${SMTP_HTTP_PORT} (the sink's web API) is taken by a process this script did not start; stop it or set SMTP_HTTP_PORT"
+    exit 1
+  fi
+  exec_sink </dev/null >>"$LOGS/$SINK.log" 2>&1 &
+  echo $! >"$RUN/$SINK.pid"
+  echo ours >"$SINK_MODE"
+  log "started $SINK (pid $!): smtp 127.0.0.1:${SMTP_PORT}, web http://127.0.0.1:${SMTP_HTTP_PORT}, logs in $LOGS/$SINK.log"
+  deadline=$((SECONDS + 15))
+  until mail_api_up "$SMTP_HTTP_PORT" && port_open 127.0.0.1 "$SMTP_PORT"; do
+    if ! running_pid "$SINK" >/dev/null; then
+      log "$SINK exited during start-up; last log lines:"
+      tail -n 20 "$LOGS/$SINK.log" >&2 || true
+      rm -f "$SINK_MODE"
+      exit 1
+    fi
+    if ((SECONDS >= deadline)); then
+      log "$SINK not answering on 127.0.0.1:${SMTP_PORT} and :${SMTP_HTTP_PORT} within 15 s"
+      exit 1
+    fi
+    sleep 0.1 # poll interval of a bounded wait
+  done
+}
+
+stop_sink() {
+  local pid deadline
+  if pid="$(running_pid "$SINK")"; then
+    log "stopping $SINK (pid $pid, SIGTERM)"
+    kill -TERM "$pid" 2>/dev/null || true
+    deadline=$((SECONDS + 10))
+    while kill -0 "$pid" 2>/dev/null; do
+      if ((SECONDS >= deadline)); then
+        log "$SINK still running after 10 s; SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        break
+      fi
+      sleep 0.1 # poll interval of a bounded wait
+    done
+  fi
+  rm -f "$RUN/$SINK.pid" "$SINK_MODE"
+}
+
+# One line for the summary and `status`: where mail goes and where to read it.
+sink_line() {
+  local mode web pid
+  mode="$(cat "$SINK_MODE" 2>/dev/null || true)"
+  web="http://127.0.0.1:${SMTP_HTTP_PORT}"
+  if [[ "$mode" == ours ]] && pid="$(running_pid "$SINK")"; then
+    printf '  %-13s %s  smtp 127.0.0.1:%s  (%s pid %s; API %s/api/v1/messages)\n' \
+      mail "$web" "$SMTP_PORT" "$SINK" "$pid" "$web"
+  elif port_open 127.0.0.1 "$SMTP_PORT"; then
+    if mail_api_up "$SMTP_HTTP_PORT"; then
+      printf '  %-13s %s  smtp 127.0.0.1:%s  (not started by make dev)\n' mail "$web" "$SMTP_PORT"
+    else
+      printf '  %-13s smtp 127.0.0.1:%s  (not started by make dev; no mail API on :%s)\n' \
+        mail "$SMTP_PORT" "$SMTP_HTTP_PORT"
+    fi
+  else
+    printf '  %-13s stopped\n' mail
+  fi
+}
+
 start() {
   mkdir -p "$RUN" "$LOGS"
   for svc in "${SERVICES[@]}"; do
     [[ -x "$BIN/$svc" ]] || { log "missing $BIN/$svc: run \`cargo build --bins\` (make dev does)"; exit 1; }
   done
+  # Before the services: one that sends email finds its server at once.
+  start_sink
   local -a migrate
   local mlog from
   for svc in "${KEELDEV_DB_SERVICES[@]}"; do
@@ -188,8 +310,10 @@ start() {
     done
     printf '  %-13s http://127.0.0.1:%s%s\n' "$svc" "$(http_port "$svc")" "$ports"
   done
+  sink_line
   cat <<EOT
 Each serves /livez, /readyz and /metrics. Logs (JSON): .keel/logs/<service>.log
+Email the services send: the mail line above (web UI or GET /api/v1/messages).
 
 Next:
   make demo       every kind of order (approved, out of stock, declined, flaky, timeout,
@@ -241,6 +365,8 @@ stop() {
     done
     rm -f "$RUN/$svc.pid"
   done
+  # After the services: mail still being sent during their drain is accepted.
+  stop_sink
 }
 
 # `make demo`: keelctl places every kind of order against the running stack, then audits.
@@ -301,6 +427,7 @@ status() {
       printf '  %-13s stopped\n' "$svc"
     fi
   done
+  sink_line
 }
 
 case "${1:-}" in

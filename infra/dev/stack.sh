@@ -616,6 +616,9 @@ PGBOUNCER_PORT=$R_PGBOUNCER_PORT
 REDIS_PORT=$R_REDIS_PORT
 AMQP_PORT=$R_AMQP_PORT
 AMQP_MGMT_PORT=$R_AMQP_MGMT_PORT
+# mail: started (or found) by services.sh start, on these ports
+SMTP_PORT=$SMTP_PORT
+SMTP_HTTP_PORT=$SMTP_HTTP_PORT
 $(service_ports)
 ENV
     chmod 0644 "$tmp"

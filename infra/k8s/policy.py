@@ -87,6 +87,9 @@ JOURNEY: dict[tuple[str, str, int], str] = {
     ("psp-sim", "billing", 8081): "the provider's signed capture webhook",
     ("pgbouncer", "postgres", 5432): "pgbouncer's server connections",
     ("keda/keda-operator", "rabbitmq", 5672): "KEDA reads notification.events' depth",
+    # Only where the manifests run a Mailpit (the kind overlay); elsewhere mail leaves for a
+    # relay the deployment names.
+    ("notification", "mailpit", 1025): "notification's email (SMTP)",
     ("*", "kube-system/kube-dns", 53): "name resolution",
 }
 for _svc in DATABASE_SERVICES:

@@ -8,6 +8,8 @@
 #   keel-offline/rust           the build stage's base: this machine's own Rust toolchain
 #   keel/<service>:dev          Keel's images, from the real Dockerfile at the root, with its
 #                               base images overridden by build arguments
+#   keel-offline/mailpit        compose.yaml's mail sink: keel-smtp-sink behind a Mailpit-like
+#                               /mailpit (./mailpit.Dockerfile, built like Keel's images)
 #
 # Needs DOCKER_HOST pointing at an engine (infra/compose/engine.sh start). Images already in
 # the engine are reused, and BuildKit's cache mounts keep cargo's registry and target/ between
@@ -101,10 +103,20 @@ keel_images() {
     done
 }
 
+# Mailpit's stand-in: a workspace binary, so built from the repository like Keel's images (on
+# their bases, sharing their cargo cache mounts), after them: the crates are compiled by then.
+mailpit_image() {
+    log "building keel-offline/mailpit:$TAG (keel-smtp-sink)"
+    docker build -q -f "$HERE/mailpit.Dockerfile" \
+        --build-arg RUST_IMAGE="keel-offline/rust:$TAG" \
+        --build-arg RUNTIME_IMAGE="keel-offline/runtime:$TAG" \
+        -t "keel-offline/mailpit:$TAG" "$KEELDEV_ROOT" >/dev/null
+}
+
 case "${1:-all}" in
-stand-ins) base_image && stand_ins ;;
+stand-ins) base_image && stand_ins && mailpit_image ;;
 keel) keel_images ;;
-all) mkdir -p "$WORK" && base_image && stand_ins && keel_images ;;
+all) mkdir -p "$WORK" && base_image && stand_ins && keel_images && mailpit_image ;;
 *)
     echo "usage: $0 [stand-ins|keel|all]" >&2
     exit 64
