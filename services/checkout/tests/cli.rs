@@ -47,7 +47,7 @@ async fn check_config_prints_the_effective_values_with_secrets_redacted_and_exit
         stdout.contains("@db.example:6432/keel_checkout"),
         "{stdout}"
     );
-    for secret in ["sup3r-secret", "checkout_owner_dev", "guest:guest"] {
+    for secret in ["sup3r-secret", "checkout_owner_dev", "checkout:checkout_dev"] {
         assert!(!stdout.contains(secret), "{secret} printed:\n{stdout}");
     }
 }
@@ -143,14 +143,14 @@ async fn the_dev_profile_gives_a_complete_configuration_whose_secrets_check_conf
     for line in [
         "database.url = postgres://checkout_app:%3Credacted%3E@127.0.0.1:6432/keel_checkout",
         "database.migrate_url = postgres://checkout_owner:%3Credacted%3E@127.0.0.1:5432/keel_checkout",
-        "amqp.url = amqp://guest:%3Credacted%3E@127.0.0.1:5672/keel",
+        "amqp.url = amqp://checkout:%3Credacted%3E@127.0.0.1:5672/keel",
     ] {
         assert!(
             stdout.lines().any(|l| l == line),
             "{line} not in:\n{stdout}"
         );
     }
-    for secret in ["checkout_app_dev", "checkout_owner_dev", "guest:guest"] {
+    for secret in ["checkout_app_dev", "checkout_owner_dev", "checkout:checkout_dev"] {
         assert!(!stdout.contains(secret), "{secret} printed:\n{stdout}");
     }
 }
@@ -191,14 +191,14 @@ async fn outside_the_dev_profile_a_development_secret_exits_78_naming_the_key() 
     // The dev profile's broker URL, from a variable.
     let line = both_exit_78(&[
         PRODUCTION,
-        ("KEEL_AMQP__URL", "amqp://guest:guest@127.0.0.1:5672/keel"),
+        ("KEEL_AMQP__URL", "amqp://checkout:checkout_dev@127.0.0.1:5672/keel"),
     ])
     .await;
     assert!(
         line.contains("config key `amqp.url`: holds a development secret (from KEEL_AMQP__URL)"),
         "{line}"
     );
-    assert!(!line.contains("guest:guest"), "printed: {line}");
+    assert!(!line.contains("checkout_dev"), "printed: {line}");
 
     // The dev database password on another host, from a mounted secret file.
     let file = std::env::temp_dir().join(format!("checkout-cli-dev-secret-{}", std::process::id()));
