@@ -47,7 +47,11 @@ async fn check_config_prints_the_effective_values_with_secrets_redacted_and_exit
         stdout.contains("@db.example:6432/keel_checkout"),
         "{stdout}"
     );
-    for secret in ["sup3r-secret", "checkout_owner_dev", "checkout:checkout_dev"] {
+    for secret in [
+        "sup3r-secret",
+        "checkout_owner_dev",
+        "checkout:checkout_dev",
+    ] {
         assert!(!stdout.contains(secret), "{secret} printed:\n{stdout}");
     }
 }
@@ -150,7 +154,11 @@ async fn the_dev_profile_gives_a_complete_configuration_whose_secrets_check_conf
             "{line} not in:\n{stdout}"
         );
     }
-    for secret in ["checkout_app_dev", "checkout_owner_dev", "checkout:checkout_dev"] {
+    for secret in [
+        "checkout_app_dev",
+        "checkout_owner_dev",
+        "checkout:checkout_dev",
+    ] {
         assert!(!stdout.contains(secret), "{secret} printed:\n{stdout}");
     }
 }
@@ -191,7 +199,10 @@ async fn outside_the_dev_profile_a_development_secret_exits_78_naming_the_key() 
     // The dev profile's broker URL, from a variable.
     let line = both_exit_78(&[
         PRODUCTION,
-        ("KEEL_AMQP__URL", "amqp://checkout:checkout_dev@127.0.0.1:5672/keel"),
+        (
+            "KEEL_AMQP__URL",
+            "amqp://checkout:checkout_dev@127.0.0.1:5672/keel",
+        ),
     ])
     .await;
     assert!(
