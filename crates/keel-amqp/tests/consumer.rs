@@ -8,13 +8,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use keel_amqp::{AmqpConfig, Broker, ConsumerConfig, Incoming, Outcome};
+use keel_amqp::{Broker, ConsumerConfig, Incoming, Outcome};
 use keel_testkit::{TestVhost, eventually};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+
+mod support;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -37,15 +39,7 @@ async fn ready(conn: &Connection) -> Option<(u32, u32)> {
 }
 
 fn broker(vhost: &TestVhost) -> Broker {
-    Broker::spawn(
-        AmqpConfig {
-            url: vhost.url().into(),
-            connect_timeout: Duration::from_secs(2),
-            max_backoff: Duration::from_millis(200),
-        },
-        "keel-amqp-test",
-        CancellationToken::new(),
-    )
+    support::broker(vhost.url(), &CancellationToken::new())
 }
 
 /// The consumer of `test.work`: `prefetch` messages handed over, `concurrency` handlers.

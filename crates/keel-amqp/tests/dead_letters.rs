@@ -10,32 +10,25 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keel_amqp::topology::{self, QueueSpec, headers};
-use keel_amqp::{AmqpConfig, Broker, ConsumerConfig, Incoming, Outcome};
-use keel_testkit::{TestVhost, eventually};
+use keel_amqp::{Broker, ConsumerConfig, Incoming, Outcome};
+use keel_testkit::{TestBroker, TestVhost, eventually};
 use lapin::message::BasicGetMessage;
 use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
+
+mod support;
 
 const WAIT: Duration = Duration::from_secs(30);
 const QUEUE: &str = "test.work";
 const TIERS: [Duration; 2] = [Duration::from_millis(200), Duration::from_millis(400)];
 
 fn broker(vhost: &TestVhost) -> Broker {
-    Broker::spawn(
-        AmqpConfig {
-            url: vhost.url().into(),
-            connect_timeout: Duration::from_secs(2),
-            max_backoff: Duration::from_millis(200),
-        },
-        "keel-amqp-test",
-        CancellationToken::new(),
-    )
+    support::broker(vhost.url(), &CancellationToken::new())
 }
 
 fn config() -> ConsumerConfig {
@@ -56,52 +49,26 @@ fn spec(config: &ConsumerConfig) -> QueueSpec {
     config.queue_spec(&["test.work.#"])
 }
 
-async fn connect(vhost: &TestVhost) -> (Connection, Channel) {
-    let conn = Connection::connect(&vhost.url(), ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
+/// The testkit's broker (publishing to `keel.events` with confirms, queue counters) and a
+/// confirm-mode channel of its own for what the tests do by hand.
+async fn connect(vhost: &TestVhost) -> (TestBroker, Channel) {
+    let broker = TestBroker::connect(vhost).await;
+    let channel = broker.channel().await;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    (conn, channel)
+    (broker, channel)
 }
 
-/// Messages in `queue` (ready), read with a passive declare on a channel of its own.
-async fn depth(conn: &Connection, queue: &str) -> Option<u32> {
-    let channel = conn.create_channel().await.ok()?;
-    let q = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .ok()?;
-    let _ = channel.close(200, "done".into()).await;
-    Some(q.message_count())
+/// Messages ready in `queue`.
+async fn depth(broker: &TestBroker, queue: &str) -> Option<u32> {
+    Some(broker.queue(queue).await?.ready)
 }
 
-async fn publish(channel: &Channel, message_id: &str, body: &[u8]) {
-    let confirm = channel
-        .basic_publish(
-            "keel.events".into(),
-            "test.work.item".into(),
-            BasicPublishOptions::default(),
-            body,
-            BasicProperties::default()
-                .with_message_id(message_id.into())
-                .with_type("test.work.item".into()),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    assert!(confirm.is_ack());
+/// One message with `message_id` to the consumer's routing key, confirmed.
+async fn publish(broker: &TestBroker, message_id: &str, body: &[u8]) {
+    broker.publish("test.work.item", message_id, body).await;
 }
 
 /// Takes one message from the DLQ (acked), if there is one.
@@ -152,7 +119,7 @@ async fn declare(channel: &Channel, spec: &QueueSpec) {
 #[tokio::test]
 async fn a_transient_failure_goes_through_every_tier_in_order_then_to_the_dlq_with_why() {
     let vhost = TestVhost::create().await;
-    let (conn, channel) = connect(&vhost).await;
+    let (rabbit, channel) = connect(&vhost).await;
     let config = config();
     declare(&channel, &spec(&config)).await;
     // Every call: (attempts so far, routing key seen, when).
@@ -175,7 +142,7 @@ async fn a_transient_failure_goes_through_every_tier_in_order_then_to_the_dlq_wi
         handler,
         stop.clone(),
     );
-    publish(&channel, "m-1", b"{\"n\":1}").await;
+    publish(&rabbit, "m-1", b"{\"n\":1}").await;
 
     let dead = eventually(WAIT, "the message in the DLQ", || async {
         take_dead_letter(&channel).await
@@ -229,11 +196,11 @@ async fn a_transient_failure_goes_through_every_tier_in_order_then_to_the_dlq_wi
     assert!(first < last, "first failure {first} before last {last}");
     for tier in TIERS {
         assert_eq!(
-            depth(&conn, &topology::retry_queue(QUEUE, tier)).await,
+            depth(&rabbit, &topology::retry_queue(QUEUE, tier)).await,
             Some(0)
         );
     }
-    assert_eq!(depth(&conn, QUEUE).await, Some(0));
+    assert_eq!(depth(&rabbit, QUEUE).await, Some(0));
     stop.cancel();
     consumer.await.unwrap();
     broker.close().await;
@@ -245,7 +212,7 @@ async fn a_transient_failure_goes_through_every_tier_in_order_then_to_the_dlq_wi
 #[tokio::test]
 async fn rejected_and_panicking_messages_go_to_the_dlq_at_once_while_good_ones_flow() {
     let vhost = TestVhost::create().await;
-    let (conn, channel) = connect(&vhost).await;
+    let (rabbit, channel) = connect(&vhost).await;
     let config = config();
     declare(&channel, &spec(&config)).await;
     let acked = Arc::new(Mutex::new(Vec::new()));
@@ -282,10 +249,10 @@ async fn rejected_and_panicking_messages_go_to_the_dlq_at_once_while_good_ones_f
         stop.clone(),
     );
     for id in ["good-1", "poison", "good-2", "boom", "good-3", "boom-sync"] {
-        publish(&channel, id, b"{}").await;
+        publish(&rabbit, id, b"{}").await;
     }
     eventually(WAIT, "good messages acked, three in the DLQ", || async {
-        let dlq = depth(&conn, &topology::dead_letter_queue(QUEUE)).await?;
+        let dlq = depth(&rabbit, &topology::dead_letter_queue(QUEUE)).await?;
         (acked.lock().unwrap().len() == 3 && dlq == 3).then_some(())
     })
     .await;
@@ -337,7 +304,7 @@ async fn rejected_and_panicking_messages_go_to_the_dlq_at_once_while_good_ones_f
 #[tokio::test]
 async fn an_unavailable_dependency_holds_the_message_without_counting_attempts() {
     let vhost = TestVhost::create().await;
-    let (conn, channel) = connect(&vhost).await;
+    let (rabbit, channel) = connect(&vhost).await;
     let config = config();
     declare(&channel, &spec(&config)).await;
     let calls = Arc::new(Mutex::new(Vec::new()));
@@ -367,14 +334,14 @@ async fn an_unavailable_dependency_holds_the_message_without_counting_attempts()
         handler,
         stop.clone(),
     );
-    publish(&channel, "m-1", b"{}").await;
+    publish(&rabbit, "m-1", b"{}").await;
     eventually(WAIT, "acked on the fifth call", || async {
-        (calls.lock().unwrap().len() == 5 && depth(&conn, QUEUE).await? == 0).then_some(())
+        (calls.lock().unwrap().len() == 5 && depth(&rabbit, QUEUE).await? == 0).then_some(())
     })
     .await;
     assert_eq!(*calls.lock().unwrap(), [0, 0, 0, 0, 0]);
     assert_eq!(
-        depth(&conn, &topology::dead_letter_queue(QUEUE)).await,
+        depth(&rabbit, &topology::dead_letter_queue(QUEUE)).await,
         Some(0)
     );
     stop.cancel();
@@ -388,13 +355,13 @@ async fn an_unavailable_dependency_holds_the_message_without_counting_attempts()
 #[tokio::test]
 async fn the_broker_dead_letters_a_message_nobody_settles_at_the_delivery_limit() {
     let vhost = TestVhost::create().await;
-    let (conn, channel) = connect(&vhost).await;
+    let (rabbit, channel) = connect(&vhost).await;
     let mut config = config();
     config.delivery_limit = 2;
     declare(&channel, &spec(&config)).await;
-    publish(&channel, "crash-loop", b"{}").await;
+    publish(&rabbit, "crash-loop", b"{}").await;
 
-    let consuming = conn.create_channel().await.unwrap();
+    let consuming = rabbit.channel().await;
     let mut consumer = consuming
         .basic_consume(
             QUEUE.into(),
@@ -434,7 +401,7 @@ async fn the_broker_dead_letters_a_message_nobody_settles_at_the_delivery_limit(
 #[tokio::test]
 async fn a_message_the_full_dlq_refuses_is_held_until_there_is_room() {
     let vhost = TestVhost::create().await;
-    let (conn, channel) = connect(&vhost).await;
+    let (rabbit, channel) = connect(&vhost).await;
     let config = config();
     let mut spec = spec(&config);
     spec.dead_letter_max_length = 1;
@@ -474,17 +441,17 @@ async fn a_message_the_full_dlq_refuses_is_held_until_there_is_room() {
         handler,
         stop.clone(),
     ));
-    publish(&channel, "poison", b"{}").await;
+    publish(&rabbit, "poison", b"{}").await;
     eventually(WAIT, "the poison message handled", || async {
         (*calls.lock().unwrap() == 1).then_some(())
     })
     .await;
     // Held, not lost: the fillers are all the DLQ has, and the queue has nothing ready.
     assert_eq!(
-        depth(&conn, &topology::dead_letter_queue(QUEUE)).await,
+        depth(&rabbit, &topology::dead_letter_queue(QUEUE)).await,
         Some(fillers)
     );
-    assert_eq!(depth(&conn, QUEUE).await, Some(0));
+    assert_eq!(depth(&rabbit, QUEUE).await, Some(0));
     // Make room: the held message gets in.
     for _ in 0..fillers {
         assert_eq!(

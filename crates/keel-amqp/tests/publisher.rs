@@ -4,45 +4,29 @@
 
 use std::time::Duration;
 
+use keel_amqp::AmqpError;
 use keel_amqp::publisher::{Outgoing, Publisher, publish_confirmed};
 use keel_amqp::topology::{self, UNROUTED_QUEUE};
-use keel_amqp::{AmqpConfig, AmqpError, Broker};
-use keel_testkit::{TestVhost, eventually};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use keel_testkit::{TestBroker, TestVhost, eventually};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel};
 use tokio_util::sync::CancellationToken;
+
+mod support;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn connect(vhost: &TestVhost) -> (Connection, Channel) {
-    let conn = Connection::connect(&vhost.url(), ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
+/// The testkit's broker (queue counters) and a confirm-mode channel, the platform's
+/// exchanges declared.
+async fn connect(vhost: &TestVhost) -> (TestBroker, Channel) {
+    let rabbit = TestBroker::connect(vhost).await;
+    let channel = rabbit.channel().await;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
     topology::declare_exchanges(&channel).await.unwrap();
-    (conn, channel)
-}
-
-async fn depth(conn: &Connection, queue: &str) -> Option<u32> {
-    let channel = conn.create_channel().await.ok()?;
-    let q = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .ok()?;
-    let _ = channel.close(200, "done".into()).await;
-    Some(q.message_count())
+    (rabbit, channel)
 }
 
 /// The failure first: without `mandatory` the broker confirms (acks) a message it routed
@@ -91,16 +75,8 @@ async fn an_unroutable_message_is_an_error_the_caller_sees_not_a_silent_drop() {
 #[tokio::test]
 async fn an_event_nobody_subscribes_to_yet_is_kept_in_keel_unrouted() {
     let vhost = TestVhost::create().await;
-    let (conn, _channel) = connect(&vhost).await;
-    let broker = Broker::spawn(
-        AmqpConfig {
-            url: vhost.url().into(),
-            connect_timeout: Duration::from_secs(2),
-            max_backoff: Duration::from_millis(200),
-        },
-        "keel-amqp-test",
-        CancellationToken::new(),
-    );
+    let (rabbit, _channel) = connect(&vhost).await;
+    let broker = support::broker(vhost.url(), &CancellationToken::new());
     eventually(WAIT, "connected", || async {
         broker.is_connected().await.then_some(())
     })
@@ -118,7 +94,7 @@ async fn an_event_nobody_subscribes_to_yet_is_kept_in_keel_unrouted() {
         .unwrap();
     assert!(results[0].is_ok(), "{results:?}");
     eventually(WAIT, "the event in keel.unrouted", || async {
-        (depth(&conn, UNROUTED_QUEUE).await? == 1).then_some(())
+        (rabbit.queue(UNROUTED_QUEUE).await?.ready == 1).then_some(())
     })
     .await;
     broker.close().await;

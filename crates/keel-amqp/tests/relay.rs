@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use keel_amqp::publisher::{Outgoing, Publisher};
 use keel_amqp::topology::{self, QueueSpec};
-use keel_amqp::{AmqpConfig, Broker, RelayConfig};
+use keel_amqp::{Broker, RelayConfig};
 use keel_events::Envelope;
 use keel_pg::outbox::{self, NewEvent, Pending};
 use keel_testkit::{FaultProxy, TestDb, TestVhost, eventually};
@@ -36,6 +36,9 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+mod support;
+use support::broker;
+
 const WAIT: Duration = Duration::from_secs(20);
 
 fn relay_config() -> RelayConfig {
@@ -49,18 +52,6 @@ fn relay_config() -> RelayConfig {
         max_attempts: 10,
         max_message_bytes: keel_amqp::relay::DEFAULT_MAX_MESSAGE_BYTES,
     }
-}
-
-fn broker(url: String, stop: &CancellationToken) -> Broker {
-    Broker::spawn(
-        AmqpConfig {
-            url: url.into(),
-            connect_timeout: Duration::from_secs(2),
-            max_backoff: Duration::from_millis(200),
-        },
-        "keel-amqp-test",
-        stop.clone(),
-    )
 }
 
 async fn pool(db: &TestDb) -> PgPool {
