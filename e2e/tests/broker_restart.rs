@@ -83,7 +83,10 @@ async fn a_broker_restart_mid_stream_loses_no_order_and_notifies_each_once() {
         let accepted = accepted.clone();
         async move {
             let target = accepted.lock().unwrap().len() + n;
-            assert!(target <= MAX_ORDERS, "the stream ran out ({MAX_ORDERS} orders)");
+            assert!(
+                target <= MAX_ORDERS,
+                "the stream ran out ({MAX_ORDERS} orders)"
+            );
             eventually(
                 Duration::from_secs(60),
                 &format!("{target} orders accepted"),
