@@ -9,6 +9,7 @@ use sqlx::ConnectOptions;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
+pub mod api_keys;
 pub mod idempotency;
 pub mod inbox;
 pub mod jobs;

@@ -1,7 +1,8 @@
 //! The platform's own schema: the tables behind [`outbox`](crate::outbox) (P02),
-//! [`inbox`](crate::inbox) (P03), [`jobs`](crate::jobs) (P08) and
-//! [`idempotency`](crate::idempotency) (P13), defined once, here, and applied to every
-//! service's database before the service's own migrations (least privilege, P14).
+//! [`inbox`](crate::inbox) (P03), [`jobs`](crate::jobs) (P08),
+//! [`idempotency`](crate::idempotency) (P13) and [`api_keys`](crate::api_keys) (customers' API
+//! keys), defined once, here, and applied to every service's database before the service's own
+//! migrations (least privilege, P14).
 //!
 //! The SQL lives in `crates/keel-pg/migrations/`, numbered and forward-only like any service's,
 //! and is embedded in the binary by `sqlx::migrate!`. A service never copies it: its `migrate`
@@ -23,9 +24,10 @@
 //! service sets `ALTER DEFAULT PRIVILEGES` for its runtime role, so the platform cannot rely on
 //! those defaults. Instead its first migration checks that it runs as `<svc>_owner` with a
 //! matching `<svc>_app` role (and fails otherwise) and sets the schema baseline (no `PUBLIC`
-//! access, `USAGE` for the app role), and each table's migration grants `SELECT, INSERT,
-//! UPDATE, DELETE` on that table to the app role derived from the owner's name. The app role
-//! gets rows, never `ALTER`, `DROP` or `TRUNCATE` (only an owner can).
+//! access, `USAGE` for the app role), and each table's migration grants the app role derived
+//! from the owner's name what it needs on that table: `SELECT, INSERT, UPDATE, DELETE`, or
+//! `SELECT` alone on `customer_api_keys` (a service verifies keys, only the operator issues
+//! them). The app role gets rows, never `ALTER`, `DROP` or `TRUNCATE` (only an owner can).
 //!
 //! Must not break: the platform never sets default privileges (they would also cover
 //! `_sqlx_migrations`, which sqlx creates after the platform ran, and let the app role rewrite
@@ -40,9 +42,15 @@ use sqlx::migrate::{MigrateError, Migrator};
 /// Where a database records which platform migrations it has applied.
 pub const PLATFORM_MIGRATIONS_TABLE: &str = "_keel_platform_migrations";
 
-/// The tables the platform's migrations create, each owned by the module of the same name.
+/// The tables the platform's migrations create, each owned by one module of this crate.
 /// Every service's database has all of them, whether or not the service uses each yet.
-pub const PLATFORM_TABLES: &[&str] = &["outbox", "inbox", "jobs", "idempotency_keys"];
+pub const PLATFORM_TABLES: &[&str] = &[
+    "outbox",
+    "inbox",
+    "jobs",
+    "idempotency_keys",
+    "customer_api_keys",
+];
 
 /// The platform's migrations (`crates/keel-pg/migrations/`), recorded in
 /// [`PLATFORM_MIGRATIONS_TABLE`].

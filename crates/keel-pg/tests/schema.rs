@@ -1,7 +1,8 @@
 //! Proofs for the platform's own schema (`keel_pg::schema`) and its least privilege (P14).
 //!
 //! The platform's migrations run before a service's, in a history table of their own, and
-//! grant the runtime role rows on each platform table and nothing more. These tests use the
+//! grant the runtime role rows on each platform table (only reads on `customer_api_keys`) and
+//! nothing more, on a new database and on one an earlier release migrated. These tests use the
 //! platform-only roles (`platform_owner`, `platform_app`), as a service's database uses its
 //! `<svc>_owner` / `<svc>_app`; the comparison with every real service's database is
 //! `e2e/tests/schema_drift.rs`.
@@ -10,7 +11,7 @@
 use std::time::Duration;
 
 use keel_pg::{DatabaseConfig, PLATFORM_MIGRATOR, PLATFORM_TABLES, schema};
-use keel_testkit::privilege::assert_denied;
+use keel_testkit::privilege::{self, assert_denied};
 use keel_testkit::{Stack, TestDb};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{Connection, PgConnection, SqlSafeStr};
@@ -19,7 +20,7 @@ async fn connect(url: &str) -> PgConnection {
     PgConnection::connect(url).await.unwrap()
 }
 
-/// How to exercise each platform table with the app role: one row in, changed, deleted.
+/// How to exercise each platform table the app role writes: one row in, changed, deleted.
 struct RowProbe {
     table: &'static str,
     insert: &'static str,
@@ -53,6 +54,29 @@ const PROBES: &[RowProbe] = &[
     },
 ];
 
+/// A platform table the app role only reads: the owner writes `seed`, the app role reads it
+/// back and is denied each of `writes`.
+struct ReadProbe {
+    table: &'static str,
+    seed: &'static str,
+    writes: &'static [&'static str],
+}
+
+const READ_ONLY: &[ReadProbe] = &[ReadProbe {
+    // Keys are issued by the operator (keel_pg::api_keys::issue) and verified by the service:
+    // a service that could write here could mint a key for any customer, or un-revoke one.
+    table: "customer_api_keys",
+    seed: "INSERT INTO customer_api_keys (id, customer_id, key_hash)
+           VALUES ('0123456789ab', 'probe', decode(repeat('00', 32), 'hex'))",
+    writes: &[
+        "INSERT INTO customer_api_keys (id, customer_id, key_hash)
+         VALUES ('00000000beef', 'anyone', decode(repeat('00', 32), 'hex'))",
+        "UPDATE customer_api_keys SET revoked_at = NULL",
+        "UPDATE customer_api_keys SET customer_id = 'someone-else'",
+        "DELETE FROM customer_api_keys",
+    ],
+}];
+
 async fn exec(conn: &mut PgConnection, sql: &str) -> Result<u64, sqlx::Error> {
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
         .execute(conn)
@@ -78,7 +102,11 @@ async fn platform_tables_are_exactly_the_declared_ones() {
         "PLATFORM_TABLES must list what the migrations create"
     );
     // And the probes below cover every one of them.
-    let mut probed: Vec<&str> = PROBES.iter().map(|p| p.table).collect();
+    let mut probed: Vec<&str> = PROBES
+        .iter()
+        .map(|p| p.table)
+        .chain(READ_ONLY.iter().map(|p| p.table))
+        .collect();
     probed.sort_unstable();
     assert_eq!(probed, declared);
 }
@@ -104,6 +132,84 @@ async fn app_role_can_use_rows_of_every_platform_table() {
         let delete = format!("DELETE FROM {}", probe.table);
         assert_eq!(exec(&mut app, &delete).await.unwrap(), 1, "{delete}");
     }
+}
+
+#[tokio::test]
+async fn app_role_only_reads_the_tables_it_must_not_write() {
+    let db = TestDb::create("platform", &PLATFORM_MIGRATOR).await;
+    let mut owner = connect(&db.owner_url()).await;
+    let mut app = connect(&db.app_url()).await;
+    for probe in READ_ONLY {
+        // The owner can write each statement below: the denials are the role's doing.
+        assert_eq!(
+            exec(&mut owner, probe.seed).await.unwrap(),
+            1,
+            "{}",
+            probe.seed
+        );
+        let read = format!("SELECT * FROM {}", probe.table);
+        assert_eq!(exec(&mut app, &read).await.unwrap(), 1, "{read}");
+        for sql in probe.writes {
+            assert_denied(sql, exec(&mut app, sql).await);
+        }
+    }
+}
+
+/// The platform's migrations released before `version`, recorded where the platform's are: a
+/// database as an earlier release of the platform left it.
+fn platform_before(version: i64) -> Migrator {
+    let mut earlier = Migrator::with_migrations(
+        PLATFORM_MIGRATOR
+            .iter()
+            .filter(|m| m.version < version)
+            .cloned()
+            .collect(),
+    );
+    earlier.dangerous_set_table_name(schema::PLATFORM_MIGRATIONS_TABLE);
+    earlier
+}
+
+#[tokio::test]
+async fn a_platform_table_added_later_gets_the_same_grants_on_a_database_migrated_before() {
+    // A service's database migrated by an earlier release: the platform before
+    // customer_api_keys (0009), then the service's own first migration, which sets default
+    // privileges for its app role on every table the owner creates from then on.
+    let db = TestDb::empty("platform").await;
+    let mut owner = connect(&db.owner_url()).await;
+    platform_before(9).run(&mut owner).await.unwrap();
+    service_migrator().run(&mut owner).await.unwrap();
+    // The failing side: those defaults hand any new table's rows to the app role...
+    exec(&mut owner, "CREATE TABLE naive (id int)")
+        .await
+        .unwrap();
+    let naive = privilege::grants(&db, "platform_app").await;
+    assert!(naive.contains("naive: INSERT"), "{naive:?}");
+
+    // ... and the platform's next release creates its table as that owner. Its migration
+    // takes them back: the app role reads keys here exactly as on a new database.
+    schema::apply(&mut owner, &service_migrator())
+        .await
+        .unwrap();
+    let on_table = |grants: std::collections::BTreeSet<String>| -> Vec<String> {
+        grants
+            .into_iter()
+            .filter(|g| g.starts_with("customer_api_keys"))
+            .collect()
+    };
+    let upgraded = on_table(privilege::grants(&db, "platform_app").await);
+    assert_eq!(upgraded, ["customer_api_keys: SELECT"]);
+    let fresh = TestDb::create("platform", &PLATFORM_MIGRATOR).await;
+    assert_eq!(
+        on_table(privilege::grants(&fresh, "platform_app").await),
+        upgraded
+    );
+}
+
+#[tokio::test]
+async fn the_operator_tools_roles_hold_exactly_their_grants_on_the_platform_tables() {
+    let db = TestDb::create("platform", &PLATFORM_MIGRATOR).await;
+    privilege::assert_auditor_reads_only(&db, &[]).await;
+    privilege::assert_operator_is_narrow(&db, &[]).await;
 }
 
 #[tokio::test]

@@ -16,13 +16,20 @@ use crate::{Stack, TestDb};
 /// services' own.
 pub const AUDITOR_ROLE: &str = "keel_auditor";
 /// The operator tool's role for an operator's changes (`keelctl jobs retry`, `outbox retry`,
-/// `api-keys create`), one per cluster, granted column by column.
+/// `api-keys create` and `revoke`), one per cluster, granted column by column.
 pub const OPERATOR_ROLE: &str = "keel_operator";
 
-/// What the platform's migration 0007 grants [`OPERATOR_ROLE`] on every database, in the form
-/// [`grants`] reads: the columns `keel_pg::jobs::retry_failed` and `keel_pg::outbox::unpark`
-/// set, and the ones their `WHERE` reads.
+/// What the platform's migrations 0007 and 0009 grant [`OPERATOR_ROLE`] on every database, in
+/// the form [`grants`] reads: the columns `keel_pg::jobs::retry_failed`,
+/// `keel_pg::outbox::unpark` and `keel_pg::api_keys::revoke` set, the ones their `WHERE`
+/// reads, and the columns `keel_pg::api_keys::issue` inserts.
 pub const OPERATOR_PLATFORM_GRANTS: &[&str] = &[
+    "customer_api_keys(id): INSERT",
+    "customer_api_keys(customer_id): INSERT",
+    "customer_api_keys(key_hash): INSERT",
+    "customer_api_keys(id): SELECT",
+    "customer_api_keys(revoked_at): SELECT",
+    "customer_api_keys(revoked_at): UPDATE",
     "jobs(id): SELECT",
     "jobs(state): SELECT",
     "jobs(state): UPDATE",
@@ -217,11 +224,12 @@ pub async fn assert_auditor_reads_only(db: &TestDb, tables: &[&str]) {
 }
 
 /// Asserts [`OPERATOR_ROLE`] on `db` holds exactly [`OPERATOR_PLATFORM_GRANTS`] plus `extra`
-/// (the service's own, in [`grants`]' form); that through pgbouncer it retries a failed job
-/// and returns a parked outbox row to the relay with the platform's own functions; and that
-/// it can do nothing else with them: no insert, delete or truncate, no other column changed
-/// (an event marked sent is an event lost), no payload read, no inbox or idempotency keys, no
-/// DDL, no temporary table.
+/// (the service's own, in [`grants`]' form); that through pgbouncer it retries a failed job,
+/// returns a parked outbox row to the relay, and issues and revokes a customer's API key with
+/// the platform's own functions; and that it can do nothing else with them: no insert (but a
+/// key's), delete or truncate, no other column changed (an event marked sent is an event lost,
+/// a key moved to another customer acts for them), no payload or key hash read, no inbox or
+/// idempotency keys, no DDL, no temporary table.
 pub async fn assert_operator_is_narrow(db: &TestDb, extra: &[&str]) {
     let expected: BTreeSet<String> = OPERATOR_PLATFORM_GRANTS
         .iter()
@@ -269,6 +277,16 @@ pub async fn assert_operator_is_narrow(db: &TestDb, extra: &[&str]) {
             .unwrap_or_else(|e| panic!("{OPERATOR_ROLE} returns a parked event: {e}")),
         "the parked event goes back to the relay"
     );
+    let issued = keel_pg::api_keys::issue(&mut operator, "p14-customer")
+        .await
+        .unwrap_or_else(|e| panic!("{OPERATOR_ROLE} issues an API key: {e}"));
+    assert!(
+        keel_pg::api_keys::revoke(&mut operator, &issued.id)
+            .await
+            .unwrap_or_else(|e| panic!("{OPERATOR_ROLE} revokes an API key: {e}")),
+        "the key is revoked"
+    );
+    let key = &issued.id;
 
     for sql in [
         "INSERT INTO jobs (id, queue, payload, max_attempts)
@@ -286,12 +304,22 @@ pub async fn assert_operator_is_narrow(db: &TestDb, extra: &[&str]) {
         "TRUNCATE outbox",
         "SELECT * FROM inbox",
         "SELECT * FROM idempotency_keys",
+        "SELECT key_hash FROM customer_api_keys",
+        "SELECT customer_id FROM customer_api_keys",
+        "TRUNCATE customer_api_keys",
         "CREATE TABLE p14_operator (id int)",
         "CREATE TEMP TABLE p14_operator_tmp (id int)",
-    ] {
+    ]
+    .map(str::to_owned)
+    .into_iter()
+    .chain([
+        format!("UPDATE customer_api_keys SET customer_id = 'someone-else' WHERE id = '{key}'"),
+        format!("UPDATE customer_api_keys SET key_hash = key_hash WHERE id = '{key}'"),
+        format!("DELETE FROM customer_api_keys WHERE id = '{key}'"),
+    ]) {
         assert_denied(
             &format!("{OPERATOR_ROLE}: {sql}"),
-            run(&mut operator, sql).await,
+            run(&mut operator, &sql).await,
         );
     }
 }

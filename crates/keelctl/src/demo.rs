@@ -10,9 +10,9 @@
 //! a new service needs nothing here, the audit's generic checks cover it.
 //!
 //! The orders API wants an API key: the demo issues its own for the customer `demo-customer`
-//! through the operator's path ([`crate::api_keys::create`], as `keelctl api-keys create`
-//! does), so `make demo` needs nothing but a running stack. The key is used and dropped,
-//! never printed.
+//! in checkout's database through the operator's path (`keel_pg::api_keys::issue`, as
+//! `keelctl api-keys create` does), so `make demo` needs nothing but a running stack. The key
+//! is used and dropped, never printed.
 
 use std::time::{Duration, Instant};
 
@@ -198,7 +198,7 @@ pub async fn run(config: &Config, progress: &mut Progress) -> Result<Outcome, De
         .ok_or(DemoError::NotRegistered("checkout"))?;
     let mut operator = crate::connect(&operator_url).await?;
     let caller = Caller {
-        api_key: crate::api_keys::create(&mut operator, DEMO_CUSTOMER)
+        api_key: keel_pg::api_keys::issue(&mut operator, DEMO_CUSTOMER)
             .await?
             .key,
     };

@@ -77,7 +77,9 @@ enum Command {
     },
     /// Place every kind of order against the running stack, show the outcomes, then audit.
     Demo,
-    /// API keys of checkout's orders API.
+    /// Customers' API keys of a service's API (checkout's orders API by default). Each
+    /// service's database holds its own keys: a key is valid only on the API of the service it
+    /// was issued for.
     #[command(name = "api-keys")]
     ApiKeys {
         #[command(subcommand)]
@@ -87,12 +89,32 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ApiKeysAction {
-    /// Issue a key for one customer and print it, once: only its hash is stored.
+    /// Issue a key for one customer and print it, once: only its hash is stored. The key is
+    /// valid only on the API of the service it is issued for.
     Create {
         /// The customer every request made with the key acts for.
         #[arg(long)]
         customer: String,
+        #[command(flatten)]
+        service: KeyService,
     },
+    /// Revoke a key: requests made with it are refused from the next one on. Exit 1 when the
+    /// service has no unrevoked key of that id.
+    Revoke {
+        /// The key's id: the 12 hex digits after `keel_` (as `create` reports it).
+        id: String,
+        #[command(flatten)]
+        service: KeyService,
+    },
+}
+
+/// The one service an API key command acts on.
+#[derive(Debug, Args)]
+struct KeyService {
+    /// The service whose API the key is for; its database holds the key, and no other
+    /// service accepts it.
+    #[arg(long, short = 's', value_name = "NAME", default_value = keelctl::api_keys::DEFAULT_SERVICE)]
+    service: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -151,8 +173,9 @@ enum DlqAction {
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=10_000))]
         limit: u16,
     },
-    /// Send dead letters back, keeping their message ids, attempts reset; acked out of the DLQ
-    /// only once the broker confirms the copy.
+    /// Send dead letters back into the queue where they failed (through keel.retry), keeping
+    /// their message ids, attempts reset; acked out of the DLQ only once the broker confirms
+    /// the copy.
     #[command(group(clap::ArgGroup::new("selector").multiple(true)
         .args(["ids", "routing_key", "error", "older_than"]).conflicts_with("all")))]
     Replay {
@@ -166,10 +189,17 @@ enum DlqAction {
         /// Every dead letter of the selected queues (required when no other selector is given).
         #[arg(long)]
         all: bool,
-        /// Deliver to this consumer queue only (through keel.retry), not to the original
-        /// routing key's every queue.
-        #[arg(long, value_name = "QUEUE")]
+        /// Deliver to this consumer queue (through keel.retry) instead of the one whose DLQ
+        /// holds the message. keel.unrouted's messages need this or --to-original.
+        #[arg(long, value_name = "QUEUE", conflicts_with = "to_original")]
         to_queue: Option<String>,
+        /// Publish to the exchange and routing key recorded in the message's own headers
+        /// (x-keel-original-*, else x-death), keel.events only: every queue bound to that key
+        /// gets it again. Those headers are written by whoever dead-lettered the message, so
+        /// this trusts them as much as that service. Without it, the route comes from the
+        /// DLQ's name.
+        #[arg(long)]
+        to_original: bool,
         /// Show what would be replayed; publish and remove nothing.
         #[arg(long)]
         dry_run: bool,
@@ -483,21 +513,45 @@ async fn run(cli: Cli, config: &Config, targets: &Targets) -> anyhow::Result<Exi
             }
             Ok(exit(outcome.passed))
         }
-        Command::ApiKeys {
-            action: ApiKeysAction::Create { customer },
-        } => {
-            if let Err(e) = keelctl::api_keys::validate_customer(&customer) {
+        Command::ApiKeys { action } => run_api_keys(action, format, targets).await,
+    }
+}
+
+/// `api-keys create` and `revoke`, as the operator on the one service's database: its grants
+/// there are exactly these two statements (keel_pg::api_keys).
+async fn run_api_keys(
+    action: ApiKeysAction,
+    format: Format,
+    targets: &Targets,
+) -> anyhow::Result<ExitCode> {
+    let service = match &action {
+        ApiKeysAction::Create { customer, service } => {
+            if let Err(e) = keelctl::api_keys::validate_customer(customer) {
+                return Ok(usage(&format!("--customer {}", customer_reason(&e))));
+            }
+            service.service.clone()
+        }
+        ApiKeysAction::Revoke { id, service } => {
+            if let Err(e) = keelctl::api_keys::validate_id(id) {
                 return Ok(usage(&e.to_string()));
             }
-            // As the operator: its one grant on api_keys is this INSERT.
-            let url = targets
-                .get("checkout")
-                .and_then(|t| t.operator_url.as_ref())
-                .context("the registry has no checkout with a database")?;
-            let mut conn = keelctl::connect(url)
+            service.service.clone()
+        }
+    };
+    // Usage errors need no database: refused before connecting.
+    let url = match targets.select_operator(std::slice::from_ref(&service)) {
+        Ok(picked) => picked.into_iter().map(|(_, url)| url.clone()).next(),
+        Err(e) => return Ok(usage(&e)),
+    }
+    .with_context(|| format!("no database for {service}"))?;
+    let mut conn = keelctl::connect(&url)
+        .await
+        .with_context(|| format!("connect to {service}'s database"))?;
+    match action {
+        ApiKeysAction::Create { customer, .. } => {
+            let issued = keel_pg::api_keys::issue(&mut conn, &customer)
                 .await
-                .context("connect to checkout's database")?;
-            let issued = keelctl::api_keys::create(&mut conn, &customer).await?;
+                .with_context(|| format!("issue an API key in {service}'s database"))?;
             let key = issued.expose();
             // The key alone on stdout (`KEY=$(keelctl api-keys create ...)`); the rest on
             // stderr, so a script capturing stdout gets nothing else.
@@ -506,16 +560,44 @@ async fn run(cli: Cli, config: &Config, targets: &Targets) -> anyhow::Result<Exi
                 Format::Json => output::json(&serde_json::json!({
                     "id": issued.id,
                     "customer_id": issued.customer_id,
+                    "service": service,
                     "key": key,
                 }))?,
             }
             eprintln!(
-                "API key {} for customer {} created. It is shown only this once \
-                 (checkout stores its hash): keep it now.",
+                "API key {} for customer {} created, valid on {service}'s API only. It is shown \
+                 only this once ({service} stores its hash): keep it now.",
                 issued.id, issued.customer_id
             );
             Ok(ExitCode::SUCCESS)
         }
+        ApiKeysAction::Revoke { id, .. } => {
+            let revoked = keel_pg::api_keys::revoke(&mut conn, &id)
+                .await
+                .with_context(|| format!("revoke an API key in {service}'s database"))?;
+            match format {
+                Format::Table => {}
+                Format::Json => output::json(&serde_json::json!({
+                    "id": id,
+                    "service": service,
+                    "revoked": revoked,
+                }))?,
+            }
+            if revoked {
+                eprintln!("API key {id} revoked on {service}: it is refused from now on.");
+            } else {
+                eprintln!("{service} has no unrevoked API key {id} (unknown, or revoked already).");
+            }
+            Ok(exit(revoked))
+        }
+    }
+}
+
+/// Why a customer id is unusable, as the `--customer` usage error says it.
+fn customer_reason(e: &keelctl::api_keys::ApiKeyError) -> String {
+    match e {
+        keelctl::api_keys::ApiKeyError::InvalidCustomer(why) => (*why).to_owned(),
+        other => other.to_string(),
     }
 }
 
@@ -578,6 +660,7 @@ async fn run_dlq(
             filter,
             all,
             to_queue,
+            to_original,
             dry_run,
             rate,
             limit,
@@ -589,7 +672,11 @@ async fn run_dlq(
             let request = dlq::ReplayRequest {
                 queues: queues.resolve(targets),
                 selection,
-                to_queue,
+                destination: match (to_queue, to_original) {
+                    (Some(queue), _) => dlq::Destination::Queue(queue),
+                    (None, true) => dlq::Destination::Original,
+                    (None, false) => dlq::Destination::FailedQueue,
+                },
                 dry_run,
                 rate,
                 limit,

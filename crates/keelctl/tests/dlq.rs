@@ -10,8 +10,13 @@
 //!
 //! What is proven: a listing shows why and when each message died and removes nothing; the
 //! filters select; `show` has every header and the body; a dry run changes nothing; a replay
-//! by id sends exactly that message back to its original routing key with its message id and
-//! its attempts reset, acked out of the DLQ only then; `--to-queue` reaches that queue alone;
+//! by id sends exactly that message back into the queue where it failed (through
+//! `keel.retry`) with its message id and its attempts reset, acked out of the DLQ only then;
+//! `--to-queue` reaches the queue it names alone, `--to-original` every queue bound to the
+//! recorded routing key; a dead letter a service planted with a forged original route (a
+//! billing event) goes, by default, only back into that service's queue, where with
+//! `--to-original` it would have reached billing's consumers; `keel.unrouted`'s messages go
+//! nowhere unless a queue or `--to-original` is named, and there by the route the broker kept;
 //! a replay without a selector and a purge without `--yes` off a terminal, or of a consumer
 //! queue, are refused (exit 64); `purge --yes` empties the DLQ; `queues` reports depths,
 //! consumers, DLQs, tiers and what is missing.
@@ -24,16 +29,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{Duration as Age, Utc};
-use keel_amqp::definitions::{Permissions, password_hash};
+use keel_amqp::definitions::{Permissions, ServiceAccess, password_hash};
 use keel_amqp::topology::{self, QueueSpec, headers};
 use keel_amqp::{AmqpConfig, Broker, ConsumerConfig, Incoming, Outcome};
 use keel_testkit::{TestUser, TestVhost, eventually};
 use keelctl::dlq::{
-    self, Body, DeadLetter, DeadLetterQueue, Filter, ReplayRequest, Selection, TopicPattern,
+    self, Body, DeadLetter, DeadLetterQueue, Destination, Filter, ReplayRequest, Selection,
+    TopicPattern,
 };
 use keelctl::queues::{self, ConsumerQueue};
 use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions, QueuePurgeOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -307,7 +314,7 @@ fn request(selection: Selection) -> ReplayRequest {
     ReplayRequest {
         queues: fixture(),
         selection,
-        to_queue: None,
+        destination: Destination::default(),
         dry_run: false,
         rate: 1000,
         limit: 1000,
@@ -545,7 +552,7 @@ async fn a_dry_run_says_what_it_would_replay_and_changes_nothing() {
 }
 
 #[tokio::test]
-async fn replaying_one_message_sends_it_to_its_routing_key_with_its_id_and_attempts_reset() {
+async fn replaying_one_message_sends_it_back_to_its_queue_with_its_id_and_attempts_reset() {
     let rig = Rig::new().await;
     three_dead_letters(&rig).await;
 
@@ -561,8 +568,14 @@ async fn replaying_one_message_sends_it_to_its_routing_key_with_its_id_and_attem
     let back = rig.drain(QUEUE).await;
     assert_eq!(back.len(), 1);
     let (exchange, routing_key, props) = &back[0];
-    assert_eq!(exchange, "keel.events");
-    assert_eq!(routing_key, "fixture.order.placed");
+    // Into the queue whose DLQ it was in, by the retry exchange's binding for that queue.
+    assert_eq!(exchange, "keel.retry");
+    assert_eq!(routing_key, QUEUE);
+    assert_eq!(
+        header(props, headers::ORIGINAL_ROUTING_KEY),
+        Some(AMQPValue::LongString("fixture.order.placed".into())),
+        "the consumer still sees the event's routing key"
+    );
     assert_eq!(
         props.message_id().as_ref().unwrap().as_str(),
         "order-1",
@@ -577,7 +590,8 @@ async fn replaying_one_message_sends_it_to_its_routing_key_with_its_id_and_attem
         Some(AMQPValue::LongLongInt(1))
     );
 
-    // The broker's dead letter goes back by its x-death route.
+    // The broker's dead letter goes back the same way; its x-death route is recorded for the
+    // consumer as the one the consumer writes would be.
     let summary = dlq::replay(&rig.keelctl, &request(by_id("crash-1")))
         .await
         .unwrap();
@@ -585,7 +599,11 @@ async fn replaying_one_message_sends_it_to_its_routing_key_with_its_id_and_attem
     rig.wait_depth(DLQ, 1).await;
     let back = rig.drain(QUEUE).await;
     assert_eq!(back.len(), 1);
-    assert_eq!(back[0].1, "fixture.order.cancelled");
+    assert_eq!(back[0].1, QUEUE);
+    assert_eq!(
+        header(&back[0].2, headers::ORIGINAL_ROUTING_KEY),
+        Some(AMQPValue::LongString("fixture.order.cancelled".into()))
+    );
     assert_eq!(back[0].2.message_id().as_ref().unwrap().as_str(), "crash-1");
     assert_eq!(
         rig.drain(DLQ).await[0]
@@ -657,7 +675,7 @@ async fn a_replayed_message_reaches_the_fixed_handler_once_as_a_first_attempt() 
 #[tokio::test]
 async fn to_queue_reaches_that_consumer_queue_and_no_other() {
     let rig = Rig::new().await;
-    // A second consumer of the same events: a default replay reaches it too.
+    // A second consumer of the same events.
     let other = "other.work";
     topology::declare_queue(&rig.channel, &spec(other))
         .await
@@ -665,40 +683,299 @@ async fn to_queue_reaches_that_consumer_queue_and_no_other() {
     rig.reject(&[
         ("order-1", "fixture.order.placed", "rejected"),
         ("order-2", "fixture.order.placed", "rejected"),
+        ("order-3", "fixture.order.placed", "rejected"),
     ])
     .await;
-    // other.work has no consumer: both originals wait there, processed or not.
+    // other.work has no consumer: the originals wait there, processed or not.
     rig.channel
         .queue_purge(other.into(), QueuePurgeOptions::default())
         .await
         .unwrap();
 
-    let mut to_one = request(by_id("order-1"));
-    to_one.to_queue = Some(QUEUE.into());
-    let summary = dlq::replay(&rig.keelctl, &to_one).await.unwrap();
+    // --to-queue: the queue named, through keel.retry, and no other.
+    let mut to_other = request(by_id("order-1"));
+    to_other.destination = Destination::Queue(other.into());
+    let summary = dlq::replay(&rig.keelctl, &to_other).await.unwrap();
     assert_eq!(summary.replayed, 1);
     let to = summary.messages[0].to.clone().unwrap();
     assert_eq!(
         (to.exchange.as_str(), to.routing_key.as_str()),
-        ("keel.retry", QUEUE)
+        ("keel.retry", other)
     );
-    rig.wait_depth(QUEUE, 1).await;
-    assert_eq!(rig.depth(other).await, 0, "--to-queue reaches one queue");
-    let back = rig.drain(QUEUE).await;
+    rig.wait_depth(other, 1).await;
+    assert_eq!(rig.depth(QUEUE).await, 0, "--to-queue reaches one queue");
+    let back = rig.drain(other).await;
     assert_eq!(
         header(&back[0].2, headers::ORIGINAL_ROUTING_KEY),
         Some(AMQPValue::LongString("fixture.order.placed".into())),
         "the consumer still sees the event's routing key"
     );
 
-    // Without it, every queue bound to the original routing key gets the copy.
-    rig.wait_depth(DLQ, 1).await;
+    // The default: the queue where it failed, and no other.
+    rig.wait_depth(DLQ, 2).await;
     dlq::replay(&rig.keelctl, &request(by_id("order-2")))
         .await
         .unwrap();
     rig.wait_depth(QUEUE, 1).await;
+    assert_eq!(rig.depth(other).await, 0, "the default reaches one queue");
+    rig.drain(QUEUE).await;
+
+    // --to-original: every queue bound to the recorded routing key gets the copy.
+    rig.wait_depth(DLQ, 1).await;
+    let mut original = request(by_id("order-3"));
+    original.destination = Destination::Original;
+    let summary = dlq::replay(&rig.keelctl, &original).await.unwrap();
+    let to = summary.messages[0].to.clone().unwrap();
+    assert_eq!(
+        (to.exchange.as_str(), to.routing_key.as_str()),
+        ("keel.events", "fixture.order.placed")
+    );
+    rig.wait_depth(QUEUE, 1).await;
     rig.wait_depth(other, 1).await;
     rig.wait_depth(DLQ, 0).await;
+}
+
+/// A user of this vhost with exactly the permissions the definitions file gives a service
+/// named `fixture` that consumes `fixture.work` and publishes `fixture.#`.
+async fn fixture_service(vhost: &TestVhost) -> TestUser {
+    let p = Permissions::for_service(&ServiceAccess {
+        service: "fixture".into(),
+        publishes: vec!["fixture.#".into()],
+        queues: vec![spec(QUEUE)],
+    });
+    let topics: Vec<Value> = p
+        .topics
+        .iter()
+        .map(|(exchange, write, read)| json!({"exchange": exchange, "write": write, "read": read}))
+        .collect();
+    let password = "fixture-test";
+    vhost
+        .user(
+            "fixture",
+            password,
+            &password_hash("fixture", password),
+            json!({"configure": p.configure, "write": p.write, "read": p.read}),
+            &topics,
+        )
+        .await
+}
+
+/// A dead letter that claims to be a captured payment: the headers Keel's consumer writes,
+/// naming `keel.events` and `billing.payment.captured`, and a billing event's body.
+fn forged(message_id: &str) -> (Vec<u8>, BasicProperties) {
+    let text = |s: &str| AMQPValue::LongString(LongString::from(s));
+    let mut h = FieldTable::default();
+    h.insert(headers::ORIGINAL_EXCHANGE.into(), text("keel.events"));
+    h.insert(
+        headers::ORIGINAL_ROUTING_KEY.into(),
+        text("billing.payment.captured"),
+    );
+    h.insert(headers::FAILURE.into(), text("retries_exhausted"));
+    h.insert(headers::ERROR.into(), text("smtp timeout"));
+    h.insert(headers::QUEUE.into(), text(QUEUE));
+    let body = json!({ "type": "billing.payment.captured", "data": { "amount_minor": 1 } });
+    (
+        serde_json::to_vec(&body).unwrap(),
+        BasicProperties::default()
+            .with_message_id(message_id.into())
+            .with_type("billing.payment.captured".into())
+            .with_headers(h),
+    )
+}
+
+/// A classic queue bound to `billing.#` on `keel.events`: what a billing consumer would get.
+async fn billing_spy(rig: &Rig) -> &'static str {
+    const SPY: &str = "billing.spy";
+    rig.channel
+        .queue_declare(
+            SPY.into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    rig.channel
+        .queue_bind(
+            SPY.into(),
+            topology::EXCHANGE.into(),
+            "billing.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    SPY
+}
+
+#[tokio::test]
+async fn a_dead_letter_with_a_forged_origin_goes_back_to_its_own_queue_not_to_billing() {
+    let rig = Rig::new().await;
+    let spy = billing_spy(&rig).await;
+    // A compromised fixture service, with exactly its own broker permissions.
+    let service = fixture_service(&rig.vhost).await;
+    let conn = Connection::connect(&service.url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let plant = |id: &'static str| {
+        let channel = channel.clone();
+        async move {
+            let (body, props) = forged(id);
+            // keel.dlx with its own queue's key: what its consumer does when it dead-letters.
+            keel_amqp::publisher::publish_confirmed(
+                &channel,
+                topology::DEAD_LETTER_EXCHANGE,
+                QUEUE,
+                &body,
+                props,
+            )
+            .await
+            .expect("a service may dead-letter into its own DLQ")
+        }
+    };
+    // It cannot publish a billing event itself: the topic permission refuses it.
+    let own = conn.create_channel().await.unwrap();
+    own.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let (body, props) = forged("direct-1");
+    let direct = keel_amqp::publisher::publish_confirmed(
+        &own,
+        topology::EXCHANGE,
+        "billing.payment.captured",
+        &body,
+        props,
+    )
+    .await;
+    assert!(direct.is_err(), "not a publisher of billing.#: {direct:?}");
+
+    // The failure: following the headers (the old default, now `--to-original`), the
+    // operator's replay publishes the forged event to billing's consumers.
+    plant("forged-1").await;
+    rig.wait_depth(DLQ, 1).await;
+    let listed = list(&rig, &Filter::default()).await;
+    assert_eq!(
+        listed[0].origin.as_ref().unwrap().routing_key,
+        "billing.payment.captured",
+        "the listing shows what the message claims"
+    );
+    let mut follow_headers = request(by_id("forged-1"));
+    follow_headers.destination = Destination::Original;
+    let summary = dlq::replay(&rig.keelctl, &follow_headers).await.unwrap();
+    assert_eq!(summary.replayed, 1);
+    let got = rig.drain(spy).await;
+    assert_eq!(got.len(), 1, "billing got a payment nobody captured");
+    assert_eq!(
+        (got[0].0.as_str(), got[0].1.as_str()),
+        ("keel.events", "billing.payment.captured")
+    );
+    assert_eq!(got[0].2.message_id().as_ref().unwrap().as_str(), "forged-1");
+
+    // The default: back into the queue whose DLQ it was in; billing gets nothing.
+    plant("forged-2").await;
+    rig.wait_depth(DLQ, 1).await;
+    let summary = dlq::replay(
+        &rig.keelctl,
+        &request(Selection::new(true, Filter::default()).unwrap()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (summary.replayed, summary.skipped, summary.failed),
+        (1, 0, 0)
+    );
+    let to = summary.messages[0].to.clone().unwrap();
+    assert_eq!(
+        (to.exchange.as_str(), to.routing_key.as_str()),
+        ("keel.retry", QUEUE)
+    );
+    rig.wait_depth(DLQ, 0).await;
+    let back = rig.drain(QUEUE).await;
+    assert_eq!(back.len(), 1);
+    assert_eq!(
+        back[0].2.message_id().as_ref().unwrap().as_str(),
+        "forged-2"
+    );
+    // The copy was confirmed, so routed: a classic queue would hold it by now.
+    assert!(rig.drain(spy).await.is_empty(), "billing got nothing");
+    let _ = conn.close(200, "done".into()).await;
+}
+
+#[tokio::test]
+async fn a_keel_unrouted_message_is_replayed_only_where_the_operator_names_by_the_brokers_route() {
+    let rig = Rig::new().await;
+    let spy = billing_spy(&rig).await;
+    // Published to a key nobody is bound to, claiming in its headers to be a billing event.
+    let (body, props) = forged("lost-1");
+    keel_amqp::publisher::publish_confirmed(
+        &rig.channel,
+        topology::EXCHANGE,
+        "late.order.placed",
+        &body,
+        props,
+    )
+    .await
+    .unwrap();
+    rig.wait_depth(topology::UNROUTED_QUEUE, 1).await;
+    let unrouted = || {
+        let mut r = request(by_id("lost-1"));
+        r.queues = vec![DeadLetterQueue::unrouted()];
+        r
+    };
+
+    // No consumer queue failed it: the default has nowhere to send it.
+    let summary = dlq::replay(&rig.keelctl, &unrouted()).await.unwrap();
+    assert_eq!(
+        (summary.replayed, summary.skipped, summary.failed),
+        (0, 1, 0)
+    );
+    match &summary.messages[0].outcome {
+        dlq::Outcome::Skipped { reason } => {
+            assert!(
+                reason.contains("--to-queue") && reason.contains("--to-original"),
+                "says how: {reason}"
+            );
+        }
+        other => panic!("skipped, not {other:?}"),
+    }
+    rig.wait_depth(topology::UNROUTED_QUEUE, 1).await;
+
+    // A queue binds to its key later; --to-original delivers it there, by the key it was
+    // published with (the broker's record), not the one its headers claim.
+    let late = "late.work";
+    let mut late_spec = spec(late);
+    late_spec.bindings = vec!["late.#".into()];
+    topology::declare_queue(&rig.channel, &late_spec)
+        .await
+        .unwrap();
+    let mut original = unrouted();
+    original.destination = Destination::Original;
+    let summary = dlq::replay(&rig.keelctl, &original).await.unwrap();
+    assert_eq!(summary.replayed, 1, "{summary:?}");
+    let to = summary.messages[0].to.clone().unwrap();
+    assert_eq!(
+        (to.exchange.as_str(), to.routing_key.as_str()),
+        ("keel.events", "late.order.placed")
+    );
+    rig.wait_depth(late, 1).await;
+    assert!(rig.drain(spy).await.is_empty(), "billing got nothing");
+    rig.wait_depth(topology::UNROUTED_QUEUE, 0).await;
+
+    // --to-queue: the queue named.
+    rig.publish("lost-2", "nobody.listens.here", &json!({}))
+        .await;
+    rig.wait_depth(topology::UNROUTED_QUEUE, 1).await;
+    let mut to_queue = unrouted();
+    to_queue.selection = by_id("lost-2");
+    to_queue.destination = Destination::Queue(QUEUE.into());
+    let summary = dlq::replay(&rig.keelctl, &to_queue).await.unwrap();
+    assert_eq!(summary.replayed, 1, "{summary:?}");
+    rig.wait_depth(QUEUE, 1).await;
+    rig.wait_depth(topology::UNROUTED_QUEUE, 0).await;
 }
 
 #[tokio::test]
@@ -829,6 +1106,19 @@ async fn the_binary_refuses_a_replay_without_selector_and_a_purge_it_cannot_conf
         Some(64),
         "--all with a selector is ambiguous"
     );
+    let out = keelctl(
+        &rig,
+        &registry,
+        &[
+            "dlq",
+            "replay",
+            "--all",
+            "--to-queue",
+            QUEUE,
+            "--to-original",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(64), "one destination at most");
 
     let out = keelctl(&rig, &registry, &["dlq", "purge", "--queue", DLQ]);
     assert_eq!(out.status.code(), Some(64), "no terminal, no --yes");
@@ -898,6 +1188,11 @@ async fn the_binary_replays_by_id_and_prints_the_summary() {
     assert_eq!(summary["replayed"], 1);
     assert_eq!(summary["messages"][0]["message_id"], "order-2");
     assert_eq!(summary["messages"][0]["outcome"], "replayed");
+    assert_eq!(
+        summary["messages"][0]["to"],
+        json!({"exchange": "keel.retry", "routing_key": QUEUE}),
+        "back into the queue where it failed"
+    );
     rig.wait_depth(DLQ, 1).await;
     rig.wait_depth(QUEUE, 1).await;
     let _ = std::fs::remove_file(&registry);

@@ -9,8 +9,6 @@ use http::{HeaderValue, StatusCode, header};
 use keel_http::Problem;
 use serde::Serialize;
 
-use crate::api_keys::Rejection;
-
 /// One invalid field of a request: `{"field": "lines[0].sku", "message": "unknown SKU"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FieldError {
@@ -28,12 +26,11 @@ impl FieldError {
     }
 }
 
-/// Why a request failed.
+/// Why a request failed. Not authentication: a request without a valid API key is answered
+/// by the platform's extractor before a handler runs (`keel_service::api_keys::AuthRejection`,
+/// the same 401 in every service).
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// 401: no API key, or not a valid one (`WWW-Authenticate: Bearer` says how to send one).
-    #[error("unauthenticated: {}", .0.reason())]
-    Unauthenticated(Rejection),
     /// 415: the body is not `application/json`.
     #[error("unsupported media type")]
     UnsupportedMediaType,
@@ -68,16 +65,6 @@ pub enum ApiError {
 impl ApiError {
     fn problem(&self) -> Problem {
         match self {
-            Self::Unauthenticated(rejection) => Problem::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                "Authentication required",
-            )
-            .with_detail(if rejection.no_credentials() {
-                "send an API key: `Authorization: Bearer keel_...`"
-            } else {
-                "the API key is not valid: it is malformed, unknown or revoked"
-            }),
             Self::UnsupportedMediaType => Problem::for_status(StatusCode::UNSUPPORTED_MEDIA_TYPE)
                 .with_detail("send the body as application/json"),
             Self::IdempotencyKey(why) => Problem::new(
@@ -147,19 +134,6 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        if let Self::Unauthenticated(rejection) = self {
-            // RFC 6750 §3: the challenge names the scheme; `invalid_token` only when a key was
-            // presented and refused.
-            let challenge = if rejection.no_credentials() {
-                r#"Bearer realm="keel""#
-            } else {
-                r#"Bearer realm="keel", error="invalid_token""#
-            };
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static(challenge),
-            );
         }
         response
     }

@@ -6,8 +6,6 @@
 //!
 //! Capabilities, one module each:
 //! - [`catalogue`]: `GET /v1/products`, read from Postgres through pgbouncer.
-//! - [`api_keys`]: who is calling (`Authorization: Bearer keel_…`): each API key belongs to one
-//!   customer, and the orders API acts for that customer only.
 //! - [`orders`]: `POST /v1/orders` (idempotency keys, P13) and `GET /v1/orders/{id}`, both
 //!   for the API key's customer.
 //! - [`saga`]: the order saga (P04) on the Postgres job queue (P08), calling billing over gRPC.
@@ -18,9 +16,10 @@
 //! The HTTP API is described in `openapi.yaml` (served at `GET /openapi.yaml`). In short:
 //! - `GET /v1/products` is public. The orders routes take an API key,
 //!   `Authorization: Bearer keel_<id>_<secret>`, issued by an operator with
-//!   `keelctl api-keys create --customer <id>` (printed once; only its SHA-256 is stored).
-//!   A missing, malformed, unknown or revoked key is 401 `unauthenticated` with
-//!   `WWW-Authenticate: Bearer`.
+//!   `keelctl api-keys create --customer <id>` (printed once; only its SHA-256 is stored, in
+//!   this database's `customer_api_keys`) and checked by the platform's extractor,
+//!   [`keel_service::api_keys::ApiKey`]. A missing, malformed, unknown or revoked key is 401
+//!   `unauthenticated` with `WWW-Authenticate: Bearer`.
 //! - The key decides the customer: `POST /v1/orders` places the order for the key's customer
 //!   (the body names none), and `GET /v1/orders/{id}` shows only that customer's orders;
 //!   another customer's order is the same 404 as a nonexistent one.
@@ -35,7 +34,6 @@
 //! own transaction, and `keel_amqp::relay` publishes them to `keel.events`. RabbitMQ is not a
 //! readiness check: while it is down orders are still taken and events wait in the outbox.
 
-pub mod api_keys;
 pub mod catalogue;
 pub mod config;
 pub mod error;
@@ -51,6 +49,10 @@ use http::{Method, header};
 use keel_service::{BrokerReadiness, Drained, Service, ServiceError};
 
 pub use config::Config;
+/// Who calls the orders API: the platform's API keys. Re-exported because
+/// [`orders::place_order`] takes its caller as an [`api_keys::Authenticated`], so code that
+/// places orders without HTTP (benchmarks) names the type here.
+pub use keel_service::api_keys;
 pub use routes::{Route, Routes};
 use saga::Saga;
 use saga::billing::BillingEndpoint;

@@ -5,7 +5,7 @@
 //! - a request without a key, with another scheme, a malformed, unknown, wrong or revoked key
 //!   is a 401 problem with `WWW-Authenticate: Bearer`, before anything else is looked at, and
 //!   writes nothing;
-//! - keys issued by keelctl's `api_keys::create` (what `keelctl api-keys create` runs)
+//! - keys issued by `keel_pg::api_keys::issue` (what `keelctl api-keys create` runs)
 //!   authenticate as their customer, and the order is that customer's whatever the body says
 //!   (a `customer_id` member is an unknown field: 400);
 //! - another customer's order is the same 404 as a nonexistent one, where an unscoped lookup
@@ -146,7 +146,7 @@ async fn a_revoked_key_is_refused_from_the_next_request() {
     assert_eq!(app.get_order_as(Some(&key), &id).await.status(), 200);
 
     let key_id = key.split('_').nth(1).unwrap();
-    sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1")
+    sqlx::query("UPDATE customer_api_keys SET revoked_at = now() WHERE id = $1")
         .bind(key_id)
         .execute(&app.admin)
         .await

@@ -101,14 +101,30 @@ async fn app_role_cannot_change_prices_or_rewrite_history() {
     ] {
         assert_denied(&sql, run(&mut app, &sql).await);
     }
+    // The keys now live in the platform's table (0007): no key minted, changed or un-revoked
+    // there either.
+    for sql in [
+        "INSERT INTO customer_api_keys (id, customer_id, key_hash)
+         VALUES ('00000000beef', 'anyone', decode(repeat('00', 32), 'hex'))",
+        "UPDATE customer_api_keys SET revoked_at = NULL",
+        "DELETE FROM customer_api_keys",
+    ] {
+        assert_denied(sql, run(&mut app, sql).await);
+    }
 
-    // What checkout does still works: read the catalogue, move an order's state (the columns
-    // set_state updates, with the RETURNING it reads), append history.
+    // What checkout does still works: read the catalogue, read a key (as
+    // keel_pg::api_keys::verify does), move an order's state (the columns set_state updates,
+    // with the RETURNING it reads), append history.
     let products: i64 = sqlx::query_scalar("SELECT count(*) FROM products")
         .fetch_one(&mut app)
         .await
         .unwrap();
     assert_eq!(products, 7);
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM customer_api_keys")
+        .fetch_one(&mut app)
+        .await
+        .unwrap();
+    assert_eq!(keys, 0);
     let moved = format!(
         "UPDATE orders SET state = 'REJECTED', reason = 'out_of_stock', updated_at = now()
           WHERE id = '{order}' RETURNING customer_id, total_minor, currency"
@@ -257,10 +273,12 @@ async fn auditor_reads_what_keelctl_reads_and_writes_nothing() {
         ],
     )
     .await;
-    // Not the customer's payment-method token, nor the API keys' hashes.
+    // Not the customer's payment-method token, nor the API keys' hashes (in the platform's
+    // table, or through the previous release's view of it, 0007).
     let mut auditor = connect(&db.auditor_url()).await;
     for sql in [
         "SELECT payment_token FROM sagas",
+        "SELECT key_hash FROM customer_api_keys",
         "SELECT key_hash FROM api_keys",
     ] {
         assert_denied(
@@ -273,6 +291,8 @@ async fn auditor_reads_what_keelctl_reads_and_writes_nothing() {
 #[tokio::test]
 async fn operator_retries_and_issues_api_keys_and_does_nothing_else() {
     let db = TestDb::create("checkout", &checkout::MIGRATOR).await;
+    // The platform's grants (customer_api_keys included: issuing and revoking keys), and the
+    // previous release's keelctl's INSERT through 0007's view, until that view is dropped.
     assert_operator_is_narrow(
         &db,
         &[
@@ -284,13 +304,17 @@ async fn operator_retries_and_issues_api_keys_and_does_nothing_else() {
     .await;
 
     // `keelctl api-keys create` as the operator: one INSERT, and no way to read a key's hash
-    // back, change a key's customer or delete a key.
+    // back, change a key's customer or delete a key, in the table or through the view.
     let mut operator = connect(&db.operator_url()).await;
-    let issued = keelctl::api_keys::create(&mut operator, "p14-customer")
+    let issued = keel_pg::api_keys::issue(&mut operator, "p14-customer")
         .await
         .unwrap();
     let id = issued.id;
     for sql in [
+        "SELECT key_hash FROM customer_api_keys".to_owned(),
+        "SELECT * FROM customer_api_keys".to_owned(),
+        format!("UPDATE customer_api_keys SET customer_id = 'someone-else' WHERE id = '{id}'"),
+        format!("DELETE FROM customer_api_keys WHERE id = '{id}'"),
         "SELECT key_hash FROM api_keys".to_owned(),
         "SELECT * FROM api_keys".to_owned(),
         format!("UPDATE api_keys SET customer_id = 'someone-else' WHERE id = '{id}'"),

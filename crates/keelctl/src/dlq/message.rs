@@ -7,13 +7,18 @@
 //! entered that queue, and `x-first-death-*` for the first. A message can carry both (the
 //! consumer's tiers are TTL queues, so a message back from a tier has an `x-death` entry
 //! too); the `x-keel-*` headers then win, since they name the route the message was first
-//! published on. A message in `keel.unrouted` has neither: the broker kept it as published, so
-//! its own exchange and routing key are its route.
+//! published on. A message in `keel.unrouted` was kept as published: its own exchange and
+//! routing key, which the broker set, are its route, whatever its headers say.
+//!
+//! Both dialects are written by whoever dead-lettered the message, and a service may publish
+//! dead letters of its own queues: [`Parts::origin`] is what the message claims, shown to the
+//! operator and matched by `--routing-key`, and a replay goes there only when asked
+//! (`--to-original`; see [`super::replay`]).
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, TimeZone, Utc};
-use keel_amqp::topology::{DEAD_LETTER_EXCHANGE, headers};
+use keel_amqp::topology::{DEAD_LETTER_EXCHANGE, UNROUTED_QUEUE, headers};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
@@ -56,7 +61,8 @@ pub struct DeadLetter {
     pub message_id: Option<String>,
     /// AMQP `type`: the event type.
     pub event_type: Option<String>,
-    /// Where it was first published, when known: where a replay sends it.
+    /// Where it was first published, as its headers claim (see the module docs): where a
+    /// `--to-original` replay sends it.
     pub origin: Option<Route>,
     /// The consumer queue whose handler (or delivery limit) failed it.
     pub consumer_queue: Option<String>,
@@ -162,8 +168,13 @@ impl<'a> Parts<'a> {
             .cloned()
     }
 
-    /// Where the message was first published (see the module docs for the order).
+    /// Where the message was first published (see the module docs for the order and for how
+    /// far its headers may be trusted).
     pub fn origin(&self) -> Option<Route> {
+        // Kept as published (keel.unrouted): the broker's record of its route, not its headers.
+        if self.queue == UNROUTED_QUEUE && !self.exchange.is_empty() {
+            return Some(self.own_route());
+        }
         if let (Some(exchange), Some(routing_key)) = (
             self.text(headers::ORIGINAL_EXCHANGE),
             self.text(headers::ORIGINAL_ROUTING_KEY),
@@ -183,18 +194,23 @@ impl<'a> Parts<'a> {
                 routing_key: routing_key.clone(),
             });
         }
-        // Kept as published (keel.unrouted): its own route. A message on keel.dlx without
-        // either dialect was put there by hand; its route says nothing about its origin.
-        (!self.exchange.is_empty() && self.exchange != DEAD_LETTER_EXCHANGE).then(|| Route {
+        // A message on keel.dlx without either dialect was put there by hand; its route says
+        // nothing about its origin.
+        (!self.exchange.is_empty() && self.exchange != DEAD_LETTER_EXCHANGE)
+            .then(|| self.own_route())
+    }
+
+    fn own_route(&self) -> Route {
+        Route {
             exchange: self.exchange.to_owned(),
             routing_key: self.routing_key.to_owned(),
-        })
+        }
     }
 
     /// The summary `dlq list` shows, with its age at `now`.
     pub fn summary(&self, now: DateTime<Utc>) -> DeadLetter {
         let first_death = self.first_death();
-        let unrouted = self.queue == keel_amqp::topology::UNROUTED_QUEUE;
+        let unrouted = self.queue == UNROUTED_QUEUE;
         let failure = self
             .text(headers::FAILURE)
             .or_else(|| first_death.as_ref().map(|d| d.reason.clone()))
@@ -499,6 +515,26 @@ mod tests {
         let by_hand = parts("test.work.dlq", &props, "keel.dlx").summary(Utc::now());
         assert_eq!(by_hand.origin, None);
         assert_eq!(by_hand.failure, "unknown");
+    }
+
+    #[test]
+    fn in_keel_unrouted_the_brokers_route_wins_over_what_the_headers_claim() {
+        let claims = BasicProperties::default().with_headers(table(vec![
+            (headers::ORIGINAL_EXCHANGE, long("keel.events")),
+            (
+                headers::ORIGINAL_ROUTING_KEY,
+                long("billing.payment.captured"),
+            ),
+        ]));
+        let unrouted = parts("keel.unrouted", &claims, "keel.events").origin();
+        assert_eq!(
+            unrouted,
+            Some(Route {
+                exchange: "keel.events".into(),
+                routing_key: "test.work".into()
+            }),
+            "the key it was published with, as the broker delivered it"
+        );
     }
 
     #[test]

@@ -18,13 +18,20 @@
 //! letter's `message_id` and every property: consumers dedupe by message id in their inbox
 //! (P03), and a dead-lettered message's handler never committed, so its id is not in the inbox
 //! and the copy is processed exactly once; a message that did commit somewhere (the
-//! fan-out of one event to two queues) is dropped there as the duplicate it is. The copy's
-//! `x-keel-attempts` is 0, so the retry tiers apply again, and `x-keel-replays` counts the
-//! replays. Only after the broker confirms the copy is the dead letter acked: a failed publish
-//! leaves it where it was.
+//! fan-out of one event to two queues, replayed with `--to-original`) is dropped there as the
+//! duplicate it is. The copy's `x-keel-attempts` is 0, so the retry tiers apply again, and
+//! `x-keel-replays` counts the replays. Only after the broker confirms the copy is the dead
+//! letter acked: a failed publish leaves it where it was.
+//!
+//! Replay runs as `keel_operator`, who may publish any key of `keel.events`, so where a copy
+//! goes must not be up to the message: by default it goes back into the queue whose DLQ holds
+//! it, a route taken from the DLQ's name ([`DeadLetterQueue::consumer_queue`]). The original
+//! route in a dead letter's headers is only as trustworthy as the service that dead-lettered
+//! it, and is followed only when asked (`--to-original`, [`Destination::Original`]).
 //!
 //! Must not break: nothing here acks a message it has not first republished and seen
-//! confirmed; everything else a browse touched goes back to its queue when the channel closes.
+//! confirmed; everything else a browse touched goes back to its queue when the channel closes;
+//! a replay's default route never comes from the message's headers.
 
 mod browse;
 mod message;
@@ -41,7 +48,7 @@ pub use browse::{Listing, list, show};
 pub use message::{Body, DeadLetter, Death, Route, Shown};
 pub use purge::{Consent, confirm, consent, depth, purge};
 pub use render::{list_table, replay_table, show_text};
-pub use replay::{Outcome, ReplayRequest, ReplaySummary, Replayed, Selection, replay};
+pub use replay::{Destination, Outcome, ReplayRequest, ReplaySummary, Replayed, Selection, replay};
 
 use crate::BrokerError;
 use crate::registry::Registry;
@@ -96,6 +103,14 @@ impl DeadLetterQueue {
 
     pub fn name(&self) -> &str {
         &self.0
+    }
+
+    /// The consumer queue whose dead letters these are (`notification.events` for
+    /// `notification.events.dlq`): where a default replay sends them back. Read from this
+    /// queue's name, which the broker's dead-lettering chose (`keel.dlx`, routing key
+    /// `<queue>`), never from a message. `None` for `keel.unrouted`: no consumer failed there.
+    pub fn consumer_queue(&self) -> Option<&str> {
+        self.0.strip_suffix(DLQ_SUFFIX).filter(|q| !q.is_empty())
     }
 
     /// Whether this is `keel.unrouted` (no consumer failed: nothing was bound).
@@ -294,5 +309,18 @@ mod tests {
             "names the DLQ meant: {refused}"
         );
         assert!(DeadLetterQueue::exact(".dlq").is_err());
+    }
+
+    #[test]
+    fn a_dlq_names_its_consumer_queue_and_keel_unrouted_has_none() {
+        assert_eq!(
+            DeadLetterQueue::from_arg("notification.events").consumer_queue(),
+            Some("notification.events")
+        );
+        assert_eq!(
+            DeadLetterQueue::from_arg("notification.events.dlq").consumer_queue(),
+            Some("notification.events")
+        );
+        assert_eq!(DeadLetterQueue::unrouted().consumer_queue(), None);
     }
 }

@@ -136,9 +136,7 @@ pub fn replay_table(summary: &ReplaySummary) -> String {
                     super::Outcome::Replayed => "replayed".to_owned(),
                     super::Outcome::WouldReplay => "would replay".to_owned(),
                     super::Outcome::Failed { error } => format!("failed: {error}"),
-                    super::Outcome::NoRoute => {
-                        "skipped: no original route (use --to-queue)".to_owned()
-                    }
+                    super::Outcome::Skipped { reason } => format!("skipped: {reason}"),
                 };
                 t.add_row([
                     r.message_id.clone().unwrap_or_else(|| "-".to_owned()),

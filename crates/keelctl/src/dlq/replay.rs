@@ -3,23 +3,41 @@
 //!
 //! Per message, in queue order: browse it (unacked), decide, publish the copy with
 //! [`publish_confirmed`] on a confirm-mode channel of its own, and only after the broker's
-//! confirm ack the dead letter. Where the copy goes:
-//! - by default, its original exchange and routing key ([`Parts::origin`]): every queue bound
-//!   to that key gets it again, and those that processed it already drop it in their inbox;
-//! - with `to_queue`, `keel.retry` with routing key `<queue>`: the retry exchange's binding
-//!   that delivers to that one consumer queue and no other.
+//! confirm ack the dead letter. Where the copy goes is a [`Destination`]:
+//! - by default, back into the consumer queue whose DLQ holds it: `keel.retry` with routing
+//!   key `<queue>` for `<queue>.dlq`, the retry exchange's binding that reaches that one queue.
+//!   It is the only consumer that did not process the message (any other bound to the same key
+//!   did, and its inbox would drop the copy), and the route comes from the DLQ's name, which
+//!   the broker chose, not from the message;
+//! - with [`Destination::Queue`] (`--to-queue`), the same into another consumer queue;
+//! - with [`Destination::Original`] (`--to-original`), the exchange and routing key the
+//!   message's headers record ([`Parts::origin`]), and only when that exchange is
+//!   `keel.events`: every queue bound to that key gets it again.
+//!
+//! Must not break: the default route never comes from the message. Its `x-keel-original-*`
+//! and `x-death` headers are written by whoever dead-lettered it, and a service's broker user
+//! may publish to `keel.dlx` under its own queue prefix: a compromised service could plant a
+//! dead letter that claims to be `billing.payment.captured`, and the operator, who may write
+//! any key of `keel.events`, would publish it to every billing consumer. Into the failed queue
+//! the worst such a message does is reach the service that planted it. (Keel's consumer keeps
+//! `x-keel-original-*` headers a message already carries when it dead-letters it, so whoever
+//! published the message could have written them too.) `--to-original` trusts those headers as
+//! much as the service that dead-lettered the message, and says so.
 //!
 //! A copy the broker did not confirm (nacked, unroutable, refused) leaves its dead letter in
-//! the DLQ and counts as failed. Unselected messages are never acked: closing the browse
-//! returns them. A copy that fails again while the replay still runs lands at the DLQ's tail;
-//! a message id already replayed in this run is skipped, so one run replays a message once.
+//! the DLQ and counts as failed. A selected message with no allowed destination (in
+//! `keel.unrouted` without `--to-queue` or `--to-original`; with `--to-original`, no recorded
+//! route or one outside `keel.events`) is skipped with the reason and stays. Unselected
+//! messages are never acked: closing the browse returns them. A copy that fails again while the
+//! replay still runs lands at the DLQ's tail; a message id already replayed in this run is
+//! skipped, so one run replays a message once.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::Utc;
 use keel_amqp::publisher::publish_confirmed;
-use keel_amqp::topology::{RETRY_EXCHANGE, headers};
+use keel_amqp::topology::{EXCHANGE, RETRY_EXCHANGE, headers};
 use lapin::options::ConfirmSelectOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection};
@@ -59,13 +77,61 @@ impl Selection {
     }
 }
 
+/// Where a replay sends its copies (see the module docs for why the default is what it is).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Destination {
+    /// Back into the consumer queue whose DLQ holds the message, through `keel.retry`
+    /// (`<queue>.dlq`: routing key `<queue>`). The route is the DLQ's name, never the
+    /// message's headers. `keel.unrouted` has no such queue: its messages are skipped.
+    #[default]
+    FailedQueue,
+    /// Into this consumer queue, through `keel.retry` (`--to-queue`).
+    Queue(String),
+    /// To the exchange and routing key the message's headers record (`--to-original`), when
+    /// that exchange is `keel.events`; else skipped. The headers are written by whoever
+    /// dead-lettered the message: this trusts them as much as that service.
+    Original,
+}
+
+impl Destination {
+    /// Where the copy of a message in `queue`, whose headers record `origin`, goes; or why it
+    /// does not go anywhere.
+    pub fn route(&self, queue: &DeadLetterQueue, origin: Option<&Route>) -> Result<Route, String> {
+        let through_retry = |queue: &str| Route {
+            exchange: RETRY_EXCHANGE.to_owned(),
+            routing_key: queue.to_owned(),
+        };
+        match self {
+            Self::FailedQueue => queue.consumer_queue().map(through_retry).ok_or_else(|| {
+                format!(
+                    "{queue} has no consumer queue to return it to: name one with --to-queue, \
+                     or send it to its recorded route with --to-original"
+                )
+            }),
+            Self::Queue(name) => Ok(through_retry(name)),
+            Self::Original => match origin {
+                Some(origin) if origin.exchange == EXCHANGE => Ok(origin.clone()),
+                Some(origin) => Err(format!(
+                    "its headers name exchange {}: --to-original replays to {EXCHANGE} only",
+                    origin.exchange
+                )),
+                None => Err(
+                    "nothing records where it was first published: replay it without \
+                     --to-original, or with --to-queue"
+                        .to_owned(),
+                ),
+            },
+        }
+    }
+}
+
 /// A replay to run.
 #[derive(Debug, Clone)]
 pub struct ReplayRequest {
     pub queues: Vec<DeadLetterQueue>,
     pub selection: Selection,
-    /// Send every copy to this consumer queue only (through `keel.retry`).
-    pub to_queue: Option<String>,
+    /// Where the copies go.
+    pub destination: Destination,
     /// Say what would be replayed; publish and ack nothing.
     pub dry_run: bool,
     /// Most copies published per second.
@@ -86,8 +152,8 @@ pub enum Outcome {
     WouldReplay,
     /// Not confirmed: still in the DLQ.
     Failed { error: String },
-    /// Nothing says where it came from, and no `to_queue` was given: left in the DLQ.
-    NoRoute,
+    /// No destination it may go to ([`Destination::route`] says why): left in the DLQ.
+    Skipped { reason: String },
 }
 
 /// One selected dead letter and its outcome.
@@ -107,7 +173,8 @@ pub struct ReplaySummary {
     pub dry_run: bool,
     /// Copies confirmed and dead letters acked (or, in a dry run, that would be).
     pub replayed: usize,
-    /// Looked at and left in place: not selected, already replayed in this run, or no route.
+    /// Looked at and left in place: not selected, already replayed in this run, or selected
+    /// with no destination it may go to ([`Outcome::Skipped`]).
     pub skipped: usize,
     /// Selected but not confirmed: left in the DLQ.
     pub failed: usize,
@@ -173,18 +240,13 @@ async fn walk(
             continue;
         }
         let origin = parts.origin();
-        let to = match (&request.to_queue, &origin) {
-            (Some(q), _) => Some(Route {
-                exchange: RETRY_EXCHANGE.to_owned(),
-                routing_key: q.clone(),
-            }),
-            (None, Some(origin)) => Some(origin.clone()),
-            (None, None) => None,
-        };
-        let outcome = match (&to, &origin) {
-            (None, _) => Outcome::NoRoute,
-            (Some(_), _) if request.dry_run => Outcome::WouldReplay,
-            (Some(to), origin) => {
+        let route = request.destination.route(&queue, origin.as_ref());
+        let outcome = match &route {
+            Err(reason) => Outcome::Skipped {
+                reason: reason.clone(),
+            },
+            Ok(_) if request.dry_run => Outcome::WouldReplay,
+            Ok(to) => {
                 ticker.tick().await;
                 let copy = copy_properties(&delivery.properties, origin.as_ref());
                 match publisher.publish(to, &delivery.data, copy).await {
@@ -203,12 +265,12 @@ async fn walk(
                 summary.replayed += 1;
             }
             Outcome::Failed { .. } => summary.failed += 1,
-            Outcome::NoRoute => summary.skipped += 1,
+            Outcome::Skipped { .. } => summary.skipped += 1,
         }
         summary.messages.push(Replayed {
             queue: queue.to_string(),
             message_id: message.message_id,
-            to,
+            to: route.ok(),
             outcome,
         });
     }
@@ -226,8 +288,10 @@ const STALE_ON_REPLAY: [&str; 5] = [
 
 /// The copy's properties: all of the dead letter's (message id first of all), with
 /// `x-keel-attempts` reset to 0 so the retry tiers apply again, `x-keel-replays` one higher,
-/// the original route recorded if only the broker's headers knew it (the consumer reads the
-/// routing key from there after a `to_queue` replay), and the bookkeeping of the dead letter
+/// the route it is replayed as (`origin`: see [`Parts::origin`]) recorded in
+/// `x-keel-original-*` (the consumer reads the routing key from there after a replay through
+/// `keel.retry`; for a message from `keel.unrouted` it is the route the broker kept, not what
+/// its headers claimed), and the bookkeeping of the dead letter
 /// dropped ([`STALE_ON_REPLAY`], `x-first-death-*`, `x-last-death-*`): the broker's
 /// `x-delivery-count` counted deliveries of the dead letter, not of the copy.
 pub(crate) fn copy_properties(
@@ -265,12 +329,10 @@ pub(crate) fn copy_properties(
             (headers::ORIGINAL_EXCHANGE, &origin.exchange),
             (headers::ORIGINAL_ROUTING_KEY, &origin.routing_key),
         ] {
-            if !table.contains_key(name) {
-                table.insert(
-                    name.into(),
-                    AMQPValue::LongString(LongString::from(value.as_str())),
-                );
-            }
+            table.insert(
+                name.into(),
+                AMQPValue::LongString(LongString::from(value.as_str())),
+            );
         }
     }
     properties.clone().with_headers(table)
@@ -375,6 +437,59 @@ mod tests {
             header(&copy, headers::ORIGINAL_ROUTING_KEY),
             Some(AMQPValue::LongString("test.work.item".into()))
         );
+    }
+
+    #[test]
+    fn by_default_the_route_is_the_dlqs_own_queue_whatever_the_message_claims() {
+        let forged = Route {
+            exchange: "keel.events".into(),
+            routing_key: "billing.payment.captured".into(),
+        };
+        let dlq = DeadLetterQueue::of("notification.events");
+        let back = Route {
+            exchange: "keel.retry".into(),
+            routing_key: "notification.events".into(),
+        };
+        assert_eq!(
+            Destination::FailedQueue.route(&dlq, Some(&forged)),
+            Ok(back.clone())
+        );
+        assert_eq!(Destination::FailedQueue.route(&dlq, None), Ok(back));
+        assert_eq!(
+            Destination::Queue("other.work".into()).route(&dlq, Some(&forged)),
+            Ok(Route {
+                exchange: "keel.retry".into(),
+                routing_key: "other.work".into(),
+            })
+        );
+        let unrouted = Destination::FailedQueue
+            .route(&DeadLetterQueue::unrouted(), Some(&forged))
+            .unwrap_err();
+        assert!(unrouted.contains("--to-queue"), "{unrouted}");
+    }
+
+    #[test]
+    fn to_original_follows_the_headers_into_keel_events_only() {
+        let dlq = DeadLetterQueue::of("notification.events");
+        let recorded = Route {
+            exchange: "keel.events".into(),
+            routing_key: "checkout.order.confirmed".into(),
+        };
+        assert_eq!(
+            Destination::Original.route(&dlq, Some(&recorded)),
+            Ok(recorded)
+        );
+        for exchange in ["keel.retry", "keel.dlx", "amq.topic", ""] {
+            let elsewhere = Route {
+                exchange: exchange.into(),
+                routing_key: "notification.events".into(),
+            };
+            let refused = Destination::Original
+                .route(&dlq, Some(&elsewhere))
+                .unwrap_err();
+            assert!(refused.contains("keel.events only"), "{refused}");
+        }
+        assert!(Destination::Original.route(&dlq, None).is_err());
     }
 
     #[test]

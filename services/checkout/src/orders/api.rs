@@ -11,8 +11,8 @@
 //!    stores the answer; commit. Any error before the commit rolls everything back, key
 //!    included, so a retry with the same key starts afresh.
 //!
-//! Both routes take an [`Authenticated`] caller (`crate::api_keys`): a request without a
-//! valid API key is a 401 before its body is read. The order is placed for the key's customer,
+//! Both routes take an [`ApiKey`] caller (the platform's extractor, `keel_service::api_keys`):
+//! a request without a valid API key is a 401 before its body is read. The order is placed for the key's customer,
 //! and `GET` shows an order only to that customer (another customer's order is the same 404 as
 //! a nonexistent one).
 //!
@@ -34,7 +34,7 @@ use uuid::Uuid;
 use super::OrderId;
 use super::request::{self, Limits};
 use super::store::{self, NewOrder};
-use crate::api_keys::Authenticated;
+use crate::api_keys::{ApiKey, Authenticated};
 use crate::config::{OrdersConfig, SagaConfig};
 use crate::error::ApiError;
 use crate::routes::Routes;
@@ -55,7 +55,7 @@ pub struct OrdersState {
     pub saga: SagaConfig,
 }
 
-/// The [`Authenticated`] extractor looks keys up through the pool.
+/// The [`ApiKey`] extractor looks keys up through the pool.
 impl FromRef<OrdersState> for PgPool {
     fn from_ref(state: &OrdersState) -> Self {
         state.pool.clone()
@@ -115,7 +115,7 @@ fn accepted(status: StatusCode, body: serde_json::Value, answer: Answer) -> Resp
 }
 
 async fn place(
-    caller: Authenticated,
+    ApiKey(caller): ApiKey,
     State(state): State<OrdersState>,
     headers: HeaderMap,
     body: Bytes,
@@ -219,7 +219,7 @@ pub async fn place_order(
 }
 
 async fn get_order(
-    caller: Authenticated,
+    ApiKey(caller): ApiKey,
     State(state): State<OrdersState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {

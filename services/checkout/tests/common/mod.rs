@@ -3,9 +3,9 @@
 //! `checkout_app`), and a scriptable fake of billing's `PaymentService` served over real gRPC
 //! on 127.0.0.1:0. The real cross-service journey is tested end to end elsewhere (e2e).
 //!
-//! Every `TestApp` issues an API key for [`TEST_CUSTOMER`] when it starts, through keelctl's
-//! `api_keys::create` (what `keelctl api-keys create` runs), and its order helpers send it:
-//! tests that are not about authentication never see it.
+//! Every `TestApp` issues an API key for [`TEST_CUSTOMER`] when it starts, through
+//! `keel_pg::api_keys::issue` (what `keelctl api-keys create` runs), and its order helpers send
+//! it: tests that are not about authentication never see it.
 //!
 //! Every response the request helpers receive is held to `openapi.yaml` ([`contract`]) before
 //! the test sees it: a status, header or body field the document lacks fails the test.
@@ -32,12 +32,9 @@ pub const TEST_CUSTOMER: &str = "cus_test";
 
 /// Issues an API key for `customer` in the database behind `admin`, as an operator does.
 pub async fn issue_key(admin: &PgPool, customer: &str) -> String {
-    use keel_config::ExposeSecret;
     let mut conn = admin.acquire().await.unwrap();
-    let issued = keelctl::api_keys::create(&mut conn, customer)
-        .await
-        .unwrap();
-    issued.key.expose_secret().to_owned()
+    let issued = keel_pg::api_keys::issue(&mut conn, customer).await.unwrap();
+    issued.expose().to_owned()
 }
 
 /// Settings that make sagas quick and tests fast; each test adds its own on top.
