@@ -396,3 +396,46 @@ fn actual_kind(actual: &figment::error::Actual) -> String {
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, impl std::error::Error + use<>> {
     humantime_serde::re::humantime::parse_duration(s)
 }
+
+/// A list in configuration: `["a", "b"]` in a file, `a,b` in an environment variable (where
+/// a list cannot be spelled otherwise; an empty value is an empty list). For
+/// `#[serde(deserialize_with = "keel_config::list")]` on a `Vec<T>` whose items parse from
+/// text, such as `Vec<keel_http::client::Cidr>`.
+pub fn list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: fmt::Display,
+{
+    use serde::Deserialize;
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum List {
+        Items(Vec<String>),
+        Text(String),
+    }
+    let items: Vec<String> = match List::deserialize(d)? {
+        List::Items(items) => items,
+        List::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    };
+    items
+        .iter()
+        .map(|s| s.trim().parse().map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// A list of human durations (see [`list`] and [`parse_duration`]): `["1s", "10s"]` in a
+/// file, `1s,10s` in an environment variable.
+pub fn durations<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<std::time::Duration>, D::Error> {
+    Ok(list::<D, humantime_serde::re::humantime::Duration>(d)?
+        .into_iter()
+        .map(Into::into)
+        .collect())
+}

@@ -128,6 +128,41 @@ pub async fn enqueue(conn: &mut PgConnection, job: &NewJob<'_>) -> Result<Option
     Ok((inserted == 1).then_some(id))
 }
 
+/// Enqueues every job of `batch` in one statement (one round trip however many: a fan-out,
+/// such as one delivery per subscriber, costs the enqueueing transaction no more than one
+/// job). Jobs whose fixed id exists already are skipped. Returns how many were enqueued.
+pub async fn enqueue_many(conn: &mut PgConnection, batch: &[NewJob<'_>]) -> Result<u64, PgError> {
+    if batch.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<Uuid> = batch
+        .iter()
+        .map(|j| j.id.unwrap_or_else(Uuid::now_v7))
+        .collect();
+    let queues: Vec<&str> = batch.iter().map(|j| j.queue).collect();
+    let payloads: Vec<&serde_json::Value> = batch.iter().map(|j| &j.payload).collect();
+    let max_attempts: Vec<i32> = batch.iter().map(|j| j.max_attempts).collect();
+    let delays: Vec<f64> = batch.iter().map(|j| millis(j.delay) as f64).collect();
+    let inserted = sqlx::query(
+        "INSERT INTO jobs (id, queue, payload, max_attempts, run_at, state)
+         SELECT id, queue, payload, max_attempts,
+                now() + make_interval(secs => delay_ms / 1000), $6
+           FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::float8[])
+                AS b (id, queue, payload, max_attempts, delay_ms)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&queues)
+    .bind(&payloads)
+    .bind(&max_attempts)
+    .bind(&delays)
+    .bind(JobState::Queued)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(inserted)
+}
+
 /// A claimed job. `attempts` (this attempt's number) and `locked_by` fence its outcome.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Job {
@@ -157,6 +192,33 @@ pub async fn claim(
     lease: Duration,
     limit: i64,
 ) -> Result<Vec<Job>, PgError> {
+    claim_skipping(conn, queue, worker, lease, limit, None).await
+}
+
+/// Groups of jobs a worker leaves in the queue for now: jobs whose payload field `field` (a
+/// string) is one of `groups`. They stay queued, unclaimed and uncounted, and are claimed as
+/// soon as a later claim no longer skips their group.
+///
+/// Why: a worker shared by many independent targets (webhook endpoints, tenants) must not let
+/// the jobs of a target it cannot serve now (its share of the worker is taken, its breaker is
+/// open) take the claims: claimed and given back, they would come round again and again ahead
+/// of everyone else's (head-of-line blocking), and each round trip is load on the database.
+/// The group is a payload field rather than a column so that enqueueing stays as it is.
+#[derive(Debug, Clone, Copy)]
+pub struct Skip<'a> {
+    pub field: &'a str,
+    pub groups: &'a [String],
+}
+
+/// [`claim`], leaving the jobs of `skip`'s groups in the queue.
+pub async fn claim_skipping(
+    conn: &mut PgConnection,
+    queue: &str,
+    worker: &str,
+    lease: Duration,
+    limit: i64,
+    skip: Option<Skip<'_>>,
+) -> Result<Vec<Job>, PgError> {
     let (queued, running) = (JobState::Queued.as_str(), JobState::Running.as_str());
     let sql = format!(
         "UPDATE jobs j
@@ -166,6 +228,7 @@ pub async fn claim(
                   WHERE queue = $1
                     AND ((state = '{queued}' AND run_at <= now())
                       OR (state = '{running}' AND lease_expires_at < now()))
+                    AND ($6::text IS NULL OR coalesce(payload ->> $6, '') <> ALL ($7::text[]))
                   ORDER BY run_at
                   LIMIT $4
                   FOR UPDATE SKIP LOCKED) c
@@ -178,6 +241,8 @@ pub async fn claim(
         .bind(millis(lease))
         .bind(limit)
         .bind(JobState::Running)
+        .bind(skip.map(|s| s.field))
+        .bind(skip.map_or(&[][..], |s| s.groups))
         .fetch_all(&mut *conn)
         .await?;
     let mut runnable = Vec::with_capacity(jobs.len());
@@ -387,6 +452,29 @@ pub async fn run_worker<H, F>(
     H: Fn(Job) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Outcome> + Send + 'static,
 {
+    run_worker_skipping(
+        pool,
+        config,
+        stop,
+        None::<(&str, fn() -> Vec<String>)>,
+        handler,
+    )
+    .await;
+}
+
+/// [`run_worker`], asking `skip` before every claim which groups to leave in the queue for
+/// now ([`Skip`]): `(field, groups)`, `groups` called once per claim.
+pub async fn run_worker_skipping<H, F, G>(
+    pool: PgPool,
+    config: WorkerConfig,
+    stop: CancellationToken,
+    skip: Option<(&str, G)>,
+    handler: H,
+) where
+    H: Fn(Job) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Outcome> + Send + 'static,
+    G: Fn() -> Vec<String>,
+{
     let slots = Arc::new(Semaphore::new(config.concurrency));
     let mut tasks = tokio::task::JoinSet::new();
     let queue = config.queue.as_str();
@@ -400,7 +488,19 @@ pub async fn run_worker<H, F>(
         } else {
             match pool.acquire().await {
                 Ok(mut conn) => {
-                    claim(&mut conn, queue, &config.worker, config.lease, free as i64).await
+                    let groups = skip.as_ref().map(|(field, groups)| (*field, groups()));
+                    let skip = groups
+                        .as_ref()
+                        .map(|(field, groups)| Skip { field, groups });
+                    claim_skipping(
+                        &mut conn,
+                        queue,
+                        &config.worker,
+                        config.lease,
+                        free as i64,
+                        skip,
+                    )
+                    .await
                 }
                 Err(e) => Err(e.into()),
             }

@@ -807,3 +807,93 @@ async fn a_job_running_past_its_lease_keeps_it_by_renewing() {
         "ran once, one attempt"
     );
 }
+
+#[tokio::test]
+async fn a_batch_is_enqueued_in_one_statement_and_a_fixed_id_only_once() {
+    let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
+    let pool = pool(&db).await;
+    let fixed = Uuid::now_v7();
+    let batch: Vec<NewJob> = (0..3)
+        .map(|i| NewJob {
+            queue: "batch",
+            payload: serde_json::json!({ "n": i }),
+            max_attempts: 5,
+            delay: Duration::from_secs(if i == 2 { 3600 } else { 0 }),
+            id: (i == 0).then_some(fixed),
+        })
+        .collect();
+    let mut conn = pool.acquire().await.unwrap();
+    assert_eq!(jobs::enqueue_many(&mut conn, &batch).await.unwrap(), 3);
+    assert_eq!(
+        jobs::enqueue_many(&mut conn, &batch[..1]).await.unwrap(),
+        0,
+        "fixed id"
+    );
+    assert_eq!(jobs::enqueue_many(&mut conn, &[]).await.unwrap(), 0);
+    // The delay is each job's own: two are due, one in an hour.
+    let due = jobs::claim(&mut conn, "batch", "w", Duration::from_secs(30), 10)
+        .await
+        .unwrap();
+    let mut payloads: Vec<i64> = due
+        .iter()
+        .map(|j| j.payload["n"].as_i64().unwrap())
+        .collect();
+    payloads.sort_unstable();
+    assert_eq!(payloads, [0, 1]);
+    assert!(due.iter().any(|j| j.id == fixed && j.max_attempts == 5));
+}
+
+#[tokio::test]
+async fn a_skipped_group_stays_queued_uncounted_until_it_is_no_longer_skipped() {
+    let db = TestDb::create("platform", &keel_pg::PLATFORM_MIGRATOR).await;
+    let pool = pool(&db).await;
+    let mut conn = pool.acquire().await.unwrap();
+    let batch: Vec<NewJob> = ["slow", "slow", "slow", "fast", ""]
+        .iter()
+        .map(|group| NewJob {
+            queue: "grouped",
+            payload: if group.is_empty() {
+                serde_json::json!({})
+            } else {
+                serde_json::json!({ "endpoint": group })
+            },
+            max_attempts: 5,
+            delay: Duration::ZERO,
+            id: None,
+        })
+        .collect();
+    jobs::enqueue_many(&mut conn, &batch).await.unwrap();
+    let lease = Duration::from_secs(30);
+    let skipping = ["slow".to_owned()];
+    let skip = jobs::Skip {
+        field: "endpoint",
+        groups: &skipping,
+    };
+    // The failing side would be a plain claim: the slow group's jobs, oldest, come first.
+    let claimed = jobs::claim_skipping(&mut conn, "grouped", "w", lease, 10, Some(skip))
+        .await
+        .unwrap();
+    let groups: Vec<&str> = claimed
+        .iter()
+        .map(|j| j.payload["endpoint"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(groups.len(), 2, "{groups:?}");
+    assert!(
+        groups.contains(&"fast") && groups.contains(&""),
+        "{groups:?}"
+    );
+    // The skipped jobs were not touched: queued, no attempt counted.
+    let untouched: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE payload ->> 'endpoint' = 'slow'
+            AND state = 'queued' AND attempts = 0",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(untouched, 3);
+    // No longer skipped: claimed.
+    let rest = jobs::claim_skipping(&mut conn, "grouped", "w", lease, 10, None)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 3);
+}

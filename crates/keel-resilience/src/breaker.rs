@@ -381,6 +381,19 @@ impl Breaker {
         self.lock().phase.state()
     }
 
+    /// How much longer the breaker refuses every call: `Some` while it is open and its open
+    /// period has not run out, `None` otherwise (closed, half-open, or open but due for a
+    /// probe). For a caller that decides what to attempt before asking for a permit, such as a
+    /// job worker choosing which jobs to claim; it changes nothing.
+    pub fn refusing_for(&self) -> Option<Duration> {
+        let core = self.lock();
+        match core.phase {
+            Phase::Open { until } => until.checked_duration_since(self.shared.clock.now()),
+            _ => None,
+        }
+        .filter(|left| !left.is_zero())
+    }
+
     /// Adds a hook called with `(from, to)` on every transition, in order, e.g. to set a
     /// gauge or log once. It runs while the breaker's lock is held (that is what keeps the
     /// calls in order across threads), so keep it short, and it must not call this breaker:
@@ -701,6 +714,21 @@ mod tests {
             assert_eq!(err.field(), field, "{err}");
             assert!(err.to_string().starts_with(field), "{err}");
         }
+    }
+
+    #[test]
+    fn refusing_for_tells_how_long_an_open_breaker_still_refuses_without_moving_it() {
+        let (b, clock) = breaker(config());
+        assert_eq!(b.refusing_for(), None, "closed");
+        fail(&b, 10);
+        assert_eq!(b.refusing_for(), Some(Duration::from_secs(5)));
+        clock.advance(Duration::from_secs(3));
+        assert_eq!(b.refusing_for(), Some(Duration::from_secs(2)));
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(b.refusing_for(), None, "due for a probe");
+        assert_eq!(b.state(), State::Open, "asking moved nothing");
+        assert!(b.try_acquire().is_ok(), "the probe");
+        assert_eq!(b.refusing_for(), None, "half-open");
     }
 
     #[test]

@@ -44,6 +44,21 @@ impl std::fmt::Debug for SigningKey {
     }
 }
 
+/// Bytes of a secret made by [`new_secret`]: 256 bits, inside the specification's bounds.
+pub const NEW_KEY_LEN: usize = 32;
+
+/// A new `whsec_<base64>` secret for an endpoint, from the operating system's CSPRNG. The
+/// caller shows it to the endpoint's owner once and keeps it to sign with.
+///
+/// # Errors
+/// Only if the operating system has no randomness to give (then nothing must be signed).
+pub fn new_secret() -> Result<String, rand::rand_core::OsError> {
+    use rand::TryRngCore;
+    let mut key = [0_u8; NEW_KEY_LEN];
+    rand::rngs::OsRng.try_fill_bytes(&mut key)?;
+    Ok(format!("{SECRET_PREFIX}{}", BASE64.encode(key)))
+}
+
 impl SigningKey {
     /// Decodes `whsec_<base64>` into the key bytes.
     pub fn parse(secret: &str) -> Result<Self, SecretError> {
@@ -101,6 +116,15 @@ pub fn sign_with_all(keys: &[SigningKey], id: &str, timestamp: i64, body: &[u8])
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_new_secret_parses_and_is_never_the_same_twice() {
+        let (a, b) = (new_secret().unwrap(), new_secret().unwrap());
+        assert!(a.starts_with("whsec_"), "{a}");
+        assert_ne!(a, b);
+        assert!(SigningKey::parse(&a).is_ok());
+        assert_eq!(BASE64.decode(&a[6..]).unwrap().len(), NEW_KEY_LEN);
+    }
 
     #[test]
     fn secrets_must_be_whsec_base64_of_24_to_64_bytes() {

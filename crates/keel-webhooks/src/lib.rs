@@ -9,7 +9,7 @@ pub mod verify;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use key::{SecretError, SigningKey, sign_with_all};
+pub use key::{SecretError, SigningKey, new_secret, sign_with_all};
 pub use verify::{Signed, Verifier, VerifyError};
 
 /// Prefix of a Standard Webhooks secret.

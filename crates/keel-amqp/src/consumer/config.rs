@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use keel_config::{ConfigError, Validate, ensure_range};
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use crate::broker::ms;
 use crate::topology::QueueSpec;
@@ -27,7 +27,7 @@ pub struct ConsumerConfig {
     pub max_length: u32,
     /// Delays of the retry tiers, in order (`["1s", "10s", "60s"]`); a message that failed
     /// transiently after the last tier goes to the DLQ. Each delay is a queue of its own.
-    #[serde(deserialize_with = "durations")]
+    #[serde(deserialize_with = "keel_config::durations")]
     pub retry_tiers: Vec<Duration>,
     /// `x-max-length` of the DLQ (fixed at first declaration). A full DLQ refuses: the
     /// consumer then holds the message and tries again after a backoff rather than lose it.
@@ -39,30 +39,6 @@ pub struct ConsumerConfig {
     /// How often queue and DLQ depths are read for the metrics.
     #[serde(with = "keel_config::duration")]
     pub depth_interval: Duration,
-}
-
-/// A list of humantime durations: `["1s", "10s"]` in a file, `1s,10s` in an environment
-/// variable (`KEEL_CONSUMER__RETRY_TIERS=1s,10s,60s`; an empty value means no tiers).
-fn durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum List {
-        Items(Vec<String>),
-        Text(String),
-    }
-    let items: Vec<String> = match List::deserialize(d)? {
-        List::Items(items) => items,
-        List::Text(text) => text
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect(),
-    };
-    items
-        .iter()
-        .map(|s| keel_config::parse_duration(s).map_err(serde::de::Error::custom))
-        .collect()
 }
 
 impl Validate for ConsumerConfig {

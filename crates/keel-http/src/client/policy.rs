@@ -39,7 +39,9 @@ use super::ranges::forbidden_range;
 pub struct EgressPolicy {
     /// Ranges let through although they are forbidden by default. Checked first, so
     /// `127.0.0.0/8` lets a developer deliver to a receiver on their laptop. IPv4-mapped IPv6
-    /// addresses (`::ffff:127.0.0.1`) match IPv4 entries.
+    /// addresses (`::ffff:127.0.0.1`) match IPv4 entries. In an environment variable, a
+    /// comma-separated list (`127.0.0.0/8,::1/128`).
+    #[serde(deserialize_with = "keel_config::list")]
     pub allow: Vec<Cidr>,
     /// Longest wait for one DNS lookup, at registration and at delivery.
     #[serde(with = "keel_config::duration")]
