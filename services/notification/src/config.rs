@@ -21,6 +21,7 @@ use serde::Deserialize;
 
 use crate::email::address::{RecipientDomain, Sender};
 use crate::email::job::MAX_ATTEMPTS_CEILING;
+use crate::webhooks::schedule::RetrySchedule;
 
 /// notification's configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -37,6 +38,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// Email delivery (P08, P33): the SMTP server, addresses and the job worker.
     pub email: EmailConfig,
+    /// Customer webhooks (P33, P25): egress policy, schedule, isolation, disabling.
+    pub webhooks: WebhooksConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -130,6 +133,156 @@ impl Validate for EmailConfig {
     }
 }
 
+/// `[webhooks]`: customer webhook delivery ([`crate::webhooks`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Where deliveries may go (P33's SSRF guard): no loopback, private, link-local or metadata
+    /// address unless a range is listed in `allow` (development only).
+    pub egress: keel_http::client::EgressPolicy,
+    /// Bounds of one attempt: connect, answer head, whole answer, body bytes kept.
+    pub limits: keel_http::client::DeliveryLimits,
+    /// Only `https://` URLs are registered unless this is set (development: a receiver on
+    /// the developer's machine speaks plain HTTP).
+    pub allow_http: bool,
+    /// The pause after each failed attempt, in order (each ±20 % at random); after the last,
+    /// the delivery is `failed`. Documented in docs/patterns/p33-webhook-delivery.md.
+    pub retry_schedule: RetrySchedule,
+    /// An endpoint whose attempts have all failed for this long is disabled and its owner
+    /// emailed.
+    #[serde(with = "keel_config::duration")]
+    pub disable_after: Duration,
+    /// Deliveries run at once by one process (the worker's slots).
+    pub concurrency: usize,
+    /// Deliveries to one endpoint at once (the bulkhead): a slow endpoint holds at most this
+    /// many of the slots, whatever its backlog.
+    pub per_endpoint_concurrency: usize,
+    /// When an endpoint's share of slots is taken, its next delivery waits this long (±50 %)
+    /// before asking again, without taking a slot or counting an attempt.
+    #[serde(with = "keel_config::duration")]
+    pub busy_retry: Duration,
+    /// The per-endpoint circuit breaker (P25): it opens at `failure_rate_threshold` of at
+    /// least `minimum_calls` attempts within `window`, and stays open `open_for`.
+    pub breaker: BreakerSettings,
+    /// Most endpoints whose breaker and bulkhead one process keeps in memory; idle, closed
+    /// ones are forgotten first.
+    pub max_tracked_endpoints: usize,
+    /// Pause between polls of an empty queue.
+    #[serde(with = "keel_config::duration")]
+    pub poll_interval: Duration,
+    /// Job lease; longer than one attempt's `limits.total_timeout`.
+    #[serde(with = "keel_config::duration")]
+    pub lease: Duration,
+    /// Most endpoints one customer may have, and most rows one list returns.
+    pub max_endpoints_per_customer: i64,
+}
+
+/// `[webhooks.breaker]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSettings {
+    pub failure_rate_threshold: f64,
+    pub minimum_calls: u32,
+    #[serde(with = "keel_config::duration")]
+    pub window: Duration,
+    #[serde(with = "keel_config::duration")]
+    pub open_for: Duration,
+}
+
+impl BreakerSettings {
+    /// The breaker's full configuration (buckets, jitter and probes at Keel's defaults).
+    pub fn breaker_config(&self) -> keel_resilience::breaker::BreakerConfig {
+        keel_resilience::breaker::BreakerConfig {
+            failure_rate_threshold: self.failure_rate_threshold,
+            minimum_calls: self.minimum_calls,
+            window: self.window,
+            open_for: self.open_for,
+            half_open_probes: 1,
+            ..keel_resilience::breaker::BreakerConfig::default()
+        }
+    }
+}
+
+impl Validate for WebhooksConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        ensure_range(
+            "webhooks.limits.connect_timeout (ms)",
+            ms(l.connect_timeout),
+            1,
+            60_000,
+        )?;
+        ensure_range(
+            "webhooks.limits.response_timeout (ms)",
+            ms(l.response_timeout),
+            1,
+            120_000,
+        )?;
+        ensure_range(
+            "webhooks.limits.total_timeout (ms)",
+            ms(l.total_timeout),
+            1,
+            120_000,
+        )?;
+        ensure_range(
+            "webhooks.limits.body_limit_bytes",
+            l.body_limit_bytes,
+            0,
+            1 << 20,
+        )?;
+        ensure_range(
+            "webhooks.egress.dns_timeout (ms)",
+            ms(self.egress.dns_timeout),
+            1,
+            30_000,
+        )?;
+        self.retry_schedule.validate("webhooks.retry_schedule")?;
+        ensure_range(
+            "webhooks.disable_after (ms)",
+            ms(self.disable_after),
+            1,
+            30 * 24 * HOUR_MS,
+        )?;
+        ensure_range("webhooks.concurrency", self.concurrency, 1, 1024)?;
+        ensure_range(
+            "webhooks.per_endpoint_concurrency",
+            self.per_endpoint_concurrency,
+            1,
+            self.concurrency,
+        )?;
+        ensure_range("webhooks.busy_retry (ms)", ms(self.busy_retry), 1, 60_000)?;
+        self.breaker.breaker_config().validate().map_err(|e| {
+            ConfigError::invalid(format!("webhooks.breaker.{}", e.field()), e.reason())
+        })?;
+        ensure_range(
+            "webhooks.max_tracked_endpoints",
+            self.max_tracked_endpoints,
+            1,
+            1_000_000,
+        )?;
+        ensure_range(
+            "webhooks.poll_interval (ms)",
+            ms(self.poll_interval),
+            1,
+            60_000,
+        )?;
+        ensure_range("webhooks.lease (ms)", ms(self.lease), 300, HOUR_MS)?;
+        if self.lease <= self.limits.total_timeout {
+            return Err(ConfigError::invalid(
+                "webhooks.lease",
+                "must be longer than webhooks.limits.total_timeout",
+            ));
+        }
+        ensure_range(
+            "webhooks.max_endpoints_per_customer",
+            self.max_endpoints_per_customer,
+            1,
+            1000,
+        )?;
+        Ok(())
+    }
+}
+
 impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.http.validate()?;
@@ -143,6 +296,7 @@ impl Validate for Config {
         self.relay.validate()?;
         ensure_range("api.list_limit", self.api.list_limit, 1, 1000)?;
         self.email.validate()?;
+        self.webhooks.validate()?;
         self.telemetry.validate()
     }
 }

@@ -33,6 +33,23 @@ pub enum ApiError {
     /// 400 `invalid-query`: the query string breaks the rules; one entry per broken field.
     #[error("invalid query")]
     InvalidQuery(Vec<FieldError>),
+    /// 415 `unsupported-media-type`: the body is not `application/json`.
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
+    /// 400 `malformed-json`: the body is not JSON of the expected shape (an unknown member
+    /// included: it is refused, not ignored).
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    /// 422 `validation-failed`: well-formed, but fields break the rules; one entry each.
+    #[error("validation failed")]
+    Validation(Vec<FieldError>),
+    /// 409 `too-many-endpoints`: the customer has `webhooks.max_endpoints_per_customer`.
+    #[error("too many webhook endpoints")]
+    TooManyEndpoints(i64),
+    /// 404 `webhook-endpoint-not-found`: none with this id belongs to the caller (whether it
+    /// exists for another customer is not told).
+    #[error("webhook endpoint not found")]
+    EndpointNotFound,
     /// 503 `unavailable` for an outage (the client may retry), 500 otherwise.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
@@ -54,6 +71,41 @@ impl ApiError {
                         serde_json::to_value(errors).unwrap_or(serde_json::Value::Null),
                     )
             }
+            Self::UnsupportedMediaType => Problem::for_status(StatusCode::UNSUPPORTED_MEDIA_TYPE)
+                .with_detail("send the body as application/json"),
+            Self::MalformedJson(why) => {
+                Problem::new(StatusCode::BAD_REQUEST, "malformed-json", "Malformed JSON")
+                    .with_detail(why.clone())
+            }
+            Self::Validation(errors) => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "validation-failed",
+                "Validation failed",
+            )
+            .with_detail(
+                errors
+                    .iter()
+                    .map(|e| format!("`{}` {}", e.field, e.message))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+            .with(
+                "errors",
+                serde_json::to_value(errors).unwrap_or(serde_json::Value::Null),
+            ),
+            Self::TooManyEndpoints(n) => Problem::new(
+                StatusCode::CONFLICT,
+                "too-many-endpoints",
+                "Too many webhook endpoints",
+            )
+            .with_detail(format!(
+                "this customer has {n} endpoints, the most allowed; delete one first"
+            )),
+            Self::EndpointNotFound => Problem::new(
+                StatusCode::NOT_FOUND,
+                "webhook-endpoint-not-found",
+                "Webhook endpoint not found",
+            ),
             Self::Database(e) => keel_service::problem::database(e),
         }
     }

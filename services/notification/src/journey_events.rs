@@ -152,6 +152,18 @@ async fn apply(pool: &PgPool, parsed: &Parsed) -> Result<Effect, PgError> {
             };
             let id = store::insert(&mut tx, subject, &announcement).await?;
             crate::email::enqueue(&mut tx, id).await?;
+            crate::webhooks::enqueue_for(
+                &mut tx,
+                crate::webhooks::Recorded {
+                    notification_id: id,
+                    order_id: event.order_id.0,
+                    customer_id: event.customer_id.as_str(),
+                    state: announcement.kind,
+                    message: &announcement.message,
+                    at: chrono::Utc::now(),
+                },
+            )
+            .await?;
             let recorded = JourneyEvent::NotificationRecorded(NotificationRecorded {
                 notification_id: id,
                 order_id: event.order_id,

@@ -7,6 +7,9 @@
 //!   one is announced as `notification.notification.recorded` through the outbox (P02);
 //! - [`email`]: each notification emailed to the customer over SMTP, through a job on the
 //!   Postgres queue enqueued with it (P08, P33; at-least-once email);
+//! - [`webhooks`]: customer webhooks: endpoints registered through the API, each notification
+//!   delivered signed (Standard Webhooks) by a worker that isolates endpoints from each other
+//!   (P33, P25);
 //! - [`api`]: `GET /v1/notifications?order_id=` on the Keel HTTP stack (8082), with health
 //!   and metrics; its failures are [`error::ApiError`] problem documents.
 //!
@@ -20,6 +23,7 @@ pub mod customer_notifications;
 pub mod email;
 pub mod error;
 pub mod journey_events;
+pub mod webhooks;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -79,12 +83,27 @@ impl App {
         service.worker("email worker", move |stop| {
             mailer.run_worker(email::worker_name(), stop)
         });
+        // The webhook worker, beside it: the same jobs table, a queue of its own.
+        let deliverer = webhooks::Deliverer::new(pool.clone(), config.webhooks.clone())
+            .map_err(|e| ServiceError::Io(std::io::Error::other(format!("webhook client: {e}"))))?;
+        service.worker("webhook worker", move |stop| {
+            deliverer.run_worker(email::worker_name(), stop)
+        });
         service.relay(&pool, &broker, &config.relay);
+        let webhooks_api = webhooks::api::WebhooksApi {
+            pool: pool.clone(),
+            policy: config.webhooks.egress.clone(),
+            allow_http: config.webhooks.allow_http,
+            max_endpoints: config.webhooks.max_endpoints_per_customer,
+        };
         let addr = service
-            .http(api::routes(ApiState {
-                pool,
-                list_limit: i64::from(config.api.list_limit),
-            }))
+            .http(
+                api::routes(ApiState {
+                    pool,
+                    list_limit: i64::from(config.api.list_limit),
+                })
+                .merge(webhooks::api::routes(webhooks_api)),
+            )
             .await?;
         Ok(Self { service, addr })
     }

@@ -10,7 +10,7 @@
 //! effect per message id.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
+mod support;
 
 use keel_amqp::{Incoming, Outcome};
 use keel_events::JourneyEvent;
@@ -20,48 +20,41 @@ use keel_service::{BrokerReadiness, Service};
 use keel_testkit::{FaultProxy, TestBroker, TestDb, TestVhost, eventually};
 use lapin::options::BasicGetOptions;
 use notification::customer_notifications::{self, store};
-use notification::{App, Config, journey_events};
+use notification::{Config, journey_events};
 use serde_json::{Value, json};
-use sqlx::{Connection as _, PgConnection, PgPool};
+use sqlx::{Connection as _, PgPool};
+use support::{
+    QUEUE, Running, WAIT, admin, closed_port, metric, order_event, publish_confirmed,
+    service_config,
+};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-const WAIT: Duration = Duration::from_secs(20);
-const QUEUE: &str = "notification.events";
+/// notification on this test's database and vhost, with `extra` overrides.
+async fn start(db: &TestDb, vhost: &TestVhost, extra: &[(&str, &str)]) -> Running {
+    Running::start_with(config(db, vhost, extra)).await
+}
 
-/// The service, running in this test's runtime until [`Running::stop`].
-struct Running {
-    base: String,
-    shutdown: Option<oneshot::Sender<()>>,
+/// The support's configuration with a quick relay backoff; the email worker sends to a closed
+/// port (these tests are about the consumer, and none may depend on something listening on
+/// the default SMTP port).
+fn config(db: &TestDb, vhost: &TestVhost, extra: &[(&str, &str)]) -> Config {
+    let quick_relay = [("KEEL_RELAY__MAX_BACKOFF", "200ms")];
+    let all: Vec<(&str, &str)> = quick_relay.iter().chain(extra).copied().collect();
+    service_config(db, vhost, closed_port(), &all)
+}
+
+/// The naive consumer of [`naive_handle`] wired as notification wires its own (same queue,
+/// bindings, prefetch, concurrency, runtime), with no HTTP API, until [`Naive::stop`].
+struct Naive {
+    shutdown: oneshot::Sender<()>,
     task: JoinHandle<()>,
 }
 
-impl Running {
-    async fn start(db: &TestDb, amqp_url: &str, db_url: &str, extra: &[(&str, &str)]) -> Self {
-        let app = App::build(service_config(db, amqp_url, db_url, extra))
-            .await
-            .unwrap();
-        let base = format!("http://{}", app.local_addr());
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            app.run(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
-        Self {
-            base,
-            shutdown: Some(tx),
-            task,
-        }
-    }
-
-    /// The naive consumer of [`naive_handle`] wired as notification wires its own (same
-    /// queue, bindings, prefetch, concurrency, runtime), with no HTTP API: `base` is unused.
-    async fn start_naive(db: &TestDb, amqp_url: &str) -> Self {
-        let config = service_config(db, amqp_url, &db.app_url(), &[]);
+impl Naive {
+    async fn start(db: &TestDb, vhost: &TestVhost) -> Self {
+        let config = config(db, vhost, &[]);
         let mut service = Service::new(
             "notification-naive",
             &config.http,
@@ -77,7 +70,7 @@ impl Running {
             &journey_events::BINDINGS,
             move |msg| naive_handle(pool.clone(), msg),
         );
-        let (tx, rx) = oneshot::channel::<()>();
+        let (shutdown, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             service
                 .run(async {
@@ -86,55 +79,28 @@ impl Running {
                 .await
                 .unwrap();
         });
-        Self {
-            base: String::new(),
-            shutdown: Some(tx),
-            task,
-        }
+        Self { shutdown, task }
     }
 
     /// Graceful shutdown: in-flight messages settle, unstarted ones return to the queue.
-    async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(20), &mut self.task)
+    async fn stop(self) {
+        let _ = self.shutdown.send(());
+        tokio::time::timeout(WAIT, self.task)
             .await
             .expect("service stops in time")
             .unwrap();
     }
+}
 
-    async fn notifications(&self, order_id: &str) -> Vec<Value> {
-        let v: Value = reqwest::get(format!(
-            "{}/v1/notifications?order_id={order_id}",
-            self.base
-        ))
+/// The customer notifications notification's API lists for `order_id`.
+async fn notifications(app: &Running, order_id: &str) -> Vec<Value> {
+    let v: Value = reqwest::get(app.url(&format!("/v1/notifications?order_id={order_id}")))
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-        v["notifications"].as_array().unwrap().clone()
-    }
-}
-
-/// notification's configuration for one test: port 0, quick backoffs, this test's database
-/// and broker, then `extra`.
-fn service_config(db: &TestDb, amqp_url: &str, db_url: &str, extra: &[(&str, &str)]) -> Config {
-    let owner = db.owner_url();
-    let mut vars = vec![
-        ("KEEL_HTTP__PORT", "0"),
-        ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s"),
-        ("KEEL_DATABASE__URL", db_url),
-        ("KEEL_DATABASE__MIGRATE_URL", owner.as_str()),
-        ("KEEL_AMQP__URL", amqp_url),
-        ("KEEL_AMQP__MAX_BACKOFF", "200ms"),
-        ("KEEL_CONSUMER__RETRY_MAX_BACKOFF", "200ms"),
-        ("KEEL_RELAY__POLL_INTERVAL", "20ms"),
-        ("KEEL_RELAY__MAX_BACKOFF", "200ms"),
-    ];
-    vars.extend_from_slice(extra);
-    keel_testkit::config(notification::DEFAULT_CONFIG, &vars)
+    v["notifications"].as_array().unwrap().clone()
 }
 
 /// The anti-pattern, for the proof only: notification's handler without its inbox. The same
@@ -193,7 +159,7 @@ async fn naive_handle(pool: PgPool, msg: Incoming) -> Outcome {
 /// keeps behind its inbox. Both sides of the P03 proof run without it, so the only thing
 /// between a redelivery and a second effect is the inbox (or its absence).
 async fn drop_the_unique_backstop(db: &TestDb) {
-    let mut conn = PgConnection::connect(&db.admin_url()).await.unwrap();
+    let mut conn = admin(db).await;
     sqlx::query("ALTER TABLE notifications DROP CONSTRAINT notifications_source_message_id_key")
         .execute(&mut conn)
         .await
@@ -219,29 +185,19 @@ async fn wait_ready(broker: &TestBroker, queue: &str, n: u32, what: &str) {
     .await;
 }
 
-fn order_event(
+/// An order event of `event_type` for `cust-42`, with `reason`: the support's final order
+/// event with those two replaced. (message id, body).
+fn order_event_of(
     event_type: &str,
     order_id: Uuid,
     state: &str,
     reason: Option<&str>,
 ) -> (String, Vec<u8>) {
-    let id = Uuid::now_v7();
-    let body = json!({
-        "id": id,
-        "type": event_type,
-        "schema_version": 1,
-        "aggregate_id": order_id.to_string(),
-        "occurred_at": chrono::Utc::now().to_rfc3339(),
-        "data": {
-            "order_id": order_id,
-            "customer_id": "cust-42",
-            "state": state,
-            "total_minor": 4200,
-            "currency": "EUR",
-            "reason": reason,
-        }
-    });
-    (id.to_string(), serde_json::to_vec(&body).unwrap())
+    let (id, body) = order_event(order_id, "cust-42", state);
+    let mut body: Value = serde_json::from_slice(&body).unwrap();
+    body["type"] = json!(event_type);
+    body["data"]["reason"] = json!(reason);
+    (id, serde_json::to_vec(&body).unwrap())
 }
 
 fn payment_event(event_type: &str, order_id: Uuid, status: &str) -> (String, Vec<u8>) {
@@ -264,17 +220,14 @@ fn payment_event(event_type: &str, order_id: Uuid, status: &str) -> (String, Vec
 }
 
 /// Messages of `queue` this process settled with `outcome` (the consumer's P06 counter).
-fn settled(queue: &str, outcome: &str) -> u64 {
-    let prefix = format!("amqp_messages_total{{queue=\"{queue}\",outcome=\"{outcome}\"}} ");
-    keel_telemetry::metrics_handle()
-        .render()
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
-        .unwrap_or(0)
+fn settled(queue: &str, outcome: &str) -> f64 {
+    metric(&format!(
+        "amqp_messages_total{{queue=\"{queue}\",outcome=\"{outcome}\"}} "
+    ))
 }
 
 async fn count(db: &TestDb, sql: &str) -> i64 {
-    let mut conn = PgConnection::connect(&db.admin_url()).await.unwrap();
+    let mut conn = admin(db).await;
     let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
         .fetch_one(&mut conn)
         .await
@@ -287,12 +240,7 @@ async fn count(db: &TestDb, sql: &str) -> i64 {
 /// crashed between the broker's confirm and its own commit, or a consumer that lost its ack,
 /// produces (with 8 handlers running at once, copies also race each other).
 async fn publish_one_event_100_times(broker: &TestBroker) -> Uuid {
-    let order = Uuid::new_v4();
-    let (id, body) = order_event("checkout.order.confirmed", order, "CONFIRMED", None);
-    for _ in 0..100 {
-        broker.publish("checkout.order.confirmed", &id, &body).await;
-    }
-    order
+    publish_confirmed(broker, "cust-42", 100).await
 }
 
 /// The failure: without an inbox every copy is applied. The customer is told 100 times about
@@ -303,12 +251,12 @@ async fn naive_consumer_without_an_inbox_applies_a_redelivered_message_once_per_
     drop_the_unique_backstop(&db).await;
     let vhost = TestVhost::create().await;
     let broker = TestBroker::connect(&vhost).await;
-    let naive = Running::start_naive(&db, &vhost.url()).await;
+    let naive = Naive::start(&db, &vhost).await;
     broker.wait_for_consumer(QUEUE, WAIT).await;
 
     let order = publish_one_event_100_times(&broker).await;
     eventually(WAIT, "every copy acked", || async {
-        (settled(QUEUE, "acked") == 100).then_some(())
+        (settled(QUEUE, "acked") == 100.0).then_some(())
     })
     .await;
     naive.stop().await;
@@ -338,17 +286,17 @@ async fn redelivered_message_has_one_effect() {
     drop_the_unique_backstop(&db).await;
     let vhost = TestVhost::create().await;
     let broker = TestBroker::connect(&vhost).await;
-    let app = Running::start(&db, &vhost.url(), &db.app_url(), &[]).await;
+    let app = start(&db, &vhost, &[]).await;
     broker.wait_for_consumer(QUEUE, WAIT).await;
 
     let order = publish_one_event_100_times(&broker).await;
 
     eventually(WAIT, "every copy acked", || async {
-        (settled(QUEUE, "acked") == 100).then_some(())
+        (settled(QUEUE, "acked") == 100.0).then_some(())
     })
     .await;
     assert_eq!(
-        app.notifications(&order.to_string()).await.len(),
+        notifications(&app, &order.to_string()).await.len(),
         1,
         "the customer sees one notification"
     );
@@ -391,11 +339,11 @@ async fn final_order_event_records_a_customer_notification_visible_over_http() {
     )
     .await
     .unwrap();
-    let app = Running::start(&db, &vhost.url(), &db.app_url(), &[]).await;
+    let app = start(&db, &vhost, &[]).await;
     broker.wait_for_consumer(QUEUE, WAIT).await;
 
     let order = Uuid::new_v4();
-    let (id, body) = order_event(
+    let (id, body) = order_event_of(
         "checkout.order.rejected",
         order,
         "REJECTED",
@@ -404,7 +352,7 @@ async fn final_order_event_records_a_customer_notification_visible_over_http() {
     broker.publish("checkout.order.rejected", &id, &body).await;
 
     let list = eventually(WAIT, "the notification is visible", || async {
-        let list = app.notifications(&order.to_string()).await;
+        let list = notifications(&app, &order.to_string()).await;
         (!list.is_empty()).then_some(list)
     })
     .await;
@@ -439,12 +387,12 @@ async fn final_order_event_records_a_customer_notification_visible_over_http() {
 
     // Another order has none (an empty list, not a 404); a bad id is a 400 problem.
     assert!(
-        app.notifications(&Uuid::new_v4().to_string())
+        notifications(&app, &Uuid::new_v4().to_string())
             .await
             .is_empty()
     );
     for query in ["?order_id=not-a-uuid", "", "?order_id="] {
-        let r = reqwest::get(format!("{}/v1/notifications{query}", app.base))
+        let r = reqwest::get(app.url(&format!("/v1/notifications{query}")))
             .await
             .unwrap();
         assert_eq!(r.status(), 400, "{query}");
@@ -466,14 +414,14 @@ async fn non_final_and_payment_events_record_no_notification() {
     let db = TestDb::create("notification", &notification::MIGRATOR).await;
     let vhost = TestVhost::create().await;
     let broker = TestBroker::connect(&vhost).await;
-    let app = Running::start(&db, &vhost.url(), &db.app_url(), &[]).await;
+    let app = start(&db, &vhost, &[]).await;
     broker.wait_for_consumer(QUEUE, WAIT).await;
 
     let order = Uuid::new_v4();
     for (routing_key, (id, body)) in [
         (
             "checkout.order.placed",
-            order_event("checkout.order.placed", order, "PENDING", None),
+            order_event_of("checkout.order.placed", order, "PENDING", None),
         ),
         (
             "billing.payment.authorized",
@@ -490,7 +438,7 @@ async fn non_final_and_payment_events_record_no_notification() {
         (count(&db, "SELECT count(*) FROM inbox").await == 3).then_some(())
     })
     .await;
-    assert!(app.notifications(&order.to_string()).await.is_empty());
+    assert!(notifications(&app, &order.to_string()).await.is_empty());
     assert_eq!(count(&db, "SELECT count(*) FROM notifications").await, 0);
     assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 0);
     app.stop().await;
@@ -504,11 +452,11 @@ async fn ack_happens_only_after_commit() {
     // The service reaches both its database and the broker through fault proxies.
     let pg = FaultProxy::to_pgbouncer().await;
     let mq = FaultProxy::to_amqp().await;
-    let app = Running::start(
+    let (amqp, database) = (mq.proxied_url(&vhost.url()), pg.proxied_url(&db.app_url()));
+    let app = start(
         &db,
-        &mq.proxied_url(&vhost.url()),
-        &pg.proxied_url(&db.app_url()),
-        &[],
+        &vhost,
+        &[("KEEL_AMQP__URL", &amqp), ("KEEL_DATABASE__URL", &database)],
     )
     .await;
     broker.wait_for_consumer(QUEUE, WAIT).await;
@@ -516,7 +464,7 @@ async fn ack_happens_only_after_commit() {
     // The database goes away; a final order event arrives.
     pg.cut();
     let order = Uuid::new_v4();
-    let (id, body) = order_event("checkout.order.confirmed", order, "CONFIRMED", None);
+    let (id, body) = order_event(order, "cust-42", "CONFIRMED");
     broker.publish("checkout.order.confirmed", &id, &body).await;
     wait_ready(&broker, QUEUE, 0, "the message delivered to the consumer").await;
     assert_eq!(count(&db, "SELECT count(*) FROM notifications").await, 0);
@@ -566,10 +514,9 @@ async fn unparseable_messages_go_to_the_dlq_at_once_not_looped() {
     let db = TestDb::create("notification", &notification::MIGRATOR).await;
     let vhost = TestVhost::create().await;
     let broker = TestBroker::connect(&vhost).await;
-    let app = Running::start(
+    let app = start(
         &db,
-        &vhost.url(),
-        &db.app_url(),
+        &vhost,
         &[
             ("KEEL_CONSUMER__QUEUE", Q),
             ("KEEL_CONSUMER__DELIVERY_LIMIT", "1000"),
@@ -579,12 +526,7 @@ async fn unparseable_messages_go_to_the_dlq_at_once_not_looped() {
     broker.wait_for_consumer(Q, WAIT).await;
 
     let unknown_version_order = Uuid::new_v4();
-    let (id, body) = order_event(
-        "checkout.order.confirmed",
-        unknown_version_order,
-        "CONFIRMED",
-        None,
-    );
+    let (id, body) = order_event(unknown_version_order, "cust-42", "CONFIRMED");
     let mut future: Value = serde_json::from_slice(&body).unwrap();
     future["schema_version"] = json!(99);
     broker
@@ -599,13 +541,13 @@ async fn unparseable_messages_go_to_the_dlq_at_once_not_looped() {
         .await;
     // A good message after the bad ones.
     let order = Uuid::new_v4();
-    let (good_id, good) = order_event("checkout.order.confirmed", order, "CONFIRMED", None);
+    let (good_id, good) = order_event(order, "cust-42", "CONFIRMED");
     broker
         .publish("checkout.order.confirmed", &good_id, &good)
         .await;
 
     eventually(WAIT, "the good message handled", || async {
-        (app.notifications(&order.to_string()).await.len() == 1).then_some(())
+        (notifications(&app, &order.to_string()).await.len() == 1).then_some(())
     })
     .await;
     let rejected = format!("amqp_messages_total{{queue=\"{Q}\",outcome=\"dead_lettered\"}} 2");
@@ -644,7 +586,7 @@ async fn unparseable_messages_go_to_the_dlq_at_once_not_looped() {
 }
 
 async fn app_has_no_notification(db: &TestDb, order: Uuid) -> bool {
-    let mut conn = PgConnection::connect(&db.admin_url()).await.unwrap();
+    let mut conn = admin(db).await;
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications WHERE order_id = $1")
         .bind(order)
         .fetch_one(&mut conn)

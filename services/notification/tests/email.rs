@@ -15,126 +15,26 @@
 //! - least privilege holds: the runtime role may stamp `emailed_at` and still rewrite nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
-use std::time::Duration;
+mod support;
 
 use chrono::{DateTime, Utc};
 use keel_smtp_sink::{RunningSink, SinkConfig, SmtpSink};
 use keel_testkit::privilege::assert_denied;
 use keel_testkit::{TestBroker, TestDb, TestVhost, eventually};
-use notification::{App, Config};
-use serde_json::json;
 use sqlx::{Connection as _, PgConnection};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use support::{
+    QUEUE, Running, WAIT, admin, closed_port, metric, publish_confirmed, service_config,
+};
 use uuid::Uuid;
 
-const WAIT: Duration = Duration::from_secs(20);
-const QUEUE: &str = "notification.events";
-
-/// The service, running in this test's runtime until [`Running::stop`].
-struct Running {
-    shutdown: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
-}
-
-impl Running {
-    /// notification on this test's database and vhost, sending mail to `127.0.0.1:smtp_port`.
-    async fn start(db: &TestDb, vhost: &TestVhost, smtp_port: u16) -> Self {
-        let app = App::build(service_config(db, &vhost.url(), smtp_port))
-            .await
-            .unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            app.run(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
-        Self {
-            shutdown: Some(tx),
-            task,
-        }
-    }
-
-    /// Graceful shutdown: the email worker finishes or hands back the job in flight.
-    async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        tokio::time::timeout(WAIT, &mut self.task)
-            .await
-            .expect("service stops in time")
-            .unwrap();
-    }
-}
-
-/// notification's configuration for one test: port 0, quick polls and backoffs, this test's
-/// database, broker and SMTP port.
-fn service_config(db: &TestDb, amqp_url: &str, smtp_port: u16) -> Config {
-    let (app, owner, port) = (db.app_url(), db.owner_url(), smtp_port.to_string());
-    keel_testkit::config(
-        notification::DEFAULT_CONFIG,
-        &[
-            ("KEEL_HTTP__PORT", "0"),
-            ("KEEL_SHUTDOWN__DRAIN_DELAY", "0s"),
-            ("KEEL_DATABASE__URL", app.as_str()),
-            ("KEEL_DATABASE__MIGRATE_URL", owner.as_str()),
-            ("KEEL_AMQP__URL", amqp_url),
-            ("KEEL_AMQP__MAX_BACKOFF", "200ms"),
-            ("KEEL_CONSUMER__RETRY_MAX_BACKOFF", "200ms"),
-            ("KEEL_RELAY__POLL_INTERVAL", "20ms"),
-            ("KEEL_EMAIL__SMTP_HOST", "127.0.0.1"),
-            ("KEEL_EMAIL__SMTP_PORT", port.as_str()),
-            ("KEEL_EMAIL__TIMEOUT", "5s"),
-            ("KEEL_EMAIL__POLL_INTERVAL", "20ms"),
-            ("KEEL_EMAIL__RETRY_BASE", "20ms"),
-            ("KEEL_EMAIL__RETRY_MAX", "100ms"),
-        ],
-    )
+/// notification on this test's database and vhost, sending mail to `127.0.0.1:smtp_port`.
+async fn start(db: &TestDb, vhost: &TestVhost, smtp_port: u16) -> Running {
+    Running::start_with(service_config(db, vhost, smtp_port, &[])).await
 }
 
 /// A sink on an ephemeral loopback port.
 async fn sink() -> RunningSink {
     SmtpSink::start(SinkConfig::ephemeral()).await.unwrap()
-}
-
-/// A loopback port nothing listens on: bound by the OS, then closed.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
-    listener.local_addr().unwrap().port()
-}
-
-/// A final order event (`checkout.order.confirmed`) for `customer_id`: (message id, body).
-fn confirmed(order_id: Uuid, customer_id: &str) -> (String, Vec<u8>) {
-    let id = Uuid::now_v7();
-    let body = json!({
-        "id": id,
-        "type": "checkout.order.confirmed",
-        "schema_version": 1,
-        "aggregate_id": order_id.to_string(),
-        "occurred_at": Utc::now().to_rfc3339(),
-        "data": {
-            "order_id": order_id,
-            "customer_id": customer_id,
-            "state": "CONFIRMED",
-            "total_minor": 4200,
-            "currency": "EUR",
-            "reason": null,
-        }
-    });
-    (id.to_string(), serde_json::to_vec(&body).unwrap())
-}
-
-/// Publishes one confirmed order for `customer_id`; returns the order id.
-async fn publish_confirmed(broker: &TestBroker, customer_id: &str, copies: usize) -> Uuid {
-    let order = Uuid::new_v4();
-    let (id, body) = confirmed(order, customer_id);
-    for _ in 0..copies {
-        broker.publish("checkout.order.confirmed", &id, &body).await;
-    }
-    order
 }
 
 /// The `email.send` job as `keelctl jobs` shows it.
@@ -146,10 +46,6 @@ struct JobRow {
     run_at: DateTime<Utc>,
     last_error: Option<String>,
     created_at: DateTime<Utc>,
-}
-
-async fn admin(db: &TestDb) -> PgConnection {
-    PgConnection::connect(&db.admin_url()).await.unwrap()
 }
 
 /// The test's email jobs (one database per test, so all of them).
@@ -187,16 +83,6 @@ async fn notification_row(db: &TestDb) -> (Uuid, Option<DateTime<Utc>>) {
     row
 }
 
-/// A counter or histogram count of this process's metrics (nextest runs each test in its own
-/// process, so they are this test's).
-fn metric(line_prefix: &str) -> f64 {
-    keel_telemetry::metrics_handle()
-        .render()
-        .lines()
-        .find_map(|l| l.strip_prefix(line_prefix)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Messages of `queue` this process acked (the consumer's P06 counter).
 fn acked(queue: &str) -> f64 {
     metric(&format!(
@@ -210,7 +96,7 @@ async fn a_final_order_event_emails_the_customer_once() {
     let vhost = TestVhost::create().await;
     let broker = TestBroker::connect(&vhost).await;
     let sink = sink().await;
-    let app = Running::start(&db, &vhost, sink.smtp_addr().port()).await;
+    let app = start(&db, &vhost, sink.smtp_addr().port()).await;
     broker.wait_for_consumer(QUEUE, WAIT).await;
 
     let order = publish_confirmed(&broker, "cust-42", 1).await;
@@ -252,7 +138,7 @@ async fn an_event_delivered_five_times_sends_one_email() {
     let vhost = TestVhost::create().await;
     let broker = TestBroker::connect(&vhost).await;
     let sink = sink().await;
-    let app = Running::start(&db, &vhost, sink.smtp_addr().port()).await;
+    let app = start(&db, &vhost, sink.smtp_addr().port()).await;
     broker.wait_for_consumer(QUEUE, WAIT).await;
 
     publish_confirmed(&broker, "cust-42", 5).await;
@@ -276,7 +162,7 @@ async fn with_the_smtp_server_down_the_email_is_retried_then_sent_once() {
     let broker = TestBroker::connect(&vhost).await;
 
     // The failure: nothing listens where notification sends mail.
-    let app = Running::start(&db, &vhost, closed_port()).await;
+    let app = start(&db, &vhost, closed_port()).await;
     broker.wait_for_consumer(QUEUE, WAIT).await;
     publish_confirmed(&broker, "cust-42", 1).await;
 
@@ -299,7 +185,7 @@ async fn with_the_smtp_server_down_the_email_is_retried_then_sent_once() {
 
     // The pattern: the job waited in the queue; with a server, the email arrives, once.
     let sink = sink().await;
-    let app = Running::start(&db, &vhost, sink.smtp_addr().port()).await;
+    let app = start(&db, &vhost, sink.smtp_addr().port()).await;
     let done = job_in_state(&db, "succeeded").await;
     assert!(done.attempts > retried.attempts, "{done:?}");
     assert!(
@@ -319,7 +205,7 @@ async fn an_unsafe_customer_id_fails_the_job_and_sends_nothing() {
     let vhost = TestVhost::create().await;
     let broker = TestBroker::connect(&vhost).await;
     let sink = sink().await;
-    let app = Running::start(&db, &vhost, sink.smtp_addr().port()).await;
+    let app = start(&db, &vhost, sink.smtp_addr().port()).await;
     broker.wait_for_consumer(QUEUE, WAIT).await;
 
     // An id that, used as a local part, would send the email somewhere else.
@@ -350,7 +236,7 @@ async fn a_5xx_reply_fails_the_job_permanently() {
     })
     .await
     .unwrap();
-    let app = Running::start(&db, &vhost, sink.smtp_addr().port()).await;
+    let app = start(&db, &vhost, sink.smtp_addr().port()).await;
     broker.wait_for_consumer(QUEUE, WAIT).await;
 
     publish_confirmed(&broker, "cust-42", 1).await;

@@ -11,9 +11,11 @@
 //! event among 300 good ones goes through the retry tiers and lands in
 //! `notification.events.dlq` after the configured attempts, with its error, while the good
 //! ones flow; the throughput with and without it is printed. After the fix (the switch),
-//! `keelctl dlq replay` sends it back with its message id: one notification, and a further
-//! copy of the same message changes nothing (the inbox).
+//! `keelctl dlq replay` sends it back into the queue where it failed, with its message id: one
+//! notification, and a further copy of the same message changes nothing (the inbox).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -23,44 +25,33 @@ use keel_amqp::topology::{self, headers};
 use keel_amqp::{Incoming, Outcome};
 use keel_service::{BrokerReadiness, Service};
 use keel_testkit::{TestBroker, TestDb, TestVhost, eventually};
-use keelctl::dlq::{DeadLetterQueue, Filter, ReplayRequest, Selection, replay};
+use keelctl::dlq::{DeadLetterQueue, Destination, Filter, ReplayRequest, Selection, replay};
 use lapin::options::{BasicConsumeOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Connection, ConnectionProperties};
-use notification::{Config, journey_events};
-use serde_json::json;
-use sqlx::{Connection as _, PgConnection};
+use notification::journey_events;
+use serde_json::{Value, json};
+use sqlx::Connection as _;
+use support::{WAIT, admin, closed_port, order_event, service_config};
 use tokio::sync::oneshot;
 use tokio_stream::StreamExt;
 use uuid::Uuid;
 
-const WAIT: Duration = Duration::from_secs(60);
 const GOOD: usize = 300;
 /// Three short tiers, so a poison message is dead-lettered on its fourth failure.
 const TIERS: &str = "100ms,200ms,300ms";
 
-fn order_event(order_id: Uuid, reason: &str) -> (String, Vec<u8>) {
-    let id = Uuid::now_v7();
-    let body = json!({
-        "id": id,
-        "type": "checkout.order.rejected",
-        "schema_version": 1,
-        "aggregate_id": order_id.to_string(),
-        "occurred_at": chrono::Utc::now().to_rfc3339(),
-        "data": {
-            "order_id": order_id,
-            "customer_id": "cust-42",
-            "state": "REJECTED",
-            "total_minor": 4200,
-            "currency": "EUR",
-            "reason": reason,
-        }
-    });
-    (id.to_string(), serde_json::to_vec(&body).unwrap())
+/// A rejected order (`checkout.order.rejected`) for `cust-42` with `reason`: the support's final
+/// order event with its reason set. (message id, body).
+fn rejected(order_id: Uuid, reason: &str) -> (String, Vec<u8>) {
+    let (id, body) = order_event(order_id, "cust-42", "REJECTED");
+    let mut body: Value = serde_json::from_slice(&body).unwrap();
+    body["data"]["reason"] = json!(reason);
+    (id, serde_json::to_vec(&body).unwrap())
 }
 
 async fn count(db: &TestDb, sql: &str) -> i64 {
-    let mut conn = PgConnection::connect(&db.admin_url()).await.unwrap();
+    let mut conn = admin(db).await;
     let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
         .fetch_one(&mut conn)
         .await
@@ -104,7 +95,7 @@ async fn without_a_dead_letter_exchange_a_poison_message_is_lost() {
         )
         .await
         .unwrap();
-    let (id, body) = order_event(Uuid::new_v4(), "Lagerbestand erschöpft");
+    let (id, body) = rejected(Uuid::new_v4(), "Lagerbestand erschöpft");
     broker.publish("checkout.order.rejected", &id, &body).await;
 
     // The naive consumer: cannot handle it, gives it back, again and again.
@@ -155,17 +146,14 @@ async fn start(
     bug: Arc<AtomicBool>,
     handled: Arc<AtomicUsize>,
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let config: Config = keel_testkit::config(
-        notification::DEFAULT_CONFIG,
+    // Only the consumer runs here, no email worker; its SMTP port is closed all the same.
+    let config = service_config(
+        db,
+        vhost,
+        closed_port(),
         &[
-            ("KEEL_DATABASE__URL", &db.app_url()),
-            ("KEEL_DATABASE__MIGRATE_URL", &db.owner_url()),
-            ("KEEL_AMQP__URL", &vhost.url()),
-            ("KEEL_AMQP__MAX_BACKOFF", "200ms"),
             ("KEEL_CONSUMER__QUEUE", queue),
             ("KEEL_CONSUMER__RETRY_TIERS", TIERS),
-            ("KEEL_CONSUMER__RETRY_MAX_BACKOFF", "200ms"),
-            ("KEEL_HTTP__PORT", "0"),
         ],
     );
     let mut service = Service::new(
@@ -228,7 +216,7 @@ async fn run_stream(
         {
             broker.publish("checkout.order.rejected", id, body).await;
         }
-        let (id, body) = order_event(Uuid::new_v4(), "out_of_stock");
+        let (id, body) = rejected(Uuid::new_v4(), "out_of_stock");
         broker.publish("checkout.order.rejected", &id, &body).await;
     }
     eventually(WAIT, "every good message handled", || async {
@@ -253,7 +241,7 @@ async fn a_poison_message_is_dead_lettered_while_good_ones_flow_and_replayed_onc
     run_stream(&broker, &handled, GOOD / 3, None).await;
     let clean = run_stream(&broker, &handled, GOOD, None).await;
     let order = Uuid::new_v4();
-    let poison = order_event(order, "Lagerbestand erschöpft");
+    let poison = rejected(order, "Lagerbestand erschöpft");
     let with_poison = run_stream(&broker, &handled, GOOD, Some(&poison)).await;
     let rate = |d: Duration| GOOD as f64 / d.as_secs_f64();
     eprintln!(
@@ -315,7 +303,8 @@ async fn a_poison_message_is_dead_lettered_while_good_ones_flow_and_replayed_onc
                 ids: vec![poison.0.clone()],
                 ..Filter::default()
             }),
-            to_queue: None,
+            // Back into the queue where it failed (the default; spelt out for the reader).
+            destination: Destination::FailedQueue,
             dry_run: false,
             rate: 50,
             limit: 100,

@@ -42,6 +42,29 @@ pub struct EmailJob {
     pub notification_id: Uuid,
 }
 
+/// The payload of the other email on the queue: telling an endpoint's owner that Keel disabled
+/// it (`crate::webhooks`). Its job id is the endpoint's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointDisabledJob {
+    pub disabled_endpoint_id: Uuid,
+}
+
+/// What an `email.send` job asks for (told apart by their one field's name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum AnyEmailJob {
+    Notification(EmailJob),
+    EndpointDisabled(EndpointDisabledJob),
+}
+
+impl AnyEmailJob {
+    /// The payload of a claimed job.
+    pub fn from_job(job: &Job) -> Result<Self, PayloadError> {
+        Ok(Self::deserialize(&job.payload)?)
+    }
+}
+
 /// A job whose payload is not an [`EmailJob`] (a bug or a hand-edited row: retrying cannot
 /// fix it, so the job fails for an operator).
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +99,30 @@ pub async fn enqueue(conn: &mut PgConnection, notification_id: Uuid) -> Result<(
     Ok(())
 }
 
+/// Schedules the email telling endpoint `endpoint_id`'s owner it was disabled, inside the
+/// caller's transaction (the one that disabled it).
+pub async fn enqueue_endpoint_disabled(
+    conn: &mut PgConnection,
+    endpoint_id: Uuid,
+) -> Result<(), PgError> {
+    let payload = serde_json::to_value(EndpointDisabledJob {
+        disabled_endpoint_id: endpoint_id,
+    })
+    .map_err(|e| PgError::Encode(e.to_string()))?;
+    jobs::enqueue(
+        conn,
+        &NewJob {
+            queue: EMAIL_QUEUE,
+            payload,
+            max_attempts: MAX_ATTEMPTS_CEILING,
+            delay: Duration::ZERO,
+            id: Some(endpoint_id),
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -95,5 +142,19 @@ mod tests {
         );
         assert_eq!(new.id, Some(Uuid::nil()));
         assert!(EmailJob::deserialize(&serde_json::json!({"id": "x"})).is_err());
+    }
+
+    #[test]
+    fn the_two_kinds_of_email_job_are_told_apart_by_their_field() {
+        let id = "00000000-0000-0000-0000-000000000000";
+        assert!(matches!(
+            AnyEmailJob::deserialize(&serde_json::json!({"notification_id": id})).unwrap(),
+            AnyEmailJob::Notification(_)
+        ));
+        assert!(matches!(
+            AnyEmailJob::deserialize(&serde_json::json!({"disabled_endpoint_id": id})).unwrap(),
+            AnyEmailJob::EndpointDisabled(_)
+        ));
+        assert!(AnyEmailJob::deserialize(&serde_json::json!({"other": id})).is_err());
     }
 }

@@ -55,6 +55,40 @@ pub fn render(
     Ok(email)
 }
 
+/// The email telling an endpoint's owner that deliveries to it stopped, and why.
+/// Message-ID `<endpoint-disabled.<endpoint id>@domain>`: one per endpoint, whatever the
+/// attempt.
+pub fn render_endpoint_disabled(
+    endpoint: &crate::webhooks::endpoints::OwnerEmail,
+    sender: &Sender,
+    domain: &RecipientDomain,
+) -> Result<Message, RenderError> {
+    let customer = CustomerId::from(endpoint.customer_id.as_str());
+    let to = address::recipient(&customer, domain)?;
+    let body = format!(
+        "Keel stopped delivering webhooks to {url} (endpoint {id}): {reason}.\n\n\
+         Deliveries to it have ended. Once it answers again, register it anew \
+         (POST /v1/webhook-endpoints) and delete this one.",
+        url = endpoint.url,
+        id = endpoint.id,
+        reason = endpoint
+            .disabled_reason
+            .as_deref()
+            .unwrap_or("it kept failing"),
+    );
+    Ok(MessageBuilder::new()
+        .message_id(Some(format!(
+            "<endpoint-disabled.{}@{}>",
+            endpoint.id,
+            sender.domain()
+        )))
+        .from(sender.mailbox().clone())
+        .to(Mailbox::new(None, to))
+        .subject("Your webhook endpoint was disabled")
+        .header(ContentType::TEXT_PLAIN)
+        .body(body)?)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

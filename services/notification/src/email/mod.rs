@@ -47,11 +47,12 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use self::job::{AnyEmailJob, EndpointDisabledJob};
 use self::send::{SendError, Smtp};
 use crate::config::EmailConfig;
 use crate::customer_notifications::store;
 
-pub use self::job::{EMAIL_QUEUE, EmailJob, enqueue};
+pub use self::job::{EMAIL_QUEUE, EmailJob, enqueue, enqueue_endpoint_disabled};
 
 /// The email worker: cheap to clone, shared by the worker's tasks.
 #[derive(Debug, Clone)]
@@ -120,10 +121,14 @@ impl Mailer {
 
     /// One attempt: load, render, send, record.
     async fn deliver(&self, job: &Job) -> Result<Delivered, SendError> {
+        let id =
+            match AnyEmailJob::from_job(job).map_err(|e| SendError::Permanent(e.to_string()))? {
+                AnyEmailJob::Notification(EmailJob { notification_id }) => notification_id,
+                AnyEmailJob::EndpointDisabled(EndpointDisabledJob {
+                    disabled_endpoint_id,
+                }) => return self.tell_owner(disabled_endpoint_id).await,
+            };
         let c = &self.inner.config;
-        let id = EmailJob::from_job(job)
-            .map_err(|e| SendError::Permanent(e.to_string()))?
-            .notification_id;
         let row = store::for_email(&self.inner.pool, id)
             .await
             .map_err(database)?
@@ -136,6 +141,26 @@ impl Mailer {
         self.inner.smtp.send(email).await?;
         // Accepted. From here until this commits, a crash means a second email (module docs).
         store::mark_emailed(&self.inner.pool, id)
+            .await
+            .map_err(database)?;
+        Ok(Delivered::Now)
+    }
+
+    /// The email telling a webhook endpoint's owner that it was disabled (P33): the same
+    /// at-least-once send, recorded in `webhook_endpoints.owner_told_at`.
+    async fn tell_owner(&self, endpoint: uuid::Uuid) -> Result<Delivered, SendError> {
+        let c = &self.inner.config;
+        let row = crate::webhooks::endpoints::for_owner_email(&self.inner.pool, endpoint)
+            .await
+            .map_err(database)?
+            .ok_or_else(|| SendError::Permanent(format!("endpoint {endpoint} does not exist")))?;
+        if row.owner_told_at.is_some() {
+            return Ok(Delivered::Before);
+        }
+        let email = message::render_endpoint_disabled(&row, &c.from, &c.recipient_domain)
+            .map_err(|e| SendError::Permanent(e.to_string()))?;
+        self.inner.smtp.send(email).await?;
+        crate::webhooks::endpoints::mark_owner_told(&self.inner.pool, endpoint)
             .await
             .map_err(database)?;
         Ok(Delivered::Now)
