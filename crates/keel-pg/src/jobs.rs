@@ -163,6 +163,33 @@ pub async fn enqueue_many(conn: &mut PgConnection, batch: &[NewJob<'_>]) -> Resu
     Ok(inserted)
 }
 
+/// Moves the queued jobs of one group ([`Skip`]'s payload field `field` equal to `group`) of
+/// `queue` to no earlier than `delay` from now, without counting an attempt. For a worker that
+/// knows a group cannot run for a while (a webhook endpoint whose breaker just opened): its
+/// backlog then stops being due, so claims no longer walk past it. Returns how many moved.
+pub async fn postpone_group(
+    conn: &mut PgConnection,
+    queue: &str,
+    field: &str,
+    group: &str,
+    delay: Duration,
+) -> Result<u64, PgError> {
+    let queued = JobState::Queued.as_str();
+    let sql = format!(
+        "UPDATE jobs SET run_at = now() + make_interval(secs => $4::float8 / 1000)
+          WHERE queue = $1 AND state = '{queued}' AND payload ->> $2 = $3
+            AND run_at < now() + make_interval(secs => $4::float8 / 1000)"
+    );
+    Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(queue)
+        .bind(field)
+        .bind(group)
+        .bind(millis(delay) as f64)
+        .execute(conn)
+        .await?
+        .rows_affected())
+}
+
 /// A claimed job. `attempts` (this attempt's number) and `locked_by` fence its outcome.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Job {

@@ -381,17 +381,24 @@ impl Breaker {
         self.lock().phase.state()
     }
 
-    /// How much longer the breaker refuses every call: `Some` while it is open and its open
-    /// period has not run out, `None` otherwise (closed, half-open, or open but due for a
-    /// probe). For a caller that decides what to attempt before asking for a permit, such as a
-    /// job worker choosing which jobs to claim; it changes nothing.
+    /// Whether [`try_acquire`](Self::try_acquire) would refuse now, and for about how long:
+    /// `Some` while it is open and its open period has not run out (the time left), or
+    /// half-open with every probe out (`open_for`, as `try_acquire` answers); `None` when a
+    /// call would be let through (closed, half-open with a probe to spare, or open but due for
+    /// a probe). For a caller that decides what to attempt before asking for a permit, such as
+    /// a job worker choosing which jobs to claim; it changes nothing.
     pub fn refusing_for(&self) -> Option<Duration> {
+        let config = &self.shared.config;
         let core = self.lock();
         match core.phase {
-            Phase::Open { until } => until.checked_duration_since(self.shared.clock.now()),
+            Phase::Open { until } => until
+                .checked_duration_since(self.shared.clock.now())
+                .filter(|left| !left.is_zero()),
+            Phase::HalfOpen { issued, .. } if issued >= config.half_open_probes => {
+                Some(config.open_for)
+            }
             _ => None,
         }
-        .filter(|left| !left.is_zero())
     }
 
     /// Adds a hook called with `(from, to)` on every transition, in order, e.g. to set a
@@ -727,8 +734,14 @@ mod tests {
         clock.advance(Duration::from_secs(2));
         assert_eq!(b.refusing_for(), None, "due for a probe");
         assert_eq!(b.state(), State::Open, "asking moved nothing");
-        assert!(b.try_acquire().is_ok(), "the probe");
-        assert_eq!(b.refusing_for(), None, "half-open");
+        let probes: Vec<Permit> = (0..3).map(|_| b.try_acquire().unwrap()).collect();
+        assert_eq!(
+            b.refusing_for(),
+            Some(Duration::from_secs(5)),
+            "half-open, every probe out"
+        );
+        drop(probes);
+        assert_eq!(b.refusing_for(), None, "half-open, probes given back");
     }
 
     #[test]

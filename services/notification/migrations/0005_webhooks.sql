@@ -16,8 +16,12 @@ CREATE TABLE webhook_endpoints (
     secret          text NOT NULL CHECK (secret LIKE 'whsec\_%'),
     created_at      timestamptz NOT NULL DEFAULT now(),
     -- When the current run of failed attempts began (NULL after any success): an endpoint
-    -- failing for `webhooks.disable_after` is disabled.
+    -- failing for `webhooks.disable_after` is disabled. A run is continuous: a failure after
+    -- a pause longer than disable_after (last_failure_at) starts a new one, and a failure of
+    -- an attempt that started before the last success (last_success_at) starts none.
     failing_since   timestamptz,
+    last_failure_at timestamptz,
+    last_success_at timestamptz,
     disabled_at     timestamptz,
     disabled_reason text,
     -- When the SMTP server accepted the email telling the owner it was disabled.

@@ -123,6 +123,13 @@ async fn the_endpoints_api_is_the_customers_own_and_shows_the_secret_once() {
     );
     let (_, theirs) = get(&app, Some(&mallory), "/v1/webhook-endpoints").await;
     assert_eq!(theirs["endpoints"], json!([]));
+    let (status, _) = get(
+        &app,
+        Some(&mallory),
+        &format!("/v1/webhook-endpoints/{id}/deliveries"),
+    )
+    .await;
+    assert_eq!(status, 404, "another customer's delivery log");
     let delete = |key: String| {
         let url = app.url(&format!("/v1/webhook-endpoints/{id}"));
         async move {
@@ -203,31 +210,38 @@ async fn forbidden_destinations_are_refused_at_registration_and_again_at_deliver
         );
     }
 
-    // An endpoint that got past registration (written straight into the table, as a name
-    // that resolved elsewhere then would): the delivery is refused on its own connection.
+    // Endpoints that got past registration (written straight into the table, as a name that
+    // resolved elsewhere then would): each delivery is refused on its own connection, the IP
+    // literal before sending, the name by the resolver the client connects with.
     let mut admin = support::admin(&db).await;
-    sqlx::query(
-        "INSERT INTO webhook_endpoints (id, customer_id, url, event_types, secret)
-         VALUES ($1, 'alice', $2, ARRAY['order.confirmed'], $3)",
-    )
-    .bind(Uuid::now_v7())
-    .bind(receiver.url())
-    .bind(keel_webhooks::new_secret().unwrap())
-    .execute(&mut admin)
-    .await
-    .unwrap();
+    let by_name = format!("http://localhost:{}/hook", receiver.addr.port());
+    for url in [receiver.url(), by_name] {
+        sqlx::query(
+            "INSERT INTO webhook_endpoints (id, customer_id, url, event_types, secret)
+             VALUES ($1, 'alice', $2, ARRAY['order.confirmed'], $3)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(url)
+        .bind(keel_webhooks::new_secret().unwrap())
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    }
     broker.wait_for_consumer(QUEUE, WAIT).await;
     publish_confirmed(&broker, "alice", 1).await;
-    let error: String = eventually(WAIT, "the delivery fails", || async {
-        sqlx::query_scalar::<_, String>(
+    let errors: Vec<String> = eventually(WAIT, "both deliveries fail", || async {
+        let errors = sqlx::query_scalar::<_, String>(
             "SELECT last_error FROM webhook_deliveries WHERE state = 'failed'",
         )
-        .fetch_optional(&mut support::admin(&db).await)
+        .fetch_all(&mut support::admin(&db).await)
         .await
-        .unwrap()
+        .unwrap();
+        (errors.len() == 2).then_some(errors)
     })
     .await;
-    assert!(error.contains("not an allowed destination"), "{error}");
+    for error in &errors {
+        assert!(error.contains("not an allowed destination"), "{error}");
+    }
     assert!(receiver.received().is_empty(), "nothing was sent");
     app.stop().await;
 }

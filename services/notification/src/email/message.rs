@@ -67,8 +67,8 @@ pub fn render_endpoint_disabled(
     let to = address::recipient(&customer, domain)?;
     let body = format!(
         "Keel stopped delivering webhooks to {url} (endpoint {id}): {reason}.\n\n\
-         Deliveries to it have ended. Once it answers again, register it anew \
-         (POST /v1/webhook-endpoints) and delete this one.",
+         Deliveries to it have ended. Once it answers again, delete this one \
+         (DELETE /v1/webhook-endpoints/{id}) and register it anew (POST /v1/webhook-endpoints).",
         url = endpoint.url,
         id = endpoint.id,
         reason = endpoint

@@ -17,10 +17,18 @@
 //! its jobs stay in the queue unclaimed (`keel_pg::jobs::Skip`, the endpoint id being a field
 //! of the job's payload). Guarding only after the claim is not enough: claimed and given back,
 //! a slow endpoint's backlog came round every `busy_retry` ahead of everyone's new deliveries,
-//! and a healthy endpoint's latency went from 23 ms to 166 ms (the proof's first version). A
-//! delivery that still meets a taken guard (two claims raced) comes back after
-//! `webhooks.busy_retry` or when the breaker is due. No attempt is counted while a delivery
-//! waits on either guard.
+//! and a healthy endpoint's latency went from 23 ms to 166 ms (the proof's first version).
+//! When a breaker opens, the endpoint's queued deliveries are also moved past the open period
+//! (`jobs::postpone_group`), so claims do not walk past a dead endpoint's growing backlog.
+//! A claim can still take more of one endpoint's deliveries than it has permits (they were
+//! free when the claim began); the extra ones come back after `webhooks.busy_retry`, or when
+//! the breaker is due. No attempt at the endpoint is counted while a delivery waits on a guard
+//! (its job's attempts do count: `deliveries::JOB_MAX_ATTEMPTS` is their backstop).
+//!
+//! At scale: skipped jobs are still read by each claim (they are due, only filtered). An
+//! endpoint whose backlog outgrows what it can take (slower than its deliveries arrive) makes
+//! every claim walk past that backlog; past some ten thousand rows, a queue per endpoint (one
+//! runnable job per endpoint, draining its deliveries) is the next design.
 //!
 //! **One attempt.** Load the delivery and its endpoint; skip it if it is no longer pending
 //! or the endpoint was deleted or disabled; sign the stored body (`webhook-id` = the delivery
@@ -168,8 +176,18 @@ impl Deliverer {
             if due.state != "pending" {
                 return Outcome::Done;
             }
+            if job.attempts >= job.max_attempts {
+                // The job's last run (deferrals count too): end the delivery with it rather
+                // than leave it pending behind a failed job.
+                let why = "job attempts exhausted";
+                return match deliveries::abandon(&self.inner.pool, due.id, why).await {
+                    Ok(()) => Outcome::Fail(format!("{why}; delivery failed")),
+                    Err(e) => Outcome::RetryAfter(DATABASE_RETRY, format!("database: {e}")),
+                };
+            }
             if due.endpoint_gone {
-                return match deliveries::abandon(&self.inner.pool, due.id).await {
+                let why = "endpoint deleted or disabled";
+                return match deliveries::abandon(&self.inner.pool, due.id, why).await {
                     Ok(()) => Outcome::Done,
                     Err(e) => Outcome::RetryAfter(DATABASE_RETRY, format!("database: {e}")),
                 };
@@ -236,6 +254,11 @@ impl Deliverer {
             }
         };
         drop(slot);
+        if let Some(open) = guard.breaker.refusing_for() {
+            // The breaker is open (this failure may have opened it): move the endpoint's
+            // backlog past the open period, so claims stop walking past it meanwhile.
+            self.postpone(due.endpoint_id, open).await;
+        }
         metrics::histogram!("webhook_attempt_duration_seconds", "class" => class)
             .record(attempt.duration.as_secs_f64());
         count(
@@ -255,6 +278,11 @@ impl Deliverer {
                 // attempt carries the same webhook-id (at-least-once; receivers dedupe).
                 Err(e) => return Outcome::RetryAfter(DATABASE_RETRY, format!("database: {e}")),
             };
+        if !recorded.recorded {
+            // Another worker recorded this attempt number, or the delivery moved on (a lost
+            // lease, a disabled endpoint): come back and read where it stands.
+            return Outcome::RetryAfter(DATABASE_RETRY, "delivery changed meanwhile".to_owned());
+        }
         if recorded.disabled {
             metrics::counter!("webhook_endpoints_disabled_total").increment(1);
             tracing::warn!(endpoint_id = %due.endpoint_id, "webhook endpoint disabled: failing for webhooks.disable_after; owner emailed");
@@ -273,6 +301,22 @@ impl Deliverer {
                 tracing::info!(error = ?attempt.error, attempt = due.attempts + 1, retry_in = ?pause, "webhook attempt failed; will retry");
                 Outcome::RetryAfter(pause, attempt.error.unwrap_or_default())
             }
+        }
+    }
+
+    /// Moves endpoint `endpoint`'s queued deliveries `by` from now (best effort: a failure
+    /// only leaves them due, where claims skip them).
+    async fn postpone(&self, endpoint: Uuid, by: Duration) {
+        let group = endpoint.to_string();
+        let moved = match self.inner.pool.acquire().await {
+            Ok(mut conn) => {
+                jobs::postpone_group(&mut conn, WEBHOOK_QUEUE, ENDPOINT_FIELD, &group, by).await
+            }
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = moved {
+            tracing::warn!(endpoint_id = %endpoint, error = %e,
+                "could not postpone an open endpoint's deliveries");
         }
     }
 
@@ -339,8 +383,10 @@ impl Deliverer {
             return Arc::clone(guard);
         }
         if guards.len() >= c.max_tracked_endpoints {
+            // Kept: guards in use, and breakers still refusing (forgetting one would let its
+            // endpoint's backlog through at once).
             guards.retain(|_, g| {
-                g.breaker.state() != keel_resilience::breaker::State::Closed
+                g.breaker.refusing_for().is_some()
                     || g.slots.available_permits() < c.per_endpoint_concurrency
             });
         }

@@ -100,7 +100,8 @@ pub async fn enqueue(
 }
 
 /// A delivery as its worker needs it: the row, and its endpoint's URL, secret and state.
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// `Debug` leaves the secret and the body out.
+#[derive(Clone, sqlx::FromRow)]
 pub struct Due {
     pub id: Uuid,
     pub endpoint_id: Uuid,
@@ -112,6 +113,17 @@ pub struct Due {
     pub attempts: i32,
     pub failing_since: Option<DateTime<Utc>>,
     pub endpoint_gone: bool,
+}
+
+impl std::fmt::Debug for Due {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Due")
+            .field("id", &self.id)
+            .field("endpoint_id", &self.endpoint_id)
+            .field("state", &self.state)
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Display for Due {
@@ -134,14 +146,16 @@ pub async fn load(pool: &PgPool, id: Uuid) -> Result<Option<Due>, sqlx::Error> {
     .await
 }
 
-/// Ends a pending delivery whose endpoint was deleted or disabled, without an attempt.
-pub async fn abandon(pool: &PgPool, id: Uuid) -> Result<(), sqlx::Error> {
+/// Ends a pending delivery without another attempt, saying why (its endpoint was deleted or
+/// disabled, or its job gave up).
+pub async fn abandon(pool: &PgPool, id: Uuid, why: &str) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE webhook_deliveries
-            SET state = 'failed', last_error = 'endpoint deleted or disabled', finished_at = now()
+            SET state = 'failed', last_error = $2, finished_at = now()
           WHERE id = $1 AND state = 'pending'",
     )
     .bind(id)
+    .bind(why)
     .execute(pool)
     .await?;
     Ok(())
@@ -215,42 +229,70 @@ pub async fn record(
         Verdict::Retry => "pending",
         Verdict::Failed => "failed",
     };
-    sqlx::query(
+    // Only from the state this attempt started in: a delivery failed meanwhile (its endpoint
+    // disabled) stays failed, whatever this attempt's answer.
+    let moved = sqlx::query(
         "UPDATE webhook_deliveries
             SET attempts = $2, state = $3, last_error = $4,
                 finished_at = CASE WHEN $3 = 'pending' THEN NULL ELSE now() END
-          WHERE id = $1",
+          WHERE id = $1 AND state = 'pending' AND attempts = $2 - 1",
     )
     .bind(due.id)
     .bind(number)
     .bind(state)
     .bind(attempt.error.as_deref())
     .execute(&mut *tx)
-    .await?;
+    .await?
+    .rows_affected();
+    if moved == 0 {
+        // Recorded as an attempt, but the delivery had moved on: nothing else changes.
+        tx.commit().await?;
+        return Ok(Recorded {
+            disabled: false,
+            recorded: false,
+        });
+    }
     let mut disabled = false;
     if verdict == Verdict::Succeeded {
-        sqlx::query("UPDATE webhook_endpoints SET failing_since = NULL WHERE id = $1")
-            .bind(due.endpoint_id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE webhook_endpoints
+                SET failing_since = NULL, last_success_at = greatest(last_success_at, $2)
+              WHERE id = $1",
+        )
+        .bind(due.endpoint_id)
+        .bind(attempt.started_at)
+        .execute(&mut *tx)
+        .await?;
     } else {
         let reason = format!(
             "every delivery attempt failed for {} (the last: {})",
             humantime_like(disable_after),
             attempt.error.as_deref().unwrap_or("no answer")
         );
-        // The failing run starts with this attempt unless it had started already (the row
-        // is locked from here to commit: two workers' attempts to one endpoint queue here).
-        let (failing_since, already_disabled): (DateTime<Utc>, bool) = sqlx::query_as(
-            "UPDATE webhook_endpoints SET failing_since = coalesce(failing_since, $2)
+        // The failing run starts with this attempt unless one is going on: started, and the
+        // last failure no longer ago than disable_after (a quiet week between two failures is
+        // not a week of failing). A failure of an attempt that started before the last
+        // success says nothing about now: it neither starts a run nor disables. The row is
+        // locked from here to commit, so two workers' attempts to one endpoint queue here.
+        let (failing_since, already_disabled): (Option<DateTime<Utc>>, bool) = sqlx::query_as(
+            "UPDATE webhook_endpoints
+                SET failing_since = CASE
+                        WHEN last_success_at IS NOT NULL AND last_success_at > $2 THEN failing_since
+                        WHEN failing_since IS NULL
+                          OR last_failure_at < $2 - make_interval(secs => $3::float8 / 1000) THEN $2
+                        ELSE failing_since END,
+                    last_failure_at = greatest(last_failure_at, $2)
               WHERE id = $1 RETURNING failing_since, disabled_at IS NOT NULL",
         )
         .bind(due.endpoint_id)
         .bind(attempt.started_at)
+        .bind(keel_config::millis(disable_after) as f64)
         .fetch_one(&mut *tx)
         .await?;
-        let failing_for = (Utc::now() - failing_since).to_std().unwrap_or_default();
-        if !already_disabled && failing_for >= disable_after {
+        let failing_for = failing_since
+            .and_then(|since| (Utc::now() - since).to_std().ok())
+            .unwrap_or_default();
+        if !already_disabled && failing_since.is_some() && failing_for >= disable_after {
             disabled = sqlx::query(
                 "UPDATE webhook_endpoints SET disabled_at = now(), disabled_reason = $2
                   WHERE id = $1 AND disabled_at IS NULL",

@@ -68,7 +68,11 @@ impl RegisterBody {
                 None
             }
             Ok(url) if url.scheme() == "https" || (allow_http && url.scheme() == "http") => {
-                if !url.username().is_empty() || url.password().is_some() {
+                if url.as_str().len() > MAX_URL_LEN {
+                    // Normalised (percent-encoded), it is what would be stored.
+                    errors.push(FieldError::new("url", "must be at most 2048 bytes"));
+                    None
+                } else if !url.username().is_empty() || url.password().is_some() {
                     errors.push(FieldError::new("url", "must not carry user-info"));
                     None
                 } else if url.fragment().is_some() {
@@ -145,14 +149,23 @@ pub struct Endpoint {
     pub disabled_reason: Option<String>,
 }
 
-/// The answer to a registration: the endpoint and, this once, its signing secret.
-#[derive(Debug, Serialize)]
+/// The answer to a registration: the endpoint and, this once, its signing secret. `Debug`
+/// leaves the secret out.
+#[derive(Serialize)]
 pub struct Registered {
     #[serde(flatten)]
     pub endpoint: Endpoint,
     /// `whsec_...`: verify each delivery's `webhook-signature` with it (Standard Webhooks).
     /// Shown only in this answer.
     pub secret: String,
+}
+
+impl std::fmt::Debug for Registered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registered")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
 }
 
 const COLUMNS: &str =
