@@ -131,7 +131,7 @@ impl NewEndpoint {
         policy
             .check_url(&self.url)
             .await
-            .map_err(|e| FieldError::new("url", format!("is not an allowed destination: {e}")))
+            .map_err(|e| FieldError::new("url", e.to_string()))
     }
 }
 
