@@ -37,8 +37,11 @@ const KEELCTL: &str = env!("CARGO_BIN_EXE_keelctl");
 const QUEUE: &str = "notification.events";
 /// How old every seeded row is: past every gate the default configuration sets.
 const OLD: &str = "1 hour";
-/// How long the management API may take to show a change (it samples every 5 s by default).
-const BROKER_VIEW: Duration = Duration::from_secs(20);
+/// How long the management API may take to show a change. It samples every 5 s by default,
+/// but its statistics are emitted and aggregated by broker processes that a loaded machine
+/// delays: in a full `make test` beside a workspace build, 20 s once passed with the count
+/// still at 0. A bound on the broker's bookkeeping, not on anything keelctl does.
+const BROKER_VIEW: Duration = Duration::from_secs(60);
 
 /// `service`'s migrations, read from its folder: the same versions and checksums as the
 /// service's embedded migrator, so `TestDb` reuses the same migrated template.
