@@ -50,6 +50,10 @@ pub enum ApiError {
     /// exists for another customer is not told).
     #[error("webhook endpoint not found")]
     EndpointNotFound,
+    /// 500 `internal`: something that is no client's fault and no database's (the cause is
+    /// logged here, never returned).
+    #[error("internal: {0}")]
+    Internal(String),
     /// 503 `unavailable` for an outage (the client may retry), 500 otherwise.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
@@ -106,6 +110,10 @@ impl ApiError {
                 "webhook-endpoint-not-found",
                 "Webhook endpoint not found",
             ),
+            Self::Internal(cause) => {
+                tracing::error!(%cause, "request failed");
+                Problem::for_status(StatusCode::INTERNAL_SERVER_ERROR)
+            }
             Self::Database(e) => keel_service::problem::database(e),
         }
     }

@@ -72,10 +72,8 @@ async fn register(
     new.check_destination(&state.policy)
         .await
         .map_err(|e| ApiError::Validation(vec![e]))?;
-    let secret = keel_webhooks::new_secret().map_err(|e| {
-        tracing::error!(error = %e, "no randomness for a webhook secret");
-        ApiError::Database(sqlx::Error::Protocol("no randomness".to_owned()))
-    })?;
+    let secret = keel_webhooks::new_secret()
+        .map_err(|e| ApiError::Internal(format!("no randomness for a webhook secret: {e}")))?;
     let customer = caller.customer.as_str();
     let endpoint = endpoints::insert(&state.pool, customer, &new, &secret, state.max_endpoints)
         .await

@@ -293,11 +293,7 @@ impl Deliverer {
                 tracing::warn!(error = ?attempt.error, attempts = due.attempts + 1, "webhook delivery failed for good");
                 Outcome::Done
             }
-            Verdict::Retry => {
-                let pause = c
-                    .retry_schedule
-                    .after(due.attempts + 1)
-                    .unwrap_or(DATABASE_RETRY);
+            Verdict::Retry(pause) => {
                 tracing::info!(error = ?attempt.error, attempt = due.attempts + 1, retry_in = ?pause, "webhook attempt failed; will retry");
                 Outcome::RetryAfter(pause, attempt.error.unwrap_or_default())
             }
@@ -320,18 +316,11 @@ impl Deliverer {
         }
     }
 
-    /// After a failed attempt: another, unless the schedule is over.
+    /// After a failed attempt: another after the schedule's pause, unless the schedule is over.
     fn next(&self, due: &Due) -> Verdict {
-        if self
-            .inner
-            .config
-            .retry_schedule
-            .after(due.attempts + 1)
-            .is_some()
-        {
-            Verdict::Retry
-        } else {
-            Verdict::Failed
+        match self.inner.config.retry_schedule.after(due.attempts + 1) {
+            Some(pause) => Verdict::Retry(pause),
+            None => Verdict::Failed,
         }
     }
 

@@ -174,8 +174,8 @@ pub struct Attempt {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Succeeded,
-    /// Failed; another attempt follows.
-    Retry,
+    /// Failed; another attempt follows after this pause (the schedule's, jittered once).
+    Retry(Duration),
     /// Failed for good: the schedule is over, or the destination can never be delivered to.
     Failed,
 }
@@ -226,7 +226,7 @@ pub async fn record(
     }
     let state = match verdict {
         Verdict::Succeeded => "succeeded",
-        Verdict::Retry => "pending",
+        Verdict::Retry(_) => "pending",
         Verdict::Failed => "failed",
     };
     // Only from the state this attempt started in: a delivery failed meanwhile (its endpoint
