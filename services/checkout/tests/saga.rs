@@ -604,10 +604,45 @@ async fn the_same_step_run_twice_at_once_reserves_once() {
         .await
         .unwrap();
 
-    // Two workers take the reserve step of the same saga at the same moment.
-    let (a, b) = tokio::join!(saga.step(SagaId(saga_id), 1), saga.step(SagaId(saga_id), 1));
-    assert_eq!(a.unwrap(), Step::Continue);
-    assert_eq!(b.unwrap(), Step::Continue);
+    // Two workers take the reserve step of the same saga at the same moment. "At once" is
+    // made certain, not left to timing: the test holds the saga's row lock, so both workers
+    // read `Pending` and both reach the guard (`SELECT ... FOR UPDATE`) before either can
+    // write. Left to the scheduler, the second sometimes read the state after the first
+    // had committed, and so ran authorize instead of racing on reserve.
+    let mut holder = app.admin.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM sagas WHERE id = $1 FOR UPDATE")
+        .bind(saga_id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let a = tokio::spawn({
+        let saga = saga.clone();
+        async move { saga.step(SagaId(saga_id), 1).await }
+    });
+    let b = tokio::spawn({
+        let saga = saga.clone();
+        async move { saga.step(SagaId(saga_id), 1).await }
+    });
+    eventually(
+        Duration::from_secs(10),
+        "both workers wait on the saga's row lock",
+        || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                   AND query LIKE '%FROM sagas WHERE id = $1 FOR UPDATE%' \
+                   AND pid <> pg_backend_pid()",
+            )
+            .fetch_one(&app.admin)
+            .await
+            .ok()?;
+            (n == 2).then_some(())
+        },
+    )
+    .await;
+    holder.rollback().await.unwrap();
+    assert_eq!(a.await.unwrap().unwrap(), Step::Continue);
+    assert_eq!(b.await.unwrap().unwrap(), Step::Continue);
     assert_eq!(app.stock("KEEL-BOOK").await, (996, 4, 0), "reserved once");
     assert_eq!(app.get_order(&id).await["state"], "RESERVED");
     let s = steps(&app, &id).await;
