@@ -7,6 +7,8 @@ use std::time::Duration;
 use keel_config::{ConfigError, Validate, ensure_range, millis as ms};
 use serde::Deserialize;
 
+use crate::serve::ServerLimits;
+
 /// Server settings. Durations are human strings in files and env (`"5s"`, `"250ms"`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,6 +25,9 @@ pub struct HttpConfig {
     /// Deadline for each readiness check (`/readyz`).
     #[serde(with = "keel_config::duration")]
     pub readiness_timeout: Duration,
+    /// `[http.limits]`: connection-level bounds (P15); each has a default.
+    #[serde(default)]
+    pub limits: ServerLimits,
 }
 
 impl HttpConfig {
@@ -51,6 +56,7 @@ impl Validate for HttpConfig {
             ms(self.readiness_timeout),
             1,
             30_000,
-        )
+        )?;
+        self.limits.validate()
     }
 }

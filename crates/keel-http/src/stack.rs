@@ -82,6 +82,14 @@ pub fn build(routes: Router, readiness: ReadinessProbe, config: &HttpConfig) -> 
         ))
         // (adapter) The timeout's own 503 needs a body type with a default: axum's.
         .map_response(IntoResponse::into_response)
+        // 7b. Body-read deadline (P15): the whole body within `limits.body_read_timeout` of
+        //     the head, or 408 and the connection closed. Outside the body limit so a body cut
+        //     short by either is told apart; inside the request timeout, which is the longer
+        //     bound over the whole request.
+        .layer(middleware::from_fn_with_state(
+            config.limits.body_read_timeout,
+            crate::body_deadline::enforce,
+        ))
         // 8. Body limit: a Content-Length over the limit is refused before the handler runs;
         //    a chunked body fails with 413 when it crosses the limit.
         .layer(RequestBodyLimitLayer::new(config.body_limit_bytes))

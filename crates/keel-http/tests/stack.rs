@@ -20,6 +20,7 @@ fn config() -> HttpConfig {
         body_limit_bytes: 1024,
         request_timeout: Duration::from_millis(200),
         readiness_timeout: Duration::from_millis(200),
+        limits: keel_http::ServerLimits::default(),
     }
 }
 

@@ -78,6 +78,10 @@ pub struct GrpcConfig {
         with = "keel_config::duration"
     )]
     pub http2_keepalive_timeout: Duration,
+    /// Largest header list (metadata) a call may carry, in bytes; larger is refused before the
+    /// handler runs (P15: hyper's default is 16 MiB).
+    #[serde(default = "defaults::max_header_list_bytes")]
+    pub max_header_list_bytes: u32,
     /// How often readiness is evaluated for gRPC health (one evaluation per process).
     #[serde(default = "defaults::health_interval", with = "keel_config::duration")]
     pub health_interval: Duration,
@@ -98,6 +102,9 @@ mod defaults {
     }
     pub(super) fn http2_keepalive_timeout() -> Duration {
         Duration::from_secs(10)
+    }
+    pub(super) fn max_header_list_bytes() -> u32 {
+        16 * 1024
     }
     pub(super) fn health_interval() -> Duration {
         Duration::from_secs(1)
@@ -125,6 +132,12 @@ impl GrpcConfig {
 impl Validate for GrpcConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         ensure_range("grpc.max_deadline (ms)", ms(self.max_deadline), 1, 300_000)?;
+        ensure_range(
+            "grpc.max_header_list_bytes",
+            self.max_header_list_bytes,
+            1024,
+            1024 * 1024,
+        )?;
         ensure_range(
             "grpc.deadline_reserve (ms)",
             ms(self.deadline_reserve),
@@ -183,6 +196,7 @@ pub(crate) fn server(config: &GrpcConfig) -> tonic::transport::Server {
         .timeout(config.max_deadline)
         .http2_keepalive_interval(Some(config.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
+        .http2_max_header_list_size(Some(config.max_header_list_bytes))
 }
 
 /// `routes` with `grpc.health.v1` for `service` (and `""`, the whole server) added, and the

@@ -394,10 +394,11 @@ impl Service {
         let listener = bind(addr).await?;
         let bound = listener.local_addr()?;
         let router = keel_http::stack::build(routes, self.probe(), &self.http);
+        // keel_http::serve, not axum::serve: header-read and first-request deadlines, a
+        // connection cap and header size cap (P15).
+        let limits = self.http.limits.clone();
         self.server(name, move |stop| async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
+            keel_http::serve(listener, router, &limits, stop.cancelled_owned()).await
         });
         Ok(bound)
     }

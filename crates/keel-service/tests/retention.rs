@@ -19,6 +19,7 @@ fn service() -> Service {
         body_limit_bytes: 1024,
         request_timeout: Duration::from_secs(2),
         readiness_timeout: Duration::from_millis(500),
+        limits: keel_http::ServerLimits::default(),
     };
     let bound = Duration::from_secs(5);
     let shutdown = ShutdownConfig {

@@ -18,6 +18,7 @@ fn http() -> HttpConfig {
         body_limit_bytes: 1024,
         request_timeout: Duration::from_secs(2),
         readiness_timeout: Duration::from_millis(200),
+        limits: keel_http::ServerLimits::default(),
     }
 }
 
