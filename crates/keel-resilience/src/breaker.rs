@@ -132,7 +132,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(field: &'static str, reason: &'static str) -> Self {
+    pub(crate) fn new(field: &'static str, reason: &'static str) -> Self {
         Self { field, reason }
     }
 

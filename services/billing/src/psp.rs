@@ -26,7 +26,9 @@
 //!   the provider's string never reaches the ledger, the gRPC answer or a customer's email;
 //! - a payment token is a [`PaymentToken`], whose `Debug` never shows it.
 
-use keel_resilience::BackoffPolicy;
+use keel_resilience::breaker::{Breaker, BreakerConfig, State};
+use keel_resilience::{BackoffPolicy, RetryBudget, RetryBudgetConfig};
+use std::sync::Arc;
 use std::time::Duration;
 
 use keel_config::{ConfigError, Validate, ensure_range, millis as ms};
@@ -57,6 +59,56 @@ pub struct PspConfig {
     /// Largest response body read from the provider; a longer one is a protocol error.
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
+    /// `[psp.retry_budget]`: retries may add at most `ratio` of extra load (P24).
+    pub retry_budget: RetryBudgetSettings,
+    /// `[psp.breaker]`: stop calling a failing provider for `open_for` (P25).
+    pub breaker: BreakerSettings,
+}
+
+/// `[psp.retry_budget]` (see [`keel_resilience::budget`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudgetSettings {
+    pub ratio: f32,
+    pub min_per_second: u32,
+    #[serde(with = "keel_config::duration")]
+    pub window: Duration,
+}
+
+impl RetryBudgetSettings {
+    fn config(&self) -> RetryBudgetConfig {
+        RetryBudgetConfig {
+            ratio: self.ratio,
+            min_per_second: self.min_per_second,
+            window: self.window,
+        }
+    }
+}
+
+/// `[psp.breaker]` (see [`keel_resilience::breaker`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSettings {
+    pub failure_rate_threshold: f64,
+    pub minimum_calls: u32,
+    #[serde(with = "keel_config::duration")]
+    pub window: Duration,
+    #[serde(with = "keel_config::duration")]
+    pub open_for: Duration,
+    pub half_open_probes: u32,
+}
+
+impl BreakerSettings {
+    fn config(&self) -> BreakerConfig {
+        BreakerConfig {
+            failure_rate_threshold: self.failure_rate_threshold,
+            minimum_calls: self.minimum_calls,
+            window: self.window,
+            open_for: self.open_for,
+            half_open_probes: self.half_open_probes,
+            ..BreakerConfig::default()
+        }
+    }
 }
 
 /// 64 KiB: the provider's answers are a few hundred bytes.
@@ -98,6 +150,18 @@ impl Validate for PspConfig {
             1_024,
             16 * 1024 * 1024,
         )?;
+        if let Err(e) = self.retry_budget.config().validate() {
+            return Err(ConfigError::invalid(
+                format!("psp.retry_budget.{}", e.field()),
+                e.reason(),
+            ));
+        }
+        if let Err(e) = self.breaker.config().validate() {
+            return Err(ConfigError::invalid(
+                format!("psp.breaker.{}", e.field()),
+                e.reason(),
+            ));
+        }
         if self.max_backoff < self.initial_backoff {
             return Err(ConfigError::invalid(
                 "psp.max_backoff",
@@ -128,6 +192,9 @@ pub enum PspError {
     /// 5xx or unreachable on every attempt (or no time left for another).
     #[error("provider unavailable after {attempts} attempt(s): {last}")]
     Unavailable { attempts: u32, last: String },
+    /// The breaker is open: the provider has been failing and is not called for now (P25).
+    #[error("provider circuit open; retry after {retry_after:?}")]
+    CircuitOpen { retry_after: Duration },
     /// A request took longer than `psp.request_timeout`.
     #[error("provider timed out")]
     Timeout,
@@ -255,6 +322,10 @@ pub struct PspClient {
     http: reqwest::Client,
     config: PspConfig,
     backoff: BackoffPolicy,
+    /// Shared by every call: retries across all of them add at most `ratio` extra load.
+    budget: Arc<RetryBudget>,
+    /// One breaker for the provider (one dependency, one failure domain).
+    breaker: Breaker,
 }
 
 /// The parts of the provider's problem documents billing acts on.
@@ -285,18 +356,44 @@ impl ProviderProblem {
 
 impl PspClient {
     /// A client for `config` (no connection is made until the first call).
+    /// `config` must have been validated ([`PspConfig::validate`]).
     pub fn new(config: &PspConfig) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)
-            // A pooled connection the provider closed is evicted rather than reused forever.
-            .pool_idle_timeout(Duration::from_secs(30))
+            // An idle pooled connection is dropped before the server drops it: Keel's servers
+            // close idle keep-alive connections after `http.limits.header_read_timeout`
+            // (10 s), and a request sent on a connection the server is closing fails.
+            .pool_idle_timeout(Duration::from_secs(5))
+            // A peer that vanished without a FIN is noticed on an idle pooled connection.
+            .tcp_keepalive(Duration::from_secs(30))
             .build()?;
+        let budget = RetryBudget::new(config.retry_budget.config())
+            .unwrap_or_else(|e| unreachable!("psp.retry_budget was validated at start: {e}"));
+        let breaker = Breaker::new(config.breaker.config())
+            .unwrap_or_else(|e| unreachable!("psp.breaker was validated at start: {e}"));
+        metrics::gauge!("billing_psp_breaker_open").set(0.0);
+        breaker.on_transition(|_, to| {
+            metrics::counter!("billing_psp_breaker_transitions_total", "to" => to.as_str())
+                .increment(1);
+            metrics::gauge!("billing_psp_breaker_open").set(if to == State::Closed {
+                0.0
+            } else {
+                1.0
+            });
+        });
         Ok(Self {
             http,
             config: config.clone(),
             backoff: BackoffPolicy::new(config.initial_backoff, config.max_backoff),
+            budget: Arc::new(budget),
+            breaker,
         })
+    }
+
+    /// The provider breaker's state (for `/readyz` detail and tests).
+    pub fn breaker_state(&self) -> State {
+        self.breaker.state()
     }
 
     /// `POST /v1/authorizations`. A decline is `Err(Declined)`.
@@ -364,6 +461,7 @@ impl PspClient {
             Ok(_) => "ok",
             Err(PspError::Declined { .. }) => "declined",
             Err(PspError::Unavailable { .. }) => "unavailable",
+            Err(PspError::CircuitOpen { .. }) => "circuit_open",
             Err(PspError::Timeout | PspError::DeadlineExceeded) => "timeout",
             Err(_) => "rejected",
         };
@@ -382,12 +480,26 @@ impl PspClient {
         let limit = self.config.max_response_bytes;
         let mut last = String::new();
         let mut attempt = 0;
+        // One deposit per call: what this call's retries, and others', may draw on (P24).
+        self.budget.deposit();
         while attempt < self.config.max_attempts {
             attempt += 1;
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(PspError::DeadlineExceeded);
             }
+            // P25: a provider that keeps failing is not called at all for a while; the caller
+            // hears so at once instead of after a connect timeout and the retries.
+            let permit = match self.breaker.try_acquire() {
+                Ok(permit) => permit,
+                Err(open) if attempt == 1 => {
+                    return Err(PspError::CircuitOpen {
+                        retry_after: open.retry_after,
+                    });
+                }
+                // Opened while this call was retrying: its last failure is the answer.
+                Err(_) => break,
+            };
             // The request may not outlive the caller's deadline.
             let capped = remaining < self.config.request_timeout;
             let mut request = self
@@ -413,6 +525,17 @@ impl PspClient {
                     return Err(PspError::Protocol(ProtocolError::TooLarge { limit }));
                 }
             };
+            // The breaker counts what says the provider is unwell: 5xx, a connection that
+            // failed, a timeout. Declines, conflicts and 4xx are healthy answers.
+            let unwell = match &sent {
+                Ok((status, _)) => status.is_server_error(),
+                Err(e) => e.is_connect() || e.is_timeout() || e.is_request(),
+            };
+            if unwell {
+                permit.failure();
+            } else {
+                permit.success();
+            }
             match sent {
                 Ok((status, _)) if status.is_server_error() => last = format!("HTTP {status}"),
                 // Billing's earlier request with this key (one that timed out on billing's
@@ -452,6 +575,12 @@ impl PspClient {
             else {
                 break;
             };
+            // P24: a retry only while the budget lasts; during an outage the provider sees at
+            // most `1 + ratio` attempts per call instead of `max_attempts`.
+            if !self.budget.try_withdraw() {
+                metrics::counter!("billing_psp_retries_refused_total").increment(1);
+                break;
+            }
             tokio::time::sleep(pause).await;
         }
         Err(PspError::Unavailable {

@@ -71,7 +71,7 @@ impl From<PspError> for PaymentError {
             PspError::Rejected { status } => Self::InvalidArgument(format!(
                 "the payment provider rejected the request (HTTP {status})"
             )),
-            PspError::Unavailable { .. } | PspError::Protocol(_) => {
+            PspError::Unavailable { .. } | PspError::CircuitOpen { .. } | PspError::Protocol(_) => {
                 Self::Unavailable("the payment provider is unavailable".to_owned())
             }
             PspError::Timeout => {
