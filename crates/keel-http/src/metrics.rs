@@ -27,7 +27,7 @@ pub async fn record(request: Request, next: Next) -> Response {
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let _in_flight = InFlight::enter();
+    let _in_flight = GaugeGuard::enter(IN_FLIGHT);
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
     metrics::counter!(REQUESTS, "method" => method.clone(), "route" => route.clone(), "status" => status)
@@ -37,20 +37,21 @@ pub async fn record(request: Request, next: Next) -> Response {
     response
 }
 
-/// Counts a request in flight until dropped — also when the client disconnects and the
-/// request future is dropped mid-way, which a decrement after `.await` would miss.
-struct InFlight;
+/// Holds one unit of the gauge `name` until dropped: a request in flight, an open connection.
+/// Dropping is what counts down, so a future dropped mid-way (a client that disconnects) is
+/// counted out too, which a decrement after `.await` would miss.
+pub(crate) struct GaugeGuard(&'static str);
 
-impl InFlight {
-    fn enter() -> Self {
-        metrics::gauge!(IN_FLIGHT).increment(1.0);
-        Self
+impl GaugeGuard {
+    pub(crate) fn enter(name: &'static str) -> Self {
+        metrics::gauge!(name).increment(1.0);
+        Self(name)
     }
 }
 
-impl Drop for InFlight {
+impl Drop for GaugeGuard {
     fn drop(&mut self) {
-        metrics::gauge!(IN_FLIGHT).decrement(1.0);
+        metrics::gauge!(self.0).decrement(1.0);
     }
 }
 

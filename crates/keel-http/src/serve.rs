@@ -178,7 +178,7 @@ pub async fn serve(
         let (builder, router, watcher) = (builder.clone(), router.clone(), graceful.watcher());
         tokio::spawn(async move {
             let _slot = slot;
-            let _open = Open::enter();
+            let _open = crate::metrics::GaugeGuard::enter(CONNECTIONS_OPEN);
             let first = Arc::new(FirstRequest::default());
             let service = {
                 let first = first.clone();
@@ -263,21 +263,5 @@ impl FirstRequest {
         {
             std::future::pending::<()>().await;
         }
-    }
-}
-
-/// Counts a connection in [`CONNECTIONS_OPEN`] until dropped.
-struct Open;
-
-impl Open {
-    fn enter() -> Self {
-        metrics::gauge!(CONNECTIONS_OPEN).increment(1.0);
-        Self
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        metrics::gauge!(CONNECTIONS_OPEN).decrement(1.0);
     }
 }
